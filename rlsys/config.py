@@ -1,0 +1,384 @@
+"""The configuration schema: every option of rlsys, its default and a one-line doc.
+
+Config is data. The dataclasses below are the single source of truth; YAML files in `conf/`
+only override them, and command-line `key.sub=value` overrides are applied last. Everything is
+validated here, so a typo or a bad value stops the run with one line naming the key, before any
+actor starts.
+
+    cfg = load_config(["conf=smol", "trainer.steps=10"])
+
+`conf=NAME` loads `conf/NAME.yaml`; a YAML file may name a parent with `defaults: [other]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def doc(text: str, default: Any = MISSING, factory: Any = None) -> Any:
+    """A dataclass field with its one-line documentation kept in the field's metadata."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("local HF folder, or a built-in name: smollm2-135m-instruct, tiny-random",
+                    "smollm2-135m-instruct")
+    cache_dir: str | None = doc("where built-in models are built once and reused; "
+                                "None = $RLSYS_CACHE_DIR or ~/.cache/rlsys", None)
+
+
+@dataclass
+class ArithmeticConfig:
+    ops: list[str] = doc("operators drawn from, any of + - *", factory=lambda: ["+"])
+    min_value: int = doc("smallest operand", 1)
+    max_value: int = doc("largest operand", 50)
+    num_terms: int = doc("operands per problem", 2)
+
+
+@dataclass
+class DataConfig:
+    task: str = doc("task name: arithmetic | file", "arithmetic")
+    arithmetic: ArithmeticConfig = doc("settings of the arithmetic task", factory=ArithmeticConfig)
+    path: str | None = doc("training file (.jsonl or .parquet) for task=file", None)
+    eval_path: str | None = doc("held-out file for task=file; default: hold out eval_size rows",
+                                None)
+    prompt_key: str = doc("field holding the question in data files", "prompt")
+    answer_key: str = doc("field holding the gold answer in data files", "answer")
+    skip_malformed: bool = doc("skip and count malformed rows instead of failing", False)
+    eval_size: int = doc("number of held-out problems", 100)
+    template: str = doc("prompt template: chat (instruct models) | r1_zero (base models)", "chat")
+    system_prompt: str | None = doc("system prompt for template=chat; default asks for tags",
+                                    None)
+    few_shot: bool = doc("include a worked example in the chat system prompt", True)
+    response_prefix: str = doc("text the assistant turn starts with, e.g. '<think>\\n'", "")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = doc("number of vLLM rollout engines (RolloutWorker actors)", 1)
+    prompts_per_step: int = doc("prompts per GRPO step (B)", 8)
+    group_size: int = doc("completions per prompt (G); GRPO needs G >= 2", 8)
+    temperature: float = doc("sampling temperature", 1.0)
+    top_p: float = doc("nucleus sampling threshold", 1.0)
+    max_new_tokens: int = doc("maximum response length in tokens", 128)
+    max_model_len: int = doc("engine context length (prompt + response)", 1024)
+    dtype: str = doc("engine weight dtype: bfloat16 | float16 | float32", "bfloat16")
+    tensor_parallel_size: int = doc("tensor parallel size of each engine", 1)
+    enforce_eager: bool = doc("skip graph capture/compile (fast start on CPU)", True)
+    kv_cache_gb: float = doc("CPU KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE)", 1.0)
+    gpu_memory_utilization: float = doc("fraction of GPU memory an engine may use", 0.5)
+    max_num_batched_tokens: int | None = doc("engine token budget per step; None = vLLM's", None)
+    num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
+    num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
+    num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = doc("number of RewardWorker actors", 1)
+    weights: dict[str, float] = doc("reward parts and their weights in the total",
+                                    factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    timeout_s: float = doc("seconds a reward call may take before it is retried", 60.0)
+    num_cpus: float = doc("Ray CPUs reserved per reward worker", 0.5)
+
+
+@dataclass
+class LearnerConfig:
+    device: str = doc("cpu | cuda; the collective backend follows (gloo | nccl)", "cpu")
+    lr: float = doc("AdamW learning rate", 1e-5)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.99])
+    warmup_steps: int = doc("linear learning-rate warm-up steps", 0)
+    grad_clip: float = doc("max global gradient norm; 0 disables clipping", 1.0)
+    param_dtype: str = doc("master weight dtype", "float32")
+    compute_dtype: str = doc("autocast dtype for forward/backward: bfloat16 | float32",
+                             "bfloat16")
+    max_tokens_per_microbatch: int = doc("token budget of one forward/backward", 4096)
+    gradient_checkpointing: bool = doc("recompute activations to save memory", False)
+    num_cpus: float = doc("Ray CPUs reserved for the learner", 1.0)
+    num_gpus: float = doc("Ray GPUs reserved for the learner", 0.0)
+    num_threads: int = doc("torch threads in the learner; 0 = all cores", 0)
+    sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
+
+
+@dataclass
+class AlgorithmConfig:
+    clip_low: float = doc("PPO clip epsilon below 1 (ratio >= 1 - clip_low)", 0.2)
+    clip_high: float = doc("PPO clip epsilon above 1; > clip_low is DAPO's clip-higher", 0.2)
+    dual_clip: float | None = doc("dual-clip bound c > 1 for negative advantages; None = off",
+                                  None)
+    kl_coef: float = doc("beta: weight of KL(pi || pi_ref) in the loss; 0 = no reference model",
+                         0.001)
+    kl_estimator: str = doc("KL estimator: k1 | k2 | k3 (the paper's)", "k3")
+    entropy_coef: float = doc("weight of an entropy bonus; 0 = off", 0.0)
+    loss_agg: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum | "
+                        "seq-mean-token-sum-norm", "token-mean")
+    normalize_std: bool = doc("divide advantages by the group std (False = Dr. GRPO)", True)
+    updates_per_batch: int = doc("optimizer steps per rollout batch (mini-batches x epochs)", 1)
+    ref_update_every: int = doc("refresh the reference model from the policy every N steps; "
+                                "0 = never", 0)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = doc("GRPO steps to run", 40)
+    output_dir: str | None = doc("run directory (metrics.jsonl, TensorBoard, final model); "
+                                 "None = outputs/<conf>-<time>", None)
+    seed: int = doc("seed for data sampling, engines and the learner", 0)
+    eval_every: int = doc("evaluate on the held-out split every N steps; 0 = only at the end",
+                          10)
+    eval_size: int = doc("held-out problems per evaluation (<= data.eval_size)", 100)
+    eval_samples: int = doc("k samples per problem for pass@1 at eval temperature; 0 = greedy "
+                            "only", 0)
+    eval_temperature: float = doc("sampling temperature for pass@1", 0.6)
+    eval_top_p: float = doc("top-p for pass@1", 0.95)
+    save_final: bool = doc("save the trained policy as an HF folder in output_dir/final", True)
+    tensorboard: bool = doc("also write TensorBoard events", True)
+    progress: bool = doc("show a progress bar", True)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = doc("cluster to join; None = $RAY_ADDRESS or a new local cluster",
+                              None)
+    num_cpus: int | None = doc("logical CPUs of a new local cluster; None = Ray's count", None)
+    temp_dir: str | None = doc("temp dir of a new local cluster (avoids stale sessions)", None)
+    include_dashboard: bool = doc("start the dashboard with a new local cluster", False)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = doc("policy model", factory=ModelConfig)
+    data: DataConfig = doc("task, dataset and prompt template", factory=DataConfig)
+    rollout: RolloutConfig = doc("vLLM rollout engines and sampling", factory=RolloutConfig)
+    reward: RewardConfig = doc("reward workers and reward weights", factory=RewardConfig)
+    learner: LearnerConfig = doc("learner: optimizer, precision, micro-batching",
+                                 factory=LearnerConfig)
+    algorithm: AlgorithmConfig = doc("GRPO objective options", factory=AlgorithmConfig)
+    trainer: TrainerConfig = doc("the training loop", factory=TrainerConfig)
+    ray: RayConfig = doc("Ray cluster", factory=RayConfig)
+
+
+class ConfigError(ValueError):
+    """A bad config name, key or value; the message is one line naming the problem."""
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def available_configs(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in conf_dir.glob("*.yaml"))
+
+
+def _load_yaml_chain(name: str, conf_dir: Path, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The YAML dicts of `name` and its `defaults` parents, parents first."""
+    if name in seen:
+        raise ConfigError(f"conf={name}: circular defaults: {' -> '.join((*seen, name))}")
+    path = conf_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"conf={name}: no such config; available: "
+                          f"{', '.join(available_configs(conf_dir))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    parents = data.pop("defaults", []) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    chain: list[dict] = []
+    for parent in parents:
+        chain += _load_yaml_chain(str(parent), conf_dir, (*seen, name))
+    chain.append(data)
+    return chain
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (for suggestions)."""
+    keys = []
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            key = f"{prefix}{f.name}"
+            keys.append(key)
+            keys += _all_keys(getattr(node, f.name), key + ".")
+    return keys
+
+
+def _first_leaf(key: str, value: Any) -> str:
+    """`traner` with value {steps: 3} → `traner.steps`: name the key as the user wrote it."""
+    while isinstance(value, dict) and len(value) == 1:
+        (sub, value), = value.items()
+        key = f"{key}.{sub}"
+    return key
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    known = _all_keys(Config())
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+    if not close:  # a typo in the last part only: compare within the same section
+        head, _, tail = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == head]
+        close = [f"{head}.{m}" if head else m
+                 for m in difflib.get_close_matches(tail, siblings, n=2, cutoff=0.5)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}' ({source}){hint}")
+
+
+def _check_keys(data: Any, schema: Any, source: str, prefix: str = "") -> None:
+    """Reject keys the schema does not have, naming the full dotted key."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
+        return
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key_error(_first_leaf(full, value), source)
+        _check_keys(value, getattr(schema, key), source, full + ".")
+
+
+def _parse_override(arg: str) -> tuple[str, Any]:
+    if "=" not in arg:
+        raise ConfigError(f"bad argument '{arg}': expected key=value (e.g. trainer.steps=10)")
+    key, raw = arg.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
+    """Build the validated config from `conf=NAME` and `key.sub=value` arguments.
+
+    Raises ConfigError (one line) for an unknown config name, unknown key, wrong type or an
+    out-of-range value.
+    """
+    name = None
+    overrides: list[tuple[str, Any]] = []
+    for arg in args:
+        key, value = _parse_override(arg)
+        if key == "conf":
+            name = str(value)
+        else:
+            overrides.append((key, value))
+
+    cfg = OmegaConf.structured(Config)
+    layers = [(f"conf/{name}.yaml", d) for d in _load_yaml_chain(name, conf_dir)] if name else []
+    layers += [("command line", _nest(k, v)) for k, v in overrides]
+    for source, data in layers:
+        _check_keys(data, Config(), source)
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        except (ValidationError, ConfigKeyError) as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            msg = str(exc.msg).split("\n")[0]
+            raise ConfigError(f"bad value for '{key}' ({source}): {msg}") from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad config ({source}): {exc}".split("\n")[0]) from None
+    try:
+        config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad config: {exc}".split("\n")[0]) from None
+    validate(config)
+    return config
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for '{key}': {value!r} ({why})")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    from rlsys.algo import LOSS_AGG_MODES
+
+    r, a, lr, t, d = cfg.rollout, cfg.algorithm, cfg.learner, cfg.trainer, cfg.data
+    _require(r.group_size >= 2, "rollout.group_size", r.group_size,
+             "GRPO compares completions within a group: needs >= 2")
+    for key, value in [("rollout.num_workers", r.num_workers),
+                       ("rollout.prompts_per_step", r.prompts_per_step),
+                       ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("rollout.tensor_parallel_size", r.tensor_parallel_size),
+                       ("reward.num_workers", cfg.reward.num_workers),
+                       ("learner.max_tokens_per_microbatch", lr.max_tokens_per_microbatch),
+                       ("algorithm.updates_per_batch", a.updates_per_batch),
+                       ("trainer.steps", t.steps),
+                       ("data.eval_size", d.eval_size)]:
+        _require(value >= 1, key, value, "must be >= 1")
+    _require(r.temperature > 0, "rollout.temperature", r.temperature,
+             "sampling needs temperature > 0")
+    _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _require(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", r.max_model_len,
+             "must exceed rollout.max_new_tokens to leave room for the prompt")
+    for key, value in [("rollout.dtype", r.dtype), ("learner.param_dtype", lr.param_dtype),
+                       ("learner.compute_dtype", lr.compute_dtype)]:
+        _require(value in ("bfloat16", "float16", "float32"), key, value,
+                 "one of bfloat16, float16, float32")
+    _require(lr.device in ("cpu", "cuda"), "learner.device", lr.device, "cpu or cuda")
+    _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
+    _require(lr.grad_clip >= 0, "learner.grad_clip", lr.grad_clip, "must be >= 0")
+    _require(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
+             lr.betas, "two values in [0, 1)")
+    _require(lr.max_tokens_per_microbatch >= r.max_model_len, "learner.max_tokens_per_microbatch",
+             lr.max_tokens_per_microbatch, "must hold at least one full sequence "
+             f"(rollout.max_model_len={r.max_model_len})")
+    _require(0 <= a.clip_low < 1, "algorithm.clip_low", a.clip_low, "must be in [0, 1)")
+    _require(a.clip_high >= 0, "algorithm.clip_high", a.clip_high, "must be >= 0")
+    _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", a.dual_clip,
+             "must be > 1 or null")
+    _require(a.kl_coef >= 0, "algorithm.kl_coef", a.kl_coef, "must be >= 0")
+    _require(a.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", a.kl_estimator,
+             "one of k1, k2, k3")
+    _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
+             f"one of {', '.join(LOSS_AGG_MODES)}")
+    _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
+    _require(d.task in ("arithmetic", "file"), "data.task", d.task, "arithmetic or file")
+    _require(d.task != "file" or bool(d.path), "data.path", d.path,
+             "data.task=file needs a data file")
+    _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,
+             "a problem needs >= 2 operands")
+    _require(set(d.arithmetic.ops) <= {"+", "-", "*"} and bool(d.arithmetic.ops),
+             "data.arithmetic.ops", d.arithmetic.ops, "a non-empty list of + - *")
+    _require(d.arithmetic.min_value <= d.arithmetic.max_value, "data.arithmetic.max_value",
+             d.arithmetic.max_value, "must be >= data.arithmetic.min_value")
+    _require(1 <= t.eval_size <= d.eval_size, "trainer.eval_size", t.eval_size,
+             f"must be in [1, data.eval_size={d.eval_size}]")
+    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0")
+    _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0")
+    from rlsys.rewards import check_weights
+
+    try:
+        check_weights(cfg.reward.weights)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for 'reward.weights': {exc}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]

@@ -1,0 +1,40 @@
+"""Data layer: tasks (problem sources with held-out splits) and prompt templates.
+
+Pure leaves: no Ray, no actors, no model.
+"""
+
+from rlsys.data.tasks import (
+    TASKS,
+    ArithmeticTask,
+    DataError,
+    FileTask,
+    Problem,
+    Task,
+    make_task,
+    register_task,
+)
+from rlsys.data.templates import (
+    CHAT_SYSTEM_PROMPT,
+    CHAT_SYSTEM_PROMPT_FEW_SHOT,
+    R1_ZERO_TEMPLATE,
+    TEMPLATES,
+    make_system_prompt,
+    render_prompt,
+)
+
+__all__ = [
+    "CHAT_SYSTEM_PROMPT",
+    "CHAT_SYSTEM_PROMPT_FEW_SHOT",
+    "R1_ZERO_TEMPLATE",
+    "TASKS",
+    "TEMPLATES",
+    "ArithmeticTask",
+    "DataError",
+    "FileTask",
+    "Problem",
+    "Task",
+    "make_system_prompt",
+    "make_task",
+    "register_task",
+    "render_prompt",
+]

@@ -1,0 +1,74 @@
+"""Named reward parts and their weighted sum.
+
+Every part is a function `(response, gold) -> float`. Later parts (language consistency, code
+execution) register themselves here with `register_reward`, and configs select and weight them
+by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from rlsys.rewards.rule_based import accuracy_reward, format_reward
+
+RewardFn = Callable[[str, str], float]
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str, fn: RewardFn) -> RewardFn:
+    """Add a reward part under `name` (not "total", which is the weighted sum)."""
+    if not isinstance(name, str) or not name or name == "total":
+        raise ValueError(
+            f"reward part name must be a non-empty string other than 'total', got {name!r}"
+        )
+    if name in REWARD_FUNCTIONS and REWARD_FUNCTIONS[name] is not fn:
+        raise ValueError(f"reward part {name!r} is already registered")
+    REWARD_FUNCTIONS[name] = fn
+    return fn
+
+
+register_reward("accuracy", accuracy_reward)
+def _format_part(response: str, gold: str) -> float:
+    # Adapts format_reward to the (response, gold) signature; a named function, not a lambda,
+    # so the registry's values pickle by reference.
+    return format_reward(response)
+
+
+register_reward("format", _format_part)
+
+
+def check_weights(weights: Mapping[str, float]) -> None:
+    """Raise ValueError for an empty mapping, unknown part names or non-finite weights.
+
+    Separate from compute_reward so a config can be validated at startup, before any rollout.
+    """
+    if not weights:
+        raise ValueError(
+            f"reward weights are empty; name at least one part of: {', '.join(REWARD_FUNCTIONS)}"
+        )
+    for name, weight in weights.items():
+        if name not in REWARD_FUNCTIONS:
+            raise ValueError(
+                f"unknown reward part {name!r}; known parts: {', '.join(REWARD_FUNCTIONS)}"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(
+            weight
+        ):
+            raise ValueError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
+
+
+def compute_reward(response: str, gold: str, weights: Mapping[str, float]) -> dict[str, float]:
+    """Score one response: {"total": sum of weight * part, <part>: value for each weighted part}.
+
+    Parts are computed even when their weight is 0, so they can still be logged as metrics.
+    """
+    check_weights(weights)
+    out: dict[str, float] = {}
+    total = 0.0
+    for name, weight in weights.items():
+        value = float(REWARD_FUNCTIONS[name](response, gold))
+        out[name] = value
+        total += weight * value
+    return {"total": total, **out}

@@ -1,0 +1,53 @@
+"""Entry point: `python -m rlsys.run conf=NAME [key.sub=value ...] [--print-config]`.
+
+Loads and validates the config (one-line errors, exit code 2), then hands it to the trainer.
+Works the same under `ray job submit -- python -m rlsys.run conf=r1` (joins $RAY_ADDRESS) and
+on one machine (starts a local Ray).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rlsys.config import ConfigError, load_config, to_yaml
+
+USAGE = """usage: python -m rlsys.run conf=NAME [key.sub=value ...] [--print-config]
+
+  conf=NAME        load conf/NAME.yaml (see conf/ for the list)
+  key.sub=value    override any option, e.g. trainer.steps=10 rollout.group_size=8
+  --print-config   print the resolved config and exit
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    print_only = "--print-config" in argv
+    args = [a for a in argv if a != "--print-config"]
+    unknown_flags = [a for a in args if a.startswith("-")]
+    if unknown_flags:
+        print(f"error: unknown option {unknown_flags[0]}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.trainer.output_dir is None:
+        name = next((a.split("=", 1)[1] for a in args if a.startswith("conf=")), "run")
+        cfg.trainer.output_dir = f"outputs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if print_only:
+        print(to_yaml(cfg), end="")
+        return 0
+
+    from rlsys.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

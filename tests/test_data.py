@@ -1,0 +1,361 @@
+"""Tasks (samplers, held-out splits, checkpointable state) and prompt templates."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from rlsys.data import (
+    CHAT_SYSTEM_PROMPT,
+    CHAT_SYSTEM_PROMPT_FEW_SHOT,
+    R1_ZERO_TEMPLATE,
+    ArithmeticTask,
+    DataError,
+    FileTask,
+    Problem,
+    make_system_prompt,
+    make_task,
+    render_prompt,
+)
+from rlsys.rewards import compute_reward
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# -- ArithmeticTask
+
+
+def ids(problems: list[Problem]) -> list[str]:
+    return [p.id for p in problems]
+
+
+def test_arithmetic_problem_shape() -> None:
+    task = ArithmeticTask(seed=0)
+    for p in task.sample(20):
+        a, b = p.meta["expression"].split(" + ")
+        assert p.question == f"What is {a} + {b}?"
+        assert 1 <= int(a) <= 50 and 1 <= int(b) <= 50
+        assert p.answer == str(int(a) + int(b))
+    assert len(task.eval_problems()) == 100
+
+
+def test_arithmetic_precedence_and_negatives() -> None:
+    task = ArithmeticTask(seed=3, ops=("+", "-", "*"), min_value=-9, max_value=9, num_terms=4,
+                          eval_size=10)
+    for p in task.sample(200):
+        expr = p.meta["expression"]
+        assert "- -" not in expr and "+ -" not in expr  # negatives are parenthesised
+        assert int(p.answer) == eval(expr)  # Python's precedence is the reference here
+
+
+def test_arithmetic_deterministic_per_seed() -> None:
+    a, b, c = ArithmeticTask(seed=1), ArithmeticTask(seed=1), ArithmeticTask(seed=2)
+    first = ids(a.sample(50))
+    assert first == ids(b.sample(50))
+    assert first != ids(c.sample(50))
+    # The held-out split is a property of the problem space, not of the sampling seed.
+    assert ids(a.eval_problems()) == ids(c.eval_problems())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # small space: exact enumeration
+        {"ops": ("+", "-", "*"), "min_value": 0, "max_value": 999, "num_terms": 3,
+         "eval_size": 50},  # large space: hash threshold
+    ],
+)
+def test_arithmetic_held_out_disjoint(kwargs: dict) -> None:
+    task = ArithmeticTask(seed=0, **kwargs)
+    held_out = set(ids(task.eval_problems()))
+    assert len(held_out) == task.eval_size  # distinct
+    seen = set(ids(task.sample(5000)))
+    assert not seen & held_out
+
+
+def test_arithmetic_small_space_rejects_exactly_eval() -> None:
+    # 1..10 "+" has 100 expressions; 25 held out leaves exactly 75 to train on.
+    task = ArithmeticTask(seed=0, min_value=1, max_value=10, eval_size=25)
+    seen = set(ids(task.sample(3000)))
+    assert len(seen) == 75
+
+
+def test_arithmetic_state_round_trip() -> None:
+    task = ArithmeticTask(seed=5, ops="+-")
+    task.sample(37)
+    state = json.loads(json.dumps(task.state_dict()))  # must survive JSON
+    expected = ids(task.sample(20))
+    resumed = ArithmeticTask(seed=5, ops="+-")
+    resumed.load_state_dict(state)
+    assert ids(resumed.sample(20)) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ops": ("/",)}, r"^data.arithmetic.ops: unsupported op"),
+        ({"ops": ()}, r"^data.arithmetic.ops: is empty"),
+        ({"min_value": 5, "max_value": 1}, "greater than data.arithmetic.max_value=1"),
+        ({"num_terms": 1}, r"^data.arithmetic.num_terms: must be >= 2"),
+        ({"eval_size": -1}, r"^data.eval_size: must be >= 0"),
+        ({"max_value": 3, "eval_size": 100}, r"^data.eval_size: only 9 distinct problems"),
+        ({"seed": "0"}, r"^seed: must be an int"),
+    ],
+)
+def test_arithmetic_bad_args(kwargs: dict, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        ArithmeticTask(**kwargs)
+
+
+def test_bad_state_dict() -> None:
+    task = ArithmeticTask()
+    with pytest.raises(DataError, match="belongs to task 'file'"):
+        task.load_state_dict({"task": "file", "epoch": 0, "position": 0})
+    with pytest.raises(DataError, match="next_index"):
+        task.load_state_dict({"task": "arithmetic", "next_index": -1})
+
+
+# -- FileTask
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rows(n: int) -> list[dict]:
+    return [{"prompt": f"q{i}", "answer": str(i), "source": "t"} for i in range(n)]
+
+
+def test_file_jsonl_split_and_sampling(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", rows(30))
+    task = FileTask(path, eval_size=5, seed=0)
+    eval_q = {p.question for p in task.eval_problems()}
+    assert len(eval_q) == 5 and task.num_train == 25
+    first_epoch = task.sample(25)
+    assert {p.question for p in first_epoch}.isdisjoint(eval_q)
+    assert len({p.question for p in first_epoch}) == 25  # an epoch visits each row once
+    second_epoch = task.sample(25)
+    assert ids(second_epoch) != ids(first_epoch)  # reshuffled
+    p = first_epoch[0]
+    assert p.meta == {"source": "t"} and p.id.startswith("train.jsonl:")
+    # Split is independent of the sampling seed; order is not.
+    other = FileTask(path, eval_size=5, seed=1)
+    assert {q.question for q in other.eval_problems()} == eval_q
+    assert ids(other.sample(25)) != ids(first_epoch)
+
+
+def test_file_state_round_trip_across_epochs(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    task = FileTask(path, eval_size=2, seed=3)
+    task.sample(17)  # into the second epoch
+    state = json.loads(json.dumps(task.state_dict()))
+    expected = ids(task.sample(30))
+    resumed = FileTask(path, eval_size=2, seed=3)
+    resumed.load_state_dict(state)
+    assert ids(resumed.sample(30)) == expected
+
+
+def test_file_state_detects_changed_data(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    state = FileTask(path, eval_size=2).state_dict()
+    write_jsonl(path, rows(13))
+    with pytest.raises(DataError, match="data file changed"):
+        FileTask(path, eval_size=2).load_state_dict(state)
+
+
+def test_file_eval_path_and_overlap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [*rows(10), {"prompt": "shared", "answer": 1}])
+    test = write_jsonl(tmp_path / "test.jsonl",
+                       [{"prompt": "shared ", "answer": 1}, {"prompt": "e", "answer": 2.5}])
+    with caplog.at_level(logging.WARNING):
+        task = FileTask(train, eval_path=test)
+    assert task.num_overlap_dropped == 1 and task.num_train == 10
+    assert [p.answer for p in task.eval_problems()] == ["1", "2.5"]
+    assert "dropped 1 training rows" in caplog.text
+
+
+def test_file_custom_keys_and_ids(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl",
+                       [{"id": f"gsm-{i}", "question": f"q{i}", "final": i} for i in range(4)])
+    task = FileTask(path, prompt_key="question", answer_key="final", eval_size=1)
+    assert all(p.id.startswith("gsm-") for p in task.sample(3))
+
+
+def test_file_jsonl_gz(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows(5)))
+    assert FileTask(path, eval_size=1).num_train == 4
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"prompt": "q", "answer": ', "invalid JSON"),
+        ('{"prompt": "q"}', "missing field 'answer'"),
+        ('{"prompt": "q", "answer": ""}', "empty field 'answer'"),
+        ('{"prompt": "", "answer": "1"}', "empty field 'prompt'"),
+        ('{"prompt": "q", "answer": null}', "missing field 'answer'"),
+        ('{"prompt": "q", "answer": [1]}', "must be a string or number"),
+        ('{"prompt": "q", "answer": true}', "must be a string or number"),
+        ('{"prompt": 5, "answer": "1"}', "'prompt' must be a string"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_file_malformed_row_names_file_and_line(tmp_path: Path, bad_line: str,
+                                                message: str) -> None:
+    good = [json.dumps(r) for r in rows(3)]
+    path = write_jsonl(tmp_path / "train.jsonl", [*good[:2], "", bad_line, good[2]])
+    with pytest.raises(DataError) as info:
+        FileTask(path, eval_size=1)
+    text = str(info.value)
+    assert text.startswith(f"data.path: {path}:4: ")  # 1-based, blank line counted
+    assert message in text
+
+
+def test_file_skip_malformed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl",
+                       [*[json.dumps(r) for r in rows(5)], "{oops", '{"prompt": "x"}'])
+    with caplog.at_level(logging.WARNING):
+        task = FileTask(path, eval_size=1, skip_malformed=True)
+    assert task.num_skipped == 2 and task.num_train == 4
+    assert "skipped 2 malformed rows" in caplog.text and "6: invalid JSON" in caplog.text
+
+
+def test_file_missing_key_hint(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "t.jsonl", [{"question": "q", "answer": "1"}])
+    with pytest.raises(DataError, match=r"missing field 'prompt' \(row has: 'question'.*"
+                                        r"set data.prompt_key"):
+        FileTask(path, eval_size=0)
+
+
+def test_file_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^data.path: file not found: .*nope.jsonl"):
+        FileTask(tmp_path / "nope.jsonl")
+    good = write_jsonl(tmp_path / "ok.jsonl", rows(3))
+    with pytest.raises(DataError, match=r"^data.eval_path: file not found"):
+        FileTask(good, eval_path=tmp_path / "missing.jsonl")
+    (tmp_path / "d.csv").write_text("prompt,answer\nq,1\n")
+    with pytest.raises(DataError, match=r"unsupported file type.*\.jsonl"):
+        FileTask(tmp_path / "d.csv")
+    with pytest.raises(DataError, match="only 3 valid rows"):
+        FileTask(good, eval_size=3)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="no valid rows"):
+        FileTask(empty)
+
+
+def test_file_parquet(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    table = pa.table({"prompt": [f"q{i}" for i in range(8)], "answer": list(range(8)),
+                      "level": ["easy"] * 8})
+    pq.write_table(table, path)
+    task = FileTask(path, eval_size=2, seed=0)
+    assert task.num_train == 6
+    p = task.sample(1)[0]
+    assert p.answer == p.question[1:] and p.meta == {"level": "easy"}
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", None], "answer": ["1", "2", "3"]}), bad)
+    with pytest.raises(DataError, match=r"bad.parquet:row 3: missing field 'prompt'"):
+        FileTask(bad, eval_size=0)
+    no_col = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"question": ["a"], "answer": ["1"]}), no_col)
+    with pytest.raises(DataError, match=r"no column 'prompt'.*set data.prompt_key"):
+        FileTask(no_col, eval_size=0)
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read parquet file"):
+        FileTask(junk)
+
+
+# -- registry
+
+
+def test_make_task(tmp_path: Path) -> None:
+    assert isinstance(make_task("arithmetic", seed=2), ArithmeticTask)
+    path = write_jsonl(tmp_path / "d.jsonl", rows(4))
+    assert isinstance(make_task("file", path=str(path), eval_size=1), FileTask)
+    with pytest.raises(ValueError, match=r"unknown task 'gsm8k'; available tasks: arithmetic"):
+        make_task("gsm8k")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['max_val'\].*max_value"):
+        make_task("arithmetic", max_val=3)
+    with pytest.raises(ValueError, match=r"needs argument\(s\) \['path'\]"):
+        make_task("file")
+
+
+# -- templates
+
+
+def test_r1_zero_template() -> None:
+    text = render_prompt("What is {2 + 3}?", "r1_zero", response_prefix=" <think>")
+    assert text.startswith("A conversation between User and Assistant.")
+    assert text.endswith("User: What is {2 + 3}?. Assistant: <think>")
+    assert "<think> reasoning process here </think> <answer> answer here </answer>" in text
+    assert R1_ZERO_TEMPLATE.count("{question}") == 1
+    with pytest.raises(ValueError, match="system_prompt is only used by template 'chat'"):
+        render_prompt("q", "r1_zero", system_prompt="x")
+    with pytest.raises(ValueError, match=r"unknown template 'r1'.*r1_zero.*chat"):
+        render_prompt("q", "r1")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast as Fast
+
+    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "What": 3, "is": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return Fast(tokenizer_object=backend, unk_token="[UNK]", chat_template=chat_template)
+
+
+def test_chat_template_with_real_tokenizer() -> None:
+    tok = make_tokenizer(CHATML)
+    text = render_prompt("What is 2 + 3?", "chat", tokenizer=tok, response_prefix="<think>\n")
+    assert text == (
+        f"<|im_start|>system\n{CHAT_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    )
+    few = render_prompt("q", "chat", tokenizer=tok, system_prompt=CHAT_SYSTEM_PROMPT_FEW_SHOT)
+    assert "<answer>24</answer>" in few
+    no_system = render_prompt("q", "chat", tokenizer=tok, system_prompt="")
+    assert no_system == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_template_missing() -> None:
+    with pytest.raises(ValueError, match=r"template 'chat' needs.*data.template=r1_zero"):
+        render_prompt("q", "chat", tokenizer=make_tokenizer(None))
+    with pytest.raises(ValueError, match=r"data.template=r1_zero"):
+        render_prompt("q", "chat")
+
+
+def test_system_prompt_content() -> None:
+    for prompt in (CHAT_SYSTEM_PROMPT, make_system_prompt(few_shot=True)):
+        assert "<think>" in prompt and "<answer>" in prompt and "number" in prompt
+    assert CHAT_SYSTEM_PROMPT_FEW_SHOT.startswith(CHAT_SYSTEM_PROMPT)
+    # The worked example itself must earn full reward, or it would teach the wrong format.
+    example = CHAT_SYSTEM_PROMPT_FEW_SHOT.split("Response: ", 1)[1]
+    assert compute_reward(example, "24", {"accuracy": 1, "format": 1})["total"] == 2.0
+
+
+def test_response_prefix_is_scored_with_completion() -> None:
+    prefix = "<think>\n"
+    completion = "2 + 3 = 5</think><answer>5</answer>"
+    assert compute_reward(prefix + completion, "5", {"format": 1.0})["total"] == 1.0
+    assert compute_reward(completion, "5", {"format": 1.0})["total"] == 0.0
