@@ -1,0 +1,77 @@
+"""The config system: files, inheritance, overrides and the one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rlsys.config import Config, ConfigError, available_configs, load_config, to_yaml
+
+
+def test_defaults_are_valid_and_every_shipped_config_loads():
+    assert isinstance(load_config([]), Config)
+    for name in available_configs():
+        cfg = load_config([f"conf={name}"])
+        assert cfg.rollout.group_size >= 2
+
+
+def test_file_then_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("rollout:\n  group_size: 4\ntrainer:\n  steps: 7\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base]\ntrainer:\n  steps: 9\n")
+    cfg = load_config(["conf=child", "rollout.temperature=0.7"], conf_dir=tmp_path)
+    assert cfg.rollout.group_size == 4  # inherited
+    assert cfg.trainer.steps == 9  # the child wins over its parent
+    assert cfg.rollout.temperature == 0.7  # the command line wins over files
+
+
+def test_r1_zero_has_the_papers_settings():
+    cfg = load_config(["conf=r1_zero"])
+    assert cfg.learner.lr == 3e-6
+    assert cfg.algorithm.kl_coef == 0.001
+    assert cfg.rollout.group_size == 16
+    assert cfg.rollout.prompts_per_step * cfg.rollout.group_size == 512
+    assert cfg.rollout.temperature == 1.0
+    assert cfg.rollout.max_new_tokens == 32768
+    assert cfg.algorithm.ref_update_every == 400
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["conf=nope"], "conf=nope: no such config; available: "),
+    (["rollout.grup_size=3"], "unknown config key 'rollout.grup_size' (command line); "
+                              "did you mean rollout.group_size?"),
+    (["traner.steps=3"], "unknown config key 'traner.steps'"),
+    (["trainer.steps=abc"], "bad value for 'trainer.steps'"),
+    (["rollout.group_size=1"], "bad value for 'rollout.group_size': 1 (GRPO compares"),
+    (["algorithm.loss_agg=mean"], "bad value for 'algorithm.loss_agg'"),
+    (["reward.weights.acc=1"], "unknown reward part 'acc'"),
+    (["data.task=file"], "bad value for 'data.path'"),
+    (["trainer.steps"], "expected key=value"),
+])
+def test_errors_name_the_problem(args, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(args)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_circular_defaults(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="circular defaults"):
+        load_config(["conf=a"], conf_dir=tmp_path)
+
+
+def test_cli_print_config_and_exit_codes():
+    run = [sys.executable, "-m", "rlsys.run"]
+    args = ["conf=tiny", "trainer.output_dir=/tmp/x"]
+    ok = subprocess.run([*run, *args, "--print-config"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == to_yaml(load_config(args))
+    bad = subprocess.run([*run, "conf=tiny", "rollout.grup_size=3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: unknown config key 'rollout.grup_size' (command line); "
+        "did you mean rollout.group_size?"]
