@@ -62,7 +62,7 @@ class DataConfig:
     template: str = doc("prompt template: chat (instruct models) | r1_zero (base models)", "chat")
     system_prompt: str | None = doc("system prompt for template=chat; default asks for tags",
                                     None)
-    few_shot: bool = doc("include a worked example in the chat system prompt", True)
+    few_shot: bool = doc("show worked examples as earlier chat turns (template=chat)", True)
     response_prefix: str = doc("text the assistant turn starts with, e.g. '<think>\\n'", "")
 
 

@@ -12,13 +12,12 @@ import pytest
 
 from rlsys.data import (
     CHAT_SYSTEM_PROMPT,
-    CHAT_SYSTEM_PROMPT_FEW_SHOT,
+    FEW_SHOT_TURNS,
     R1_ZERO_TEMPLATE,
     ArithmeticTask,
     DataError,
     FileTask,
     Problem,
-    make_system_prompt,
     make_task,
     render_prompt,
 )
@@ -332,8 +331,13 @@ def test_chat_template_with_real_tokenizer() -> None:
         f"<|im_start|>system\n{CHAT_SYSTEM_PROMPT}<|im_end|>\n"
         "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
     )
-    few = render_prompt("q", "chat", tokenizer=tok, system_prompt=CHAT_SYSTEM_PROMPT_FEW_SHOT)
-    assert "<answer>24</answer>" in few
+    few = render_prompt("q", "chat", tokenizer=tok, few_shot=True)
+    question, answer = FEW_SHOT_TURNS[0]
+    # Examples are earlier turns, before the real question.
+    assert few.index(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+                     f"{answer}<|im_end|>") < few.index("<|im_start|>user\nq<|im_end|>")
+    with pytest.raises(ValueError, match="few_shot"):
+        render_prompt("q", "r1_zero", few_shot=True)
     no_system = render_prompt("q", "chat", tokenizer=tok, system_prompt="")
     assert no_system == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
 
@@ -345,13 +349,12 @@ def test_chat_template_missing() -> None:
         render_prompt("q", "chat")
 
 
-def test_system_prompt_content() -> None:
-    for prompt in (CHAT_SYSTEM_PROMPT, make_system_prompt(few_shot=True)):
-        assert "<think>" in prompt and "<answer>" in prompt and "number" in prompt
-    assert CHAT_SYSTEM_PROMPT_FEW_SHOT.startswith(CHAT_SYSTEM_PROMPT)
-    # The worked example itself must earn full reward, or it would teach the wrong format.
-    example = CHAT_SYSTEM_PROMPT_FEW_SHOT.split("Response: ", 1)[1]
-    assert compute_reward(example, "24", {"accuracy": 1, "format": 1})["total"] == 2.0
+def test_system_prompt_and_examples() -> None:
+    assert "<think>" in CHAT_SYSTEM_PROMPT and "<answer>" in CHAT_SYSTEM_PROMPT
+    # Each worked example must earn full reward, or it would teach the wrong format.
+    for question, response in FEW_SHOT_TURNS:
+        a, b = (int(x) for x in question.removeprefix("What is ").rstrip("?").split(" + "))
+        assert compute_reward(response, str(a + b), {"accuracy": 1, "format": 1})["total"] == 2.0
 
 
 def test_response_prefix_is_scored_with_completion() -> None:

@@ -15,16 +15,15 @@ from rlsys.data.tasks import (
 )
 from rlsys.data.templates import (
     CHAT_SYSTEM_PROMPT,
-    CHAT_SYSTEM_PROMPT_FEW_SHOT,
+    FEW_SHOT_TURNS,
     R1_ZERO_TEMPLATE,
     TEMPLATES,
-    make_system_prompt,
     render_prompt,
 )
 
 __all__ = [
     "CHAT_SYSTEM_PROMPT",
-    "CHAT_SYSTEM_PROMPT_FEW_SHOT",
+    "FEW_SHOT_TURNS",
     "R1_ZERO_TEMPLATE",
     "TASKS",
     "TEMPLATES",
@@ -33,7 +32,6 @@ __all__ = [
     "FileTask",
     "Problem",
     "Task",
-    "make_system_prompt",
     "make_task",
     "register_task",
     "render_prompt",

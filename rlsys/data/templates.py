@@ -22,35 +22,22 @@ R1_ZERO_TEMPLATE = (
     "process here </think> <answer> answer here </answer>. User: {question}. Assistant:"
 )
 
-_CHAT_INSTRUCTIONS = (
-    "You are a helpful assistant that solves problems step by step. First think through the "
-    "reasoning inside <think> </think> tags, then give the final answer inside <answer> "
-    "</answer> tags, i.e. <think> reasoning here </think> <answer> answer here </answer>. "
-    "Write nothing after the closing </answer> tag. When the answer is a number, put only the "
-    "number inside the answer tags, with no units or words."
+CHAT_SYSTEM_PROMPT = (
+    "Think step by step inside <think> </think> tags, then give only the final answer inside "
+    "<answer> </answer> tags."
 )
 
-# The example is deliberately a word problem rather than "What is a + b?": an arithmetic example
-# could coincide with a held-out arithmetic eval problem and leak its answer into every prompt.
-_WORKED_EXAMPLE = (
-    "\n\nExample:\n"
-    "Question: A box holds 3 rows of 4 eggs. How many eggs are in 2 such boxes?\n"
-    "Response: <think> One box holds 3 * 4 = 12 eggs, so 2 boxes hold 2 * 12 = 24 eggs. "
-    "</think> <answer>24</answer>"
+# Worked examples given as earlier turns of the conversation. Small instruct models copy the
+# shape of previous assistant turns far more reliably than they follow written instructions:
+# measured on SmolLM2-135M-Instruct over 32 arithmetic problems, the strict format reward went
+# from 0.00 (instructions plus an example inside the system prompt) to 1.00 greedy / 0.81 at
+# temperature 1 with these two turns. The operands have three digits so that they cannot be
+# held-out problems of the default arithmetic task (operands up to 50) leaking into every prompt.
+FEW_SHOT_TURNS: tuple[tuple[str, str], ...] = (
+    ("What is 317 + 205?", "<think>\n317 + 205 = 522\n</think>\n<answer>522</answer>"),
+    ("What is 128 + 764?", "<think>\n128 + 764 = 892\n</think>\n<answer>892</answer>"),
 )
 
-
-def make_system_prompt(few_shot: bool = False) -> str:
-    """The chat system prompt; `few_shot=True` appends one short worked example.
-
-    A worked example matters for small instruct models: without one they rarely use the tags
-    at all, so a strict format reward gives no learning signal (FACTS.md).
-    """
-    return _CHAT_INSTRUCTIONS + (_WORKED_EXAMPLE if few_shot else "")
-
-
-CHAT_SYSTEM_PROMPT = make_system_prompt(few_shot=False)
-CHAT_SYSTEM_PROMPT_FEW_SHOT = make_system_prompt(few_shot=True)
 
 TEMPLATES = ("r1_zero", "chat")
 
@@ -61,6 +48,7 @@ def render_prompt(
     tokenizer: Any = None,
     system_prompt: str | None = None,
     response_prefix: str = "",
+    few_shot: bool = False,
 ) -> str:
     """Render `question` into prompt text ending where the model's response begins.
 
@@ -68,7 +56,8 @@ def render_prompt(
     `system_prompt` must be None (the template has its own instructions).
     template "chat": `tokenizer.apply_chat_template` over [system, user] with the generation
     prompt; `system_prompt` None means CHAT_SYSTEM_PROMPT and "" means no system message
-    (for chat templates that reject the system role).
+    (for chat templates that reject the system role). `few_shot=True` inserts FEW_SHOT_TURNS
+    as earlier user/assistant turns (chat only).
     `response_prefix` is appended in both cases.
     """
     if not isinstance(question, str):
@@ -80,6 +69,8 @@ def render_prompt(
                 "template carries its own instructions (leave system_prompt unset)"
             )
         # str.format only interprets braces in the template, so braces in the question are safe.
+        if few_shot:
+            raise ValueError("render_prompt: few_shot is only used by template 'chat'")
         return R1_ZERO_TEMPLATE.format(question=question) + response_prefix
     if template == "chat":
         if tokenizer is None:
@@ -96,6 +87,9 @@ def render_prompt(
             )
         system = CHAT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         messages = [{"role": "system", "content": system}] if system else []
+        for question_shot, answer_shot in FEW_SHOT_TURNS if few_shot else ():
+            messages += [{"role": "user", "content": question_shot},
+                         {"role": "assistant", "content": answer_shot}]
         messages.append({"role": "user", "content": question})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not isinstance(text, str):
