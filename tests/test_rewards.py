@@ -15,6 +15,7 @@ from rlsys.rewards import (
     format_reward,
     register_reward,
     rule_based,
+    tag_count_reward,
 )
 
 
@@ -233,3 +234,14 @@ def test_pathological_answer_times_out() -> None:
     start = time.monotonic()
     assert accuracy_reward(wrap("9^{9^{9^{9}}}"), "5", timeout_s=1) == 0.0
     assert time.monotonic() - start < 4
+
+
+@pytest.mark.parametrize(("response", "expected"), [
+    ("<think>a</think><answer>1</answer>", 1.0),
+    ("<think>a</think> 1", 0.5),
+    ("no tags at all", 0.0),
+    ("<think><think></think><answer>1</answer>", 0.75),  # a repeated tag earns nothing
+])
+def test_tag_count_gives_partial_credit(response, expected):
+    assert tag_count_reward(response) == expected
+    assert compute_reward(response, "1", {"tag_count": 1.0})["tag_count"] == expected

@@ -15,6 +15,7 @@ from rlsys.rewards.rule_based import (
     accuracy_reward,
     extract_answer,
     format_reward,
+    tag_count_reward,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "extract_answer",
     "format_reward",
     "register_reward",
+    "tag_count_reward",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
-from rlsys.rewards.rule_based import accuracy_reward, format_reward
+from rlsys.rewards.rule_based import accuracy_reward, format_reward, tag_count_reward
 
 RewardFn = Callable[[str, str], float]
 
@@ -72,3 +72,10 @@ def compute_reward(response: str, gold: str, weights: Mapping[str, float]) -> di
         out[name] = value
         total += weight * value
     return {"total": total, **out}
+
+
+def _tag_count_part(response: str, gold: str) -> float:
+    return tag_count_reward(response)
+
+
+register_reward("tag_count", _tag_count_part)

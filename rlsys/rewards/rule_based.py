@@ -58,6 +58,17 @@ def format_reward(response: str) -> float:
     return 1.0
 
 
+def tag_count_reward(response: str) -> float:
+    """0.25 for each of <think>, </think>, <answer>, </answer> that occurs exactly once.
+
+    A shaping reward: partial credit on the way to the strict format, for models that start
+    out never producing the whole structure (so the strict reward alone has no variance within
+    a group, and GRPO no signal).
+    """
+    return sum(0.25 for tag in (_THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE)
+               if response.count(tag) == 1)
+
+
 # Plain decimal numbers, optionally with thousands separators ("1,000" or "1 000") and a short
 # exponent. The exponent is capped at 3 digits so "1e999999999" cannot make Fraction build a
 # billion-digit integer; longer forms fall through to math-verify, which has a timeout.

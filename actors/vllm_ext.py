@@ -1,0 +1,100 @@
+"""Weight-sync methods grafted onto vLLM's worker.
+
+vLLM mixes `worker_extension_cls` into its worker class (`vllm/v1/worker/worker_base.py`,
+`WorkerWrapperBase.init_worker`), so these methods run with `self` being the worker: they can
+reach `self.model_runner`, `self.device`, `self.rank` and `self.reload_weights`. They are called
+by name through `LLM.collective_rpc("name", args=...)`, which carries only picklable data —
+tensors cannot go through it (FACTS.md), so the weights come over our own process group.
+
+Names must not clash with the worker's own attributes (vLLM asserts this at start): the worker
+already has `update_weights` and `reload_weights`, hence `receive_weights` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from learners.weight_sync import WeightManifest, init_weight_sync_group, receive_weights
+
+logger = logging.getLogger(__name__)
+
+
+def _repack_kept_cpu_weights(model: torch.nn.Module) -> int:
+    """Rebuild the CPU GEMM kernels of layers that keep their weight next to a packed copy.
+
+    On CPU, vLLM packs each linear weight into a kernel-specific copy (`layer.cpu_linear`,
+    `vllm/model_executor/layers/utils.py: dispatch_cpu_unquantized_gemm`). `reload_weights`
+    re-runs that packing for every layer that received weights, but a tied `lm_head` receives
+    none (Llama's `load_weights` skips `lm_head.weight` when embeddings are tied): its weight is
+    the embedding's, updated in place, while its packed copy still holds the old values, so
+    logits would come from stale weights. Layers packed with `remove_weight=False` (the
+    vocabulary layers) still hold the real weight, so re-packing from it is always correct;
+    linear layers dropped their weight (`remove_weight=True`) and were re-packed by the reload.
+    Returns how many layers were re-packed. On GPUs no layer has `cpu_linear`: a no-op.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    repacked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor)
+                and weight.dim() == 2 and weight.numel() > 0 and not weight.is_meta):
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            repacked += 1
+    return repacked
+
+
+class WeightSyncExtension:
+    """Joins the learner's weight-sync group and reloads broadcast weights in place."""
+
+    def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
+                         backend: str) -> int:
+        """Join the group; returns this worker's rank in it.
+
+        `rank` is the group rank of the engine's first worker: with tensor parallelism every
+        worker of the engine needs the full weights (vLLM's loaders shard them), so worker k of
+        the engine joins as `rank + k`, and the caller sizes the world accordingly.
+        """
+        group_rank = rank + self.rank
+        self._weight_sync_group = init_weight_sync_group(
+            backend, master_addr, master_port, group_rank, world_size)
+        self._weight_version = getattr(self, "_weight_version", 0)
+        return group_rank
+
+    def receive_weights(self, manifest: WeightManifest, bucket_bytes: int, version: int) -> int:
+        """Receive one broadcast and load it into the running model; returns `version`.
+
+        The received stream goes straight into `Worker.reload_weights(weights_iterator=...)`
+        (`vllm/model_executor/model_loader/reload/inplace.py`), which takes checkpoint-format
+        (Hugging Face) names, re-runs each layer's post-load processing (CPU packing included)
+        and copies results into the existing parameter storage, so CUDA graphs stay valid.
+        `model.load_weights` alone is not enough on CPU: packed linear layers have an empty
+        `.weight` there (FACTS.md).
+        """
+        group = getattr(self, "_weight_sync_group", None)
+        if group is None:
+            raise RuntimeError("receive_weights called before init_weight_sync")
+        start = time.perf_counter()
+        self.reload_weights(weights_iterator=receive_weights(
+            group, manifest, bucket_bytes, device=self.device))
+        reloaded = time.perf_counter()
+        repacked = _repack_kept_cpu_weights(self.model_runner.get_model())
+        self._weight_version = version
+        self._weight_sync_stats = {
+            "version": version,
+            "receive_reload_s": reloaded - start,  # receiving and reloading overlap per bucket
+            "repack_s": time.perf_counter() - reloaded,
+            "repacked_layers": repacked,
+        }
+        logger.info("weights v%d reloaded: %s", version, self._weight_sync_stats)
+        return version
+
+    def weight_sync_stats(self) -> dict[str, float]:
+        """Timings of the last `receive_weights`, for the trainer's sync-stage metrics."""
+        return dict(getattr(self, "_weight_sync_stats", {}))
+
+    def weight_version(self) -> int:
+        return getattr(self, "_weight_version", 0)

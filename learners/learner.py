@@ -1,0 +1,328 @@
+"""The learner: policy (and reference) model, optimizer, and the GRPO update.
+
+One `Learner` runs in one Ray actor (see `learners.group`). Its public methods are the
+interface a tensor x data parallel group will keep: `train_step(batch)` takes the rollout batch
+with advantages and applies `algorithm.updates_per_batch` optimizer steps; `broadcast_weights`
+sends the new weights to the rollout engines.
+
+Zero wasted passes: with one update per batch (on-policy) the old log-probs equal the current
+ones, so the ratio is taken against a detached copy of the same forward pass instead of a
+second pass; the reference model is only loaded and run when `algorithm.kl_coef > 0`; and the
+(vocabulary-sized) output projection runs only on response positions, never on prompt tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from learners import weight_sync
+from rlsys.algo import entropy_from_logits, grpo_loss
+from rlsys.config import AlgorithmConfig, LearnerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded prompt+response rows, and where each response token sits."""
+
+    input_ids: torch.Tensor  # [b, L]
+    attention_mask: torch.Tensor  # [b, L]
+    rows: torch.Tensor  # [n] row of each response token (row-major order)
+    cols: torch.Tensor  # [n] column of each response token in input_ids
+    response_mask: torch.Tensor  # [b, R] True where row i has a j-th response token
+    index: list[int]  # positions of these rows in the full batch
+
+
+def make_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]],
+                      max_tokens: int, pad_id: int) -> list[MicroBatch]:
+    """Group sequences into right-padded micro-batches of at most `max_tokens` padded tokens.
+
+    Sequences are sorted by length first so that rows of a micro-batch have similar lengths and
+    padding stays small. On CPU this beats packing several sequences into one row: without a
+    variable-length attention kernel a packed row needs a dense block-diagonal mask whose cost
+    grows with the square of the packed length.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        longest = lengths[i]  # sorted ascending: the new row is the longest
+        if groups and (len(groups[-1]) + 1) * longest <= max_tokens:
+            groups[-1].append(i)
+        else:
+            if longest > max_tokens:
+                raise ValueError(f"a sequence of {longest} tokens exceeds "
+                                 f"learner.max_tokens_per_microbatch={max_tokens}")
+            groups.append([i])
+
+    batches = []
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        resp_width = max(len(response_ids[i]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(group), width), dtype=torch.long)
+        resp_mask = torch.zeros((len(group), resp_width), dtype=torch.bool)
+        rows, cols = [], []
+        for row, i in enumerate(group):
+            p, r = prompt_ids[i], response_ids[i]
+            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+            attn[row, : len(p) + len(r)] = 1
+            resp_mask[row, : len(r)] = True
+            rows += [row] * len(r)
+            cols += range(len(p), len(p) + len(r))
+        batches.append(MicroBatch(ids, attn, torch.tensor(rows, dtype=torch.long),
+                                  torch.tensor(cols, dtype=torch.long), resp_mask, group))
+    return batches
+
+
+def _to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter a flat per-token vector (row-major) into a zero-padded [b, R] tensor."""
+    out = flat.new_zeros(mask.shape)
+    out[mask] = flat
+    return out
+
+
+class Learner:
+    """Policy model + AdamW + GRPO loss; optional frozen reference model for the KL term."""
+
+    def __init__(self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
+                 *, temperature: float = 1.0, max_response_len: int = 128, seed: int = 0,
+                 total_steps: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        threads = learner.num_threads or os.cpu_count() or 1
+        if learner.device == "cpu":
+            # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the learner and the
+            # engines take turns on the cores, so use them all while updating.
+            torch.set_num_threads(threads)
+        self.cfg, self.algo = learner, algorithm
+        self.device = torch.device(learner.device)
+        self.temperature = temperature
+        self.max_response_len = max_response_len
+        self.compute_dtype = DTYPES[learner.compute_dtype]
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[learner.param_dtype]).to(self.device)
+        self.model.config.use_cache = False
+        if learner.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.ref_model: nn.Module | None = None
+        if algorithm.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr,
+                                           betas=tuple(learner.betas),
+                                           weight_decay=learner.weight_decay)
+        warmup = learner.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.step = 0
+        self.sync_group = None
+
+    # --- log-probs ----------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _response_logits(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
+        """Logits [n, V] for the n response tokens only (scaled by the sampling temperature)."""
+        ids = mb.input_ids.to(self.device)
+        out = model.get_decoder()(input_ids=ids,
+                                  attention_mask=mb.attention_mask.to(self.device))
+        # The token at column c is predicted from the hidden state at column c - 1.
+        hidden = out.last_hidden_state[mb.rows.to(self.device), mb.cols.to(self.device) - 1]
+        logits = model.get_output_embeddings()(hidden).float()
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        targets = mb.input_ids[mb.rows, mb.cols].to(self.device)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                         reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of each response under the policy (or the reference model)."""
+        model = self.ref_model if reference else self.model
+        if model is None:
+            raise ValueError("no reference model: algorithm.kl_coef is 0")
+        result: list[list[float]] = [[] for _ in prompt_ids]
+        for mb in make_microbatches(prompt_ids, response_ids, self.cfg.max_tokens_per_microbatch,
+                                    self.pad_id):
+            with self._autocast():
+                lp = self._token_logprobs(self._response_logits(model, mb), mb)
+            padded = _to_padded(lp.cpu(), mb.response_mask)
+            for row, i in enumerate(mb.index):
+                result[i] = padded[row, : int(mb.response_mask[row].sum())].tolist()
+        return result
+
+    # --- the update ---------------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One GRPO update on a rollout batch.
+
+        `batch` holds, per completion: "prompt_ids", "response_ids", "rollout_logprobs" (lists)
+        and "advantages" (floats). Returns averaged metrics, including the train-vs-rollout
+        log-prob gap measured on the very forward pass that computes the loss.
+        """
+        t0 = time.perf_counter()
+        prompts, responses = batch["prompt_ids"], batch["response_ids"]
+        advantages = torch.tensor(batch["advantages"], dtype=torch.float32)
+        rollout_lp = batch["rollout_logprobs"]
+        n = len(responses)
+        metrics: dict[str, float] = {}
+
+        ref_lp: list[list[float]] | None = None
+        if self.ref_model is not None:
+            ref_lp = self.compute_logprobs(prompts, responses, reference=True)
+        old_lp: list[list[float]] | None = None
+        if self.algo.updates_per_batch > 1:
+            # Several optimizer steps per batch: later steps need the pre-update policy.
+            old_lp = self.compute_logprobs(prompts, responses)
+        t_ref = time.perf_counter()
+
+        # Mini-batches of whole groups are not needed: advantages are already computed.
+        order = torch.randperm(n).tolist() if self.algo.updates_per_batch > 1 else list(range(n))
+        chunks = [order[k::self.algo.updates_per_batch] for k in range(self.algo.updates_per_batch)]
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        grad_norms = []
+        for chunk in chunks:
+            sub_prompts = [prompts[i] for i in chunk]
+            sub_responses = [responses[i] for i in chunk]
+            num_tokens = sum(len(r) for r in sub_responses)
+            agg = {"num_tokens": max(num_tokens, 1), "num_seqs": len(chunk),
+                   "norm_len": self.max_response_len}
+            self.optimizer.zero_grad(set_to_none=True)
+            for mb in make_microbatches(sub_prompts, sub_responses,
+                                        self.cfg.max_tokens_per_microbatch, self.pad_id):
+                idx = [chunk[i] for i in mb.index]
+                mask = mb.response_mask.to(self.device)
+                with self._autocast():
+                    logits = self._response_logits(self.model, mb)
+                    lp_flat = self._token_logprobs(logits, mb)
+                logprobs = _to_padded(lp_flat, mask)
+                old = (_to_padded(self._flat(old_lp, idx), mask) if old_lp is not None
+                       else logprobs.detach())
+                ref = _to_padded(self._flat(ref_lp, idx), mask) if ref_lp is not None else None
+                entropies = None
+                if self.algo.entropy_coef > 0:
+                    entropies = _to_padded(entropy_from_logits(logits), mask)
+                loss, m = grpo_loss(
+                    logprobs, old, advantages[idx].to(self.device), mask,
+                    ref_logprobs=ref, kl_coef=self.algo.kl_coef,
+                    kl_estimator=self.algo.kl_estimator, entropies=entropies,
+                    entropy_coef=self.algo.entropy_coef, clip_low=self.algo.clip_low,
+                    clip_high=self.algo.clip_high, dual_clip=self.algo.dual_clip,
+                    loss_agg=self.algo.loss_agg, **agg)
+                loss.backward()
+
+                with torch.no_grad():
+                    tokens = float(mask.sum())
+                    gap = (lp_flat.detach().cpu() - self._flat(rollout_lp, idx)).abs()
+                    m["logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
+                    m["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
+                    if entropies is None:
+                        m["entropy"] = float(entropy_from_logits(logits.detach()).mean())
+                for key, value in m.items():
+                    if key == "logprob_gap_max" or key == "ratio_max":
+                        sums[key] = max(sums.get(key, -math.inf), value)
+                        weights[key] = 1.0
+                    elif key in ("loss", "pg_loss"):
+                        sums[key] = sums.get(key, 0.0) + value  # already globally normalised
+                        weights[key] = float(len(chunks))
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value * tokens
+                        weights[key] = weights.get(key, 0.0) + tokens
+            grad_norms.append(self._optimizer_step())
+        metrics.update({k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums})
+        self.step += 1
+        t1 = time.perf_counter()
+        num_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+        metrics.update({
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": self.scheduler.get_last_lr()[0],
+            "learner_step": self.step,
+            "time/ref_and_old_logprobs": t_ref - t0,
+            "time/update_passes": t1 - t_ref,
+            "tokens_per_s": num_tokens / (t1 - t0),
+        })
+        return metrics
+
+    @staticmethod
+    def _flat(per_seq: list[list[float]] | None, idx: list[int]) -> torch.Tensor:
+        assert per_seq is not None
+        return torch.tensor([x for i in idx for x in per_seq[i]], dtype=torch.float32)
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def update_reference(self) -> None:
+        """Copy the policy into the reference model (the paper refreshes it every 400 steps)."""
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict(self.model.state_dict())
+
+    # --- weights out --------------------------------------------------------------------------
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Weights under their HF names; tied weights once (the engines re-tie them)."""
+        yield from self.model.named_parameters()
+
+    def weight_manifest(self, dtype: str) -> weight_sync.WeightManifest:
+        """What the engines will receive: names, shapes and the wire (engine) dtype."""
+        return weight_sync.build_manifest(self.named_weights(), DTYPES[dtype])
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where this learner will host the weight-sync rendezvous (its node, a free port)."""
+        import ray
+
+        addr = ray.util.get_node_ip_address()
+        return addr, weight_sync.find_free_port(addr)
+
+    def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
+                         backend: str) -> int:
+        self.sync_group = weight_sync.init_weight_sync_group(
+            backend, master_addr, master_port, rank=0, world_size=world_size)
+        return 0
+
+    @torch.no_grad()
+    def broadcast_weights(self, manifest: weight_sync.WeightManifest,
+                          bucket_bytes: int) -> dict[str, float]:
+        if self.sync_group is None:
+            raise RuntimeError("init_weight_sync must be called before broadcast_weights")
+        return weight_sync.broadcast_weights(self.sync_group, self.named_weights(), manifest,
+                                             bucket_bytes)
+
+    def save_pretrained(self, path: str) -> str:
+        self.model.save_pretrained(path)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(self.model.name_or_path).save_pretrained(path)
+        return path
+
+    def ping(self) -> int:
+        return torch.get_num_threads()

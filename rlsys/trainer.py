@@ -1,0 +1,294 @@
+"""The GRPO training loop (DeepSeekMath / DeepSeek-R1), driving Ray actors.
+
+For each step:
+    1. take B prompts from the task's sampler
+    2. the rollout pool (vLLM engines) samples G completions per prompt, with log-probs
+    3. the reward pool scores every completion (accuracy, format, ...)
+    4. advantages are normalised within each group of G (rlsys.algo.group_advantages)
+    5. the learner applies the clipped-ratio GRPO update with a KL penalty to the reference
+    6. the learner broadcasts its new weights to every engine, which confirm the version
+Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples).
+The driver only moves token ids, texts and metrics; weights go learner → engines directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+import torch
+
+from actors.reward import RewardPool
+from actors.rollout import RolloutPool, rollout_env_vars
+from learners.learner import Learner
+from rlsys.algo import group_advantages
+from rlsys.config import Config, to_yaml
+from rlsys.data import Problem, Task, make_task, render_prompt
+from rlsys.metrics import MetricsLogger
+from rlsys.models import default_cache_dir, resolve_model
+
+log = logging.getLogger("rlsys")
+
+
+def train(cfg: Config) -> Path:
+    """Run GRPO as configured; returns the output directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out = prepare_output_dir(cfg)
+    cache_dir = os.path.expanduser(cfg.model.cache_dir) if cfg.model.cache_dir else None
+    model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
+    task = build_task(cfg)
+    with ray_session(cfg), stop_on_sigterm():
+        trainer = GRPOTrainer(cfg, model_path, task, out)
+        try:
+            trainer.fit()
+        finally:
+            trainer.shutdown()
+    return out
+
+
+class GRPOTrainer:
+    """Owns the actor pools and runs `fit()`: the loop in the module docstring."""
+
+    def __init__(self, cfg: Config, model_path: str, task: Task, out: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg, self.task, self.out = cfg, task, out
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        r, lc = cfg.rollout, cfg.learner
+        t0 = time.perf_counter()
+        self.learner = ray.remote(Learner).options(
+            name="learner-0", num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+            runtime_env=_threads_env(lc.num_threads),
+        ).remote(model_path, lc, cfg.algorithm, temperature=r.temperature,
+                 max_response_len=r.max_new_tokens, seed=cfg.trainer.seed)
+        self.rollout = RolloutPool(
+            model_path, r.num_workers,
+            worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
+                               max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
+                               tensor_parallel_size=r.tensor_parallel_size,
+                               max_num_batched_tokens=r.max_num_batched_tokens,
+                               gpu_memory_utilization=r.gpu_memory_utilization,
+                               num_threads=r.num_threads or None),
+            num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
+            env_vars=rollout_env_vars(str(out / ".vllm"), r.kv_cache_gb,
+                                      r.num_threads or os.cpu_count() or 1))
+        self.rewards = RewardPool(cfg.reward.num_workers, dict(cfg.reward.weights),
+                                  num_cpus=cfg.reward.num_cpus, timeout_s=cfg.reward.timeout_s)
+        self.version = 0
+        self._connect_weight_sync()
+        log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), 1 learner",
+                 time.perf_counter() - t0, r.num_workers, cfg.reward.num_workers)
+        self.metrics = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        t = self.cfg.trainer
+        self.metrics.log(0, self.evaluate())
+        bar = _progress(t.steps, enabled=t.progress)
+        for step in range(1, t.steps + 1):
+            stats = self.train_step()
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                stats |= self.evaluate()
+            self.metrics.log(step, stats)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.2f}" for k in
+                             ("reward/total", "reward/accuracy", "eval/accuracy") if k in stats})
+        bar.close()
+        if t.save_final:
+            path = ray.get(self.learner.save_pretrained.remote(str(self.out / "final")))
+            log.info("saved the trained policy to %s", path)
+
+    def train_step(self) -> dict[str, float]:
+        r, a = self.cfg.rollout, self.cfg.algorithm
+        t0 = time.perf_counter()
+        problems = self.task.sample(r.prompts_per_step)
+        samples = self.rollout.generate(self.prompts(problems), n=r.group_size,
+                                        temperature=r.temperature, top_p=r.top_p,
+                                        max_tokens=r.max_new_tokens)
+        t_gen = time.perf_counter()
+        scores = self.score(problems, samples, r.group_size)
+        t_reward = time.perf_counter()
+        rewards = torch.tensor([s["total"] for s in scores])
+        advantages = group_advantages(rewards, r.group_size, normalize_std=a.normalize_std)
+        batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
+                 "response_ids": [s["token_ids"] for s in samples],
+                 "rollout_logprobs": [s["logprobs"] for s in samples],
+                 "advantages": advantages.tolist()}
+        learner_stats = ray.get(self.learner.train_step.remote(batch))
+        if a.ref_update_every and (self.version + 1) % a.ref_update_every == 0:
+            ray.get(self.learner.update_reference.remote())
+        t_update = time.perf_counter()
+        sync = self.broadcast_weights()
+        t_sync = time.perf_counter()
+
+        lengths = [len(s["token_ids"]) for s in samples]
+        groups = rewards.view(-1, r.group_size)
+        stats = {f"reward/{k}": statistics.fmean(s[k] for s in scores) for k in scores[0]}
+        stats |= {f"train/{k}": v for k, v in learner_stats.items() if not k.startswith("time/")}
+        stats |= {
+            "reward/std": float(rewards.std()),
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "groups/no_signal_frac": float((groups.max(1).values == groups.min(1).values)
+                                           .float().mean()),
+            "response/length_mean": statistics.fmean(lengths),
+            "response/length_max": max(lengths),
+            "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
+                                                        for s in samples),
+            "time/gen": t_gen - t0, "time/reward": t_reward - t_gen,
+            "time/update": t_update - t_reward, "time/sync": t_sync - t_update,
+            "time/step": t_sync - t0,
+            "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],
+            "throughput/gen_tokens_per_s": sum(lengths) / (t_gen - t0),
+            "throughput/train_tokens_per_s": learner_stats["tokens_per_s"],
+            "sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"],
+            "weight_version": self.version,
+        }
+        return stats
+
+    # --- the parts ----------------------------------------------------------------------------
+
+    def prompts(self, problems: list[Problem]) -> list[str]:
+        d = self.cfg.data
+        return [render_prompt(p.question, d.template, tokenizer=self.tokenizer,
+                              system_prompt=d.system_prompt, response_prefix=d.response_prefix,
+                              few_shot=d.few_shot and d.template == "chat")
+                for p in problems]
+
+    def score(self, problems: list[Problem], samples: list[dict], n: int) -> list[dict]:
+        """Rewards of the n completions of each problem (prompt-major, like the samples)."""
+        prefix = self.cfg.data.response_prefix
+        golds = [p.answer for p in problems for _ in range(n)]
+        return self.rewards.score([prefix + s["text"] for s in samples], golds)
+
+    def broadcast_weights(self) -> dict[str, float]:
+        """Learner → every engine over the weight-sync group; engines confirm the version."""
+        self.version += 1
+        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
+        engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version)
+        sent = self.learner.broadcast_weights.remote(self.manifest, bucket)
+        stats, *versions = ray.get([sent, *engine_refs])
+        if any(v != self.version for v in versions):
+            raise RuntimeError(f"engines report weight versions {versions}, "
+                               f"expected {self.version}")
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy: greedy, and pass@1 over k samples (the paper's protocol)."""
+        t, r = self.cfg.trainer, self.cfg.rollout
+        t0 = time.perf_counter()
+        problems = self.task.eval_problems()[: t.eval_size]
+        prompts = self.prompts(problems)
+        greedy = self.rollout.generate(prompts, n=1, temperature=0.0,
+                                       max_tokens=r.max_new_tokens)
+        scores = self.score(problems, greedy, 1)
+        stats = {f"eval/{k}": statistics.fmean(s[k] for s in scores)
+                 for k in scores[0] if k != "total"}
+        if t.eval_samples > 0:
+            sampled = self.rollout.generate(prompts, n=t.eval_samples,
+                                            temperature=t.eval_temperature, top_p=t.eval_top_p,
+                                            max_tokens=r.max_new_tokens)
+            sampled_scores = self.score(problems, sampled, t.eval_samples)
+            stats["eval/pass@1"] = statistics.fmean(s.get("accuracy", s["total"])
+                                                    for s in sampled_scores)
+        stats["time/eval"] = time.perf_counter() - t0
+        log.info("eval: %s", json.dumps({k: round(v, 4) for k, v in stats.items()}))
+        return stats
+
+    def _connect_weight_sync(self) -> None:
+        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
+        addr, port = ray.get(self.learner.sync_address.remote())
+        refs = self.rollout.init_weight_sync(addr, port, backend)
+        world = self.cfg.rollout.num_workers + 1
+        ray.get([self.learner.init_weight_sync.remote(addr, port, world, backend), *refs])
+        self.manifest = ray.get(self.learner.weight_manifest.remote(self.cfg.rollout.dtype))
+
+    def shutdown(self) -> None:
+        for close in (getattr(self, "metrics", None) and self.metrics.close,
+                      self.rollout.shutdown, self.rewards.shutdown,
+                      lambda: ray.kill(self.learner)):
+            if close:
+                try:
+                    close()
+                except Exception as exc:  # keep shutting the rest down
+                    log.warning("shutdown: %s", exc)
+
+
+# --- set-up helpers ---------------------------------------------------------------------------
+
+def build_task(cfg: Config) -> Task:
+    d = cfg.data
+    if d.task == "arithmetic":
+        a = d.arithmetic
+        return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
+                         min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
+                         eval_size=d.eval_size)
+    return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
+                     answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
+                     skip_malformed=d.skip_malformed)
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.trainer.output_dir or "outputs/run")
+    if (out / "metrics.jsonl").exists():
+        raise SystemExit(f"error: trainer.output_dir={out} already holds a run "
+                         "(metrics.jsonl); choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    return out
+
+
+@contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """Join $RAY_ADDRESS / ray.address if given, else start (and later stop) a local cluster."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        # Rollout, reward and learner phases take turns on the cores, so the local cluster
+        # offers at least as many logical CPUs as the actors reserve together.
+        wanted = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_cpus
+                  + cfg.reward.num_workers * cfg.reward.num_cpus)
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=cfg.ray.temp_dir,
+                 include_dashboard=cfg.ray.include_dashboard)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (e.g. `ray job stop`, preemption) into KeyboardInterrupt, so that the same
+    clean-up path as Ctrl-C runs."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _threads_env(num_threads: int) -> dict:
+    threads = str(num_threads or os.cpu_count() or 1)
+    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="GRPO", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,150 @@
+"""Rollout pool on the tiny fp32 model: generation, raw logprobs, and weight updates end to end.
+
+The key test plays the learner itself: the pytest process has no default process group, so it
+can be rank 0 of the weight-sync group, perturb a Hugging Face copy of the model, broadcast it,
+and check that the engine's logprobs now follow the new weights (and no longer the old ones).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+from actors.rollout import RolloutPool, rollout_env_vars
+from learners.weight_sync import (
+    broadcast_weights,
+    build_manifest,
+    find_free_port,
+    init_weight_sync_group,
+)
+from rlsys.models import resolve_model
+
+# fp32 on both sides; vLLM's CPU kernels and torch's differ only in summation order.
+LOGPROB_TOLERANCE = 1e-4
+THREADS = 1
+# ~180 tokens: longer than a KV block, so a stale prefix cache after an update would show.
+PROMPT = " ".join(["the cat sat on the mat and then it ran"] * 12)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(cache_dir) -> str:
+    return str(resolve_model("tiny-random", cache_dir))
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model):
+    cache_root = tempfile.mkdtemp(prefix="rlsys-rollout-test-")
+    rollout_pool = RolloutPool(
+        tiny_model, 1,
+        worker_kwargs={"dtype": "float32", "max_model_len": 256, "num_threads": THREADS},
+        num_cpus_per_worker=THREADS, num_gpus_per_worker=0,
+        env_vars=rollout_env_vars(cache_root, kv_cache_gb=1, num_threads=THREADS),
+        name_prefix=f"test-rollout-{os.getpid()}",
+    )
+    yield rollout_pool
+    rollout_pool.shutdown()
+
+
+def _hf_logprobs(model, prompt_ids: list[int], token_ids: list[int],
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of each of `token_ids` after `prompt_ids` under the HF model at `temperature`."""
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+
+
+def test_pool_starts_named_engine_with_configured_threads(pool) -> None:
+    import ray
+
+    (info,) = pool.info
+    assert info["name"] == f"test-rollout-{os.getpid()}-0"
+    assert ray.get(ray.get_actor(info["name"]).ping.remote())["pid"] == info["pid"]
+    assert info["torch_threads"] == THREADS
+    assert info["weight_version"] == 0
+    print(f"engine start inside Ray: {info['engine_start_s']:.1f} s")
+
+
+def test_generate_returns_n_completions_per_prompt_in_order(pool) -> None:
+    prompts = ["one two three", "a b c d e f", "hello"]
+    results = pool.generate(prompts, n=3, temperature=1.0, max_tokens=6)
+    assert len(results) == len(prompts) * 3
+    for index, result in enumerate(results):
+        assert set(result) == {"prompt_ids", "token_ids", "logprobs", "text", "finish_reason"}
+        assert result["prompt_ids"] == results[index - index % 3]["prompt_ids"]
+        assert 0 < len(result["token_ids"]) == len(result["logprobs"]) <= 6
+        assert all(lp <= 0 for lp in result["logprobs"])
+        assert result["finish_reason"] in ("length", "stop")
+    assert len({tuple(r["prompt_ids"]) for r in results}) == len(prompts)
+
+
+def test_logprobs_are_those_of_the_sampling_distribution(pool, tiny_model) -> None:
+    """At temperature T the engine reports log softmax(logits / T): what the learner computes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    (result,) = pool.generate([PROMPT], n=1, temperature=1.7, max_tokens=12)
+    expected = _hf_logprobs(model, result["prompt_ids"], result["token_ids"], temperature=1.7)
+    gap = (torch.tensor(result["logprobs"]) - expected).abs().max().item()
+    assert gap < LOGPROB_TOLERANCE, f"vLLM logprobs are not those at T=1.7 (gap {gap})"
+    raw = _hf_logprobs(model, result["prompt_ids"], result["token_ids"])
+    assert (torch.tensor(result["logprobs"]) - raw).abs().max().item() > 10 * LOGPROB_TOLERANCE
+
+
+def test_weight_update_changes_engine_logprobs_to_the_new_weights(pool, tiny_model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    old_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # named_parameters() lists a tied embedding once, as vLLM's loader expects.
+    manifest = build_manifest(model.named_parameters())
+    bucket_bytes = 8192  # small, so the tiny model spans several buckets
+
+    port = find_free_port()
+    join_refs = pool.init_weight_sync("127.0.0.1", port, "gloo")
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, pool.weight_sync_world_size,
+                                   timeout_s=60)
+    assert sorted(r for refs in pool_get(join_refs) for r in refs) == [1]
+
+    def push(version: int) -> list[int]:
+        refs = pool.update_weights(manifest, bucket_bytes, version)
+        broadcast_weights(group, model.named_parameters(), manifest, bucket_bytes)
+        return pool_get(refs)
+
+    (before,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
+    prompt_ids, token_ids = before["prompt_ids"], before["token_ids"]
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    assert push(version=1) == [1]
+    assert pool.weight_versions() == [1]
+
+    # Score the same continuation as before, so old and new weights are compared on one input.
+    (after,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
+    new_expected = _hf_logprobs(model, prompt_ids, after["token_ids"])
+    gap_new = (torch.tensor(after["logprobs"]) - new_expected).abs().max().item()
+    assert gap_new < LOGPROB_TOLERANCE, f"engine does not follow the new weights (gap {gap_new})"
+    model.load_state_dict(old_state, strict=False)
+    old_expected = _hf_logprobs(model, prompt_ids, after["token_ids"])
+    gap_old = (torch.tensor(after["logprobs"]) - old_expected).abs().max().item()
+    assert gap_old > 100 * LOGPROB_TOLERANCE, "engine logprobs did not change with the weights"
+
+    # A second update (back to the original weights) must work too and restore the old outputs.
+    assert push(version=2) == [2]
+    (restored,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
+    assert restored["token_ids"] == token_ids
+    gap_restored = (torch.tensor(restored["logprobs"]) - torch.tensor(before["logprobs"]))
+    assert gap_restored.abs().max().item() < LOGPROB_TOLERANCE
+    assert pool.weight_versions() == [2]
+    print(f"logprob gap after update: {gap_new:.2e} (vs old weights {gap_old:.2e})")
+
+
+def pool_get(refs):
+    import ray
+
+    return ray.get(refs, timeout=120)

@@ -1,0 +1,104 @@
+"""Weight broadcast: bucket planning (pure) and a real two-process gloo broadcast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learners.weight_sync import (
+    broadcast_weights,
+    build_manifest,
+    find_free_port,
+    init_weight_sync_group,
+    plan_buckets,
+    receive_weights,
+)
+
+
+def _manifest(*sizes: int, dtype: str = "float32") -> list[tuple[str, tuple[int, ...], str]]:
+    return [(f"t{i}", (size,), dtype) for i, size in enumerate(sizes)]
+
+
+def test_plan_buckets_zero_means_one_tensor_per_bucket() -> None:
+    assert plan_buckets(_manifest(1, 2, 3), 0) == [[0], [1], [2]]
+
+
+def test_plan_buckets_groups_in_order_and_isolates_oversized_tensors() -> None:
+    # 16 float32 = 64 bytes each (exactly one alignment unit); 1000 floats = 4000 -> 4032 bytes.
+    manifest = _manifest(16, 16, 16, 1000, 16, 16)
+    assert plan_buckets(manifest, 128) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_buckets(manifest, 10_000) == [[0, 1, 2, 3, 4, 5]]
+    assert plan_buckets(manifest, 128) == plan_buckets(list(manifest), 128)
+
+
+def test_plan_buckets_counts_alignment_padding() -> None:
+    # 3 floats are 12 bytes but occupy one 64-byte slot in a packed bucket.
+    assert plan_buckets(_manifest(3, 3, 3), 128) == [[0, 1], [2]]
+
+
+def test_build_manifest_casts_floats_only() -> None:
+    tensors = [("w", torch.zeros(2, 3)), ("step", torch.zeros(4, dtype=torch.int64))]
+    assert build_manifest(tensors, torch.bfloat16) == [
+        ("w", (2, 3), "bfloat16"), ("step", (4,), "int64")]
+    assert build_manifest(tensors) == [("w", (2, 3), "float32"), ("step", (4,), "int64")]
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "embed": torch.randn(300, 17, generator=generator),  # 20 KB: bigger than small buckets
+        "scalar": torch.randn((), generator=generator),
+        "norm": torch.randn(17, generator=generator),
+        "empty": torch.zeros(0, 4),
+        "positions": torch.arange(11, dtype=torch.int64),
+        "proj": torch.randn(5, 7, generator=generator),
+    }
+
+
+BUCKET_SIZES = (0, 256, 4096, 1 << 20)
+
+
+def test_two_process_broadcast_is_bit_exact(ray_cluster) -> None:
+    ray = ray_cluster
+
+    # Defined inside the test so Ray ships it by value: Ray workers cannot import test modules.
+    def receiver(port: int, manifest, bucket_sizes) -> list[dict[str, torch.Tensor]]:
+        group = init_weight_sync_group("gloo", "127.0.0.1", port, 1, 2, timeout_s=60)
+        return [{name: tensor.clone() for name, tensor in receive_weights(group, manifest, size)}
+                for size in bucket_sizes]
+
+    state = _state_dict()
+    # bf16 on the wire for floats (as a learner would send), int64 untouched.
+    manifest = build_manifest(state.items(), torch.bfloat16)
+    port = find_free_port()
+    received_ref = ray.remote(num_cpus=0)(receiver).remote(port, manifest, BUCKET_SIZES)
+    try:
+        group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
+    except Exception:
+        ray.get(received_ref, timeout=10)  # surfaces the receiver's own error, if it had one
+        raise
+    stats = [broadcast_weights(group, state.items(), manifest, size, dtype=torch.bfloat16)
+             for size in BUCKET_SIZES]
+    received = ray.get(received_ref, timeout=120)
+
+    assert [s["buckets"] for s in stats] == [
+        len(plan_buckets(manifest, size)) for size in BUCKET_SIZES]
+    assert stats[0]["buckets"] == len(state) and stats[-1]["buckets"] == 1
+    for by_name in received:
+        assert list(by_name) == list(state)
+        for name, original in state.items():
+            expected = original.to(torch.bfloat16) if original.is_floating_point() else original
+            assert by_name[name].dtype == expected.dtype and by_name[name].shape == expected.shape
+            assert torch.equal(by_name[name], expected), name
+
+
+def test_broadcast_rejects_tensors_that_do_not_match_the_manifest() -> None:
+    port = find_free_port()
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, 1, timeout_s=10)
+    manifest = build_manifest([("a", torch.zeros(2))])
+    with pytest.raises(ValueError, match="expected a"):
+        broadcast_weights(group, [("b", torch.zeros(2))], manifest, 0)
+    with pytest.raises(ValueError, match="more entries"):
+        broadcast_weights(group, [("a", torch.zeros(2)), ("b", torch.zeros(2))], manifest, 0)
+    with pytest.raises(ValueError, match="wire dtype"):
+        broadcast_weights(group, [("a", torch.zeros(2))], manifest, 0, dtype=torch.bfloat16)
