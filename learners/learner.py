@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from learners import weight_sync
 from rlsys.algo import entropy_from_logits, grpo_loss
@@ -33,56 +34,88 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class MicroBatch:
-    """Right-padded prompt+response rows, and where each response token sits."""
+    """Completions that share prompts: each distinct prompt appears once.
 
-    input_ids: torch.Tensor  # [b, L]
-    attention_mask: torch.Tensor  # [b, L]
-    rows: torch.Tensor  # [n] row of each response token (row-major order)
-    cols: torch.Tensor  # [n] column of each response token in input_ids
-    response_mask: torch.Tensor  # [b, R] True where row i has a j-th response token
-    index: list[int]  # positions of these rows in the full batch
+    Prompts are left-padded (so every prompt ends in the last column and its keys/values can
+    be continued by its responses); responses are right-padded.
+    """
+
+    prompt_ids: torch.Tensor  # [k, P]
+    prompt_mask: torch.Tensor  # [k, P]
+    response_ids: torch.Tensor  # [n, R]
+    response_mask: torch.Tensor  # [n, R] bool
+    owner: torch.Tensor  # [n] the prompt row each response continues
+    index: list[int]  # positions of the n responses in the full batch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_mask.sum()) + int(self.response_mask.sum())
 
 
 def make_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]],
                       max_tokens: int, pad_id: int) -> list[MicroBatch]:
-    """Group sequences into right-padded micro-batches of at most `max_tokens` padded tokens.
+    """Split a batch into micro-batches of at most `max_tokens` padded tokens.
 
-    Sequences are sorted by length first so that rows of a micro-batch have similar lengths and
-    padding stays small. On CPU this beats packing several sequences into one row: without a
-    variable-length attention kernel a packed row needs a dense block-diagonal mask whose cost
-    grows with the square of the packed length.
+    GRPO samples G completions of every prompt, so a prompt is run through the model once and
+    its keys/values are shared by all of its completions in the micro-batch: with prompts
+    several times longer than the answers (few-shot chat prompts), this removes most of the
+    learner's work. Units are sorted by length so that padding stays small. (Packing several
+    sequences into one row would need a variable-length attention kernel; on CPU a dense
+    block-diagonal mask costs the square of the packed length.)
     """
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        longest = lengths[i]  # sorted ascending: the new row is the longest
-        if groups and (len(groups[-1]) + 1) * longest <= max_tokens:
-            groups[-1].append(i)
-        else:
-            if longest > max_tokens:
-                raise ValueError(f"a sequence of {longest} tokens exceeds "
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    # A unit is one prompt with some of its responses, cut so that one unit fits the budget.
+    units: list[tuple[tuple[int, ...], list[int]]] = []
+    for prompt, members in by_prompt.items():
+        members = sorted(members, key=lambda i: len(response_ids[i]))
+        piece: list[int] = []
+        for i in members:
+            width = len(response_ids[i])  # ascending: the newest member is the widest
+            if len(prompt) + width > max_tokens:
+                raise ValueError(f"a sequence of {len(prompt) + width} tokens exceeds "
                                  f"learner.max_tokens_per_microbatch={max_tokens}")
-            groups.append([i])
+            if piece and len(prompt) + (len(piece) + 1) * width > max_tokens:
+                units.append((prompt, piece))
+                piece = []
+            piece.append(i)
+        units.append((prompt, piece))
+    units.sort(key=lambda u: (len(u[0]), max(len(response_ids[i]) for i in u[1])))
 
-    batches = []
-    for group in groups:
-        width = max(lengths[i] for i in group)
-        resp_width = max(len(response_ids[i]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(group), width), dtype=torch.long)
-        resp_mask = torch.zeros((len(group), resp_width), dtype=torch.bool)
-        rows, cols = [], []
-        for row, i in enumerate(group):
-            p, r = prompt_ids[i], response_ids[i]
-            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-            attn[row, : len(p) + len(r)] = 1
-            resp_mask[row, : len(r)] = True
-            rows += [row] * len(r)
-            cols += range(len(p), len(p) + len(r))
-        batches.append(MicroBatch(ids, attn, torch.tensor(rows, dtype=torch.long),
-                                  torch.tensor(cols, dtype=torch.long), resp_mask, group))
-    return batches
+    def cost(group: list[tuple[tuple[int, ...], list[int]]]) -> int:
+        width_p = max(len(u[0]) for u in group)
+        width_r = max(len(response_ids[i]) for u in group for i in u[1])
+        return len(group) * width_p + sum(len(u[1]) for u in group) * width_r
+
+    groups: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    for unit in units:
+        if groups and cost([*groups[-1], unit]) <= max_tokens:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    return [_collate(group, response_ids, pad_id) for group in groups]
+
+
+def _collate(group: list[tuple[tuple[int, ...], list[int]]], response_ids: list[list[int]],
+             pad_id: int) -> MicroBatch:
+    width_p = max(len(prompt) for prompt, _ in group)
+    index = [i for _, members in group for i in members]
+    width_r = max(len(response_ids[i]) for i in index)
+    prompt_ids = torch.full((len(group), width_p), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(group), width_p), dtype=torch.long)
+    responses = torch.full((len(index), width_r), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(index), width_r), dtype=torch.bool)
+    owner = []
+    for row, (prompt, members) in enumerate(group):
+        prompt_ids[row, width_p - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[row, width_p - len(prompt):] = 1
+        owner += [row] * len(members)
+    for row, i in enumerate(index):
+        responses[row, : len(response_ids[i])] = torch.tensor(response_ids[i])
+        response_mask[row, : len(response_ids[i])] = True
+    return MicroBatch(prompt_ids, prompt_mask, responses, response_mask,
+                      torch.tensor(owner, dtype=torch.long), index)
 
 
 def _to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,9 +149,6 @@ class Learner:
 
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[learner.param_dtype]).to(self.device)
-        self.model.config.use_cache = False
-        if learner.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
         self.model.train()
         self.ref_model: nn.Module | None = None
         if algorithm.kl_coef > 0:
@@ -141,17 +171,39 @@ class Learner:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _response_logits(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-        """Logits [n, V] for the n response tokens only (scaled by the sampling temperature)."""
-        ids = mb.input_ids.to(self.device)
-        out = model.get_decoder()(input_ids=ids,
-                                  attention_mask=mb.attention_mask.to(self.device))
-        # The token at column c is predicted from the hidden state at column c - 1.
-        hidden = out.last_hidden_state[mb.rows.to(self.device), mb.cols.to(self.device) - 1]
-        logits = model.get_output_embeddings()(hidden).float()
+        """Logits [n, V] of every response token (row-major), scaled by the temperature.
+
+        Two passes over the decoder: the k prompts, keeping their keys/values, then the n
+        responses on top of the cache entry of their own prompt. Gradients flow through the
+        shared keys/values back into the prompt pass, so this equals one pass over each
+        prompt+response sequence, at the cost of one prompt per group.
+        """
+        dev = self.device
+        decoder = model.get_decoder()
+        prompt_mask = mb.prompt_mask.to(dev)
+        owner = mb.owner.to(dev)
+        cache = DynamicCache(config=model.config)
+        prompt_out = decoder(input_ids=mb.prompt_ids.to(dev), attention_mask=prompt_mask,
+                             position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                             past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(owner)  # each response gets its prompt's keys/values
+        response_mask = mb.response_mask.to(dev)
+        width = response_mask.shape[1]
+        start = prompt_mask.sum(-1)[owner]
+        response_out = decoder(
+            input_ids=mb.response_ids.to(dev),
+            attention_mask=torch.cat([prompt_mask[owner], response_mask.long()], dim=1),
+            position_ids=start[:, None] + torch.arange(width, device=dev),
+            past_key_values=cache, use_cache=True)
+        # Token j of a response is predicted from the state before it: the prompt's last
+        # state for j = 0, the response's own state j - 1 after that.
+        first = prompt_out.last_hidden_state[:, -1][owner]
+        hidden = torch.cat([first[:, None], response_out.last_hidden_state[:, :-1]], dim=1)
+        logits = model.get_output_embeddings()(hidden[response_mask]).float()
         return logits / self.temperature if self.temperature != 1.0 else logits
 
     def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        targets = mb.input_ids[mb.rows, mb.cols].to(self.device)
+        targets = mb.response_ids[mb.response_mask].to(self.device)
         return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
     @torch.no_grad()
@@ -253,6 +305,7 @@ class Learner:
         metrics.update({k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums})
         self.step += 1
         t1 = time.perf_counter()
+        # Tokens of all prompt+response sequences, as a learner without prompt sharing sees them.
         num_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
         metrics.update({
             "grad_norm": sum(grad_norms) / len(grad_norms),

@@ -107,7 +107,6 @@ class LearnerConfig:
     compute_dtype: str = doc("autocast dtype for forward/backward: bfloat16 | float32",
                              "bfloat16")
     max_tokens_per_microbatch: int = doc("token budget of one forward/backward", 4096)
-    gradient_checkpointing: bool = doc("recompute activations to save memory", False)
     num_cpus: float = doc("Ray CPUs reserved for the learner", 1.0)
     num_gpus: float = doc("Ray GPUs reserved for the learner", 0.0)
     num_threads: int = doc("torch threads in the learner; 0 = all cores", 0)
