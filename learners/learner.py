@@ -30,6 +30,10 @@ from rlsys.algo import entropy_from_logits, grpo_loss
 from rlsys.config import AlgorithmConfig, LearnerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How per-micro-batch metrics combine: maxima stay maxima; a micro-batch's loss is its share of
+# the globally normalised loss, so shares add up; every other metric is a token-weighted mean.
+_MAX_METRICS = frozenset({"ratio_max", "logprob_gap_max"})
+_SHARE_METRICS = frozenset({"loss", "pg_loss"})
 
 
 @dataclass
@@ -292,12 +296,12 @@ class Learner:
                     if entropies is None:
                         m["entropy"] = float(entropy_from_logits(logits.detach()).mean())
                 for key, value in m.items():
-                    if key == "logprob_gap_max" or key == "ratio_max":
+                    if key in _MAX_METRICS:
                         sums[key] = max(sums.get(key, -math.inf), value)
                         weights[key] = 1.0
-                    elif key in ("loss", "pg_loss"):
-                        sums[key] = sums.get(key, 0.0) + value  # already globally normalised
-                        weights[key] = float(len(chunks))
+                    elif key in _SHARE_METRICS:
+                        sums[key] = sums.get(key, 0.0) + value
+                        weights[key] = float(len(chunks))  # mean over optimizer steps
                     else:
                         sums[key] = sums.get(key, 0.0) + value * tokens
                         weights[key] = weights.get(key, 0.0) + tokens

@@ -49,9 +49,17 @@ class ArithmeticConfig:
 
 
 @dataclass
+class ReasoningGymConfig:
+    dataset: str = doc("reasoning-gym generator, e.g. chain_sum, basic_arithmetic", "chain_sum")
+    options: dict[str, Any] = doc("keyword options of that generator's config", factory=dict)
+
+
+@dataclass
 class DataConfig:
-    task: str = doc("task name: arithmetic | file", "arithmetic")
+    task: str = doc("task name: arithmetic | reasoning_gym | file", "arithmetic")
     arithmetic: ArithmeticConfig = doc("settings of the arithmetic task", factory=ArithmeticConfig)
+    reasoning_gym: ReasoningGymConfig = doc("settings of the reasoning_gym task",
+                                            factory=ReasoningGymConfig)
     path: str | None = doc("training file (.jsonl or .parquet) for task=file", None)
     eval_path: str | None = doc("held-out file for task=file; default: hold out eval_size rows",
                                 None)
@@ -354,7 +362,8 @@ def validate(cfg: Config) -> None:
     _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
              f"one of {', '.join(LOSS_AGG_MODES)}")
     _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
-    _require(d.task in ("arithmetic", "file"), "data.task", d.task, "arithmetic or file")
+    _require(d.task in ("arithmetic", "reasoning_gym", "file"), "data.task", d.task,
+             "arithmetic, reasoning_gym or file")
     _require(d.task != "file" or bool(d.path), "data.path", d.path,
              "data.task=file needs a data file")
     _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,

@@ -95,7 +95,7 @@ class GRPOTrainer:
         self.metrics.log(0, self.evaluate())
         bar = _progress(t.steps, enabled=t.progress)
         for step in range(1, t.steps + 1):
-            stats = self.train_step()
+            stats = self.train_step(step)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 stats |= self.evaluate()
             self.metrics.log(step, stats)
@@ -107,7 +107,7 @@ class GRPOTrainer:
             path = ray.get(self.learner.save_pretrained.remote(str(self.out / "final")))
             log.info("saved the trained policy to %s", path)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, float]:
         r, a = self.cfg.rollout, self.cfg.algorithm
         t0 = time.perf_counter()
         problems = self.task.sample(r.prompts_per_step)
@@ -124,7 +124,7 @@ class GRPOTrainer:
                  "rollout_logprobs": [s["logprobs"] for s in samples],
                  "advantages": advantages.tolist()}
         learner_stats = ray.get(self.learner.train_step.remote(batch))
-        if a.ref_update_every and (self.version + 1) % a.ref_update_every == 0:
+        if a.ref_update_every and step % a.ref_update_every == 0:
             ray.get(self.learner.update_reference.remote())
         t_update = time.perf_counter()
         sync = self.broadcast_weights()
@@ -231,6 +231,9 @@ def build_task(cfg: Config) -> Task:
         return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
                          min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
                          eval_size=d.eval_size)
+    if d.task == "reasoning_gym":
+        return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
+                         eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
     return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
                      answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
                      skip_malformed=d.skip_malformed)

@@ -362,3 +362,28 @@ def test_response_prefix_is_scored_with_completion() -> None:
     completion = "2 + 3 = 5</think><answer>5</answer>"
     assert compute_reward(prefix + completion, "5", {"format": 1.0})["total"] == 1.0
     assert compute_reward(completion, "5", {"format": 1.0})["total"] == 0.0
+
+
+def test_reasoning_gym_task_samples_deterministically_and_holds_out() -> None:
+    task = make_task("reasoning_gym", dataset="chain_sum", seed=3, eval_size=20)
+    held_out = {p.question for p in task.eval_problems()}
+    assert len(task.eval_problems()) == 20
+    first = task.sample(50)
+    assert not held_out & {p.question for p in first}
+    assert all(p.answer.lstrip("-").isdigit() for p in first)
+    state = task.state_dict()
+    after = task.sample(5)
+    again = make_task("reasoning_gym", dataset="chain_sum", seed=3, eval_size=20)
+    assert [p.question for p in again.sample(50)] == [p.question for p in first]
+    again.load_state_dict(state)
+    assert [p.question for p in again.sample(5)] == [p.question for p in after]
+    # The held-out split does not depend on the run's seed.
+    other = make_task("reasoning_gym", dataset="chain_sum", seed=4, eval_size=20)
+    assert {p.question for p in other.eval_problems()} == held_out
+
+
+def test_reasoning_gym_task_errors_name_the_key() -> None:
+    with pytest.raises(DataError, match=r"data.reasoning_gym.dataset='nope'"):
+        make_task("reasoning_gym", dataset="nope")
+    with pytest.raises(DataError, match=r"data.reasoning_gym.options"):
+        make_task("reasoning_gym", dataset="chain_sum", options={"foo": 1})

@@ -600,6 +600,71 @@ def _normalize_question(question: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# reasoning-gym
+
+
+class ReasoningGymTask(Task):
+    """Problems from one of reasoning-gym's procedural generators (chain_sum, basic_arithmetic,
+    gsm_symbolic, ...), each with a gold answer string.
+
+    Generators are indexable: problem i of a seed is a pure function of (seed, i), so the
+    sampler state is one counter. The held-out split comes from a seed of its own (the same for
+    every run seed, so runs are compared on the same problems), and training draws skip any
+    question that is also held out.
+    """
+
+    name = "reasoning_gym"
+    _EVAL_SEED = 1_000_003
+    _INDEX_SPACE = 2**40  # reasoning-gym datasets index lazily; size only bounds the index
+
+    def __init__(self, dataset: str, seed: int = 0, eval_size: int = 100,
+                 options: dict[str, Any] | None = None, config_prefix: str = "data") -> None:
+        import reasoning_gym
+
+        self.dataset = dataset
+        self.seed = seed
+        where = f"{config_prefix}.reasoning_gym"
+        try:
+            self._train = reasoning_gym.create_dataset(dataset, seed=seed,
+                                                       size=self._INDEX_SPACE, **(options or {}))
+            held_out = reasoning_gym.create_dataset(dataset, seed=self._EVAL_SEED,
+                                                    size=eval_size, **(options or {}))
+        except ValueError as exc:
+            from reasoning_gym.factory import DATASETS
+
+            raise DataError(f"{where}.dataset={dataset!r}: {exc}; {len(DATASETS)} available, "
+                            f"e.g. {', '.join(sorted(DATASETS)[:6])}") from None
+        except TypeError as exc:
+            raise DataError(f"{where}.options: {exc}") from None
+        self._eval = [self._problem(f"eval-{i}", item) for i, item in enumerate(held_out)]
+        self._held_out = {_normalize_question(p.question) for p in self._eval}
+        self._next = 0
+
+    def _problem(self, pid: str, item: dict[str, Any]) -> Problem:
+        return Problem(id=f"{self.dataset}-{pid}", question=item["question"],
+                       answer=str(item["answer"]), meta={"dataset": self.dataset})
+
+    def sample(self, n: int) -> list[Problem]:
+        out: list[Problem] = []
+        while len(out) < _check_n(n):
+            item = self._train[self._next]
+            self._next += 1
+            if _normalize_question(item["question"]) not in self._held_out:
+                out.append(self._problem(f"train-{self.seed}-{self._next - 1}", item))
+        return out
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": self.name, "next_index": self._next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state, ("next_index",))
+        self._next = state["next_index"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -618,6 +683,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 register_task(ArithmeticTask)
 register_task(FileTask)
+register_task(ReasoningGymTask)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
