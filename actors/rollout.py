@@ -43,6 +43,8 @@ def rollout_env_vars(cache_root: str, kv_cache_gb: float, num_threads: int) -> d
         "MKL_NUM_THREADS": str(num_threads),
         # No network on these machines; a usage-stats ping would only wait for a timeout.
         "VLLM_NO_USAGE_STATS": "1",
+        # vLLM logs several INFO lines per weight update; the driver logs what matters.
+        "VLLM_LOGGING_LEVEL": "WARNING",
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -22,6 +22,25 @@ from learners.weight_sync import WeightManifest, init_weight_sync_group, receive
 logger = logging.getLogger(__name__)
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drop the two warnings every in-place reload prints for layers that get no weights.
+
+    The rotary embedding has no weights, and a tied lm_head's weight is the embedding's (it is
+    re-packed below); vLLM warns about both on every update, which would bury real warnings.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("Failed to load weights")
+                    and message.startswith(("RotaryEmbedding", "ParallelLMHead")))
+
+
+def _quiet_expected_reload_warnings() -> None:
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, _ExpectedReloadWarnings) for f in handler.filters):
+            handler.addFilter(_ExpectedReloadWarnings())
+
+
 def _repack_kept_cpu_weights(model: torch.nn.Module) -> int:
     """Rebuild the CPU GEMM kernels of layers that keep their weight next to a packed copy.
 
@@ -62,6 +81,7 @@ class WeightSyncExtension:
         self._weight_sync_group = init_weight_sync_group(
             backend, master_addr, master_port, group_rank, world_size)
         self._weight_version = getattr(self, "_weight_version", 0)
+        _quiet_expected_reload_warnings()
         return group_rank
 
     def receive_weights(self, manifest: WeightManifest, bucket_bytes: int, version: int) -> int:

@@ -89,6 +89,8 @@ class RolloutConfig:
     kv_cache_gb: float = doc("CPU KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE)", 1.0)
     gpu_memory_utilization: float = doc("fraction of GPU memory an engine may use", 0.5)
     max_num_batched_tokens: int | None = doc("engine token budget per step; None = vLLM's", None)
+    max_sampling_rounds: int = doc("with algorithm.dynamic_sampling: most generation rounds "
+                                   "per step", 4)
     num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
     num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
@@ -134,6 +136,8 @@ class AlgorithmConfig:
     loss_agg: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                         "seq-mean-token-sum-norm", "token-mean")
     normalize_std: bool = doc("divide advantages by the group std (False = Dr. GRPO)", True)
+    dynamic_sampling: bool = doc("DAPO: drop groups whose rewards are all equal and draw more "
+                                 "prompts until the batch is full", False)
     updates_per_batch: int = doc("optimizer steps per rollout batch (mini-batches x epochs)", 1)
     ref_update_every: int = doc("refresh the reference model from the policy every N steps; "
                                 "0 = never", 0)
@@ -329,6 +333,7 @@ def validate(cfg: Config) -> None:
                        ("rollout.prompts_per_step", r.prompts_per_step),
                        ("rollout.max_new_tokens", r.max_new_tokens),
                        ("rollout.tensor_parallel_size", r.tensor_parallel_size),
+                       ("rollout.max_sampling_rounds", r.max_sampling_rounds),
                        ("reward.num_workers", cfg.reward.num_workers),
                        ("learner.max_tokens_per_microbatch", lr.max_tokens_per_microbatch),
                        ("algorithm.updates_per_batch", a.updates_per_batch),

@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlsys.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        # train() has already stopped every actor (and the local Ray cluster it started).
+        print("interrupted: actors stopped; metrics so far are in "
+              f"{cfg.trainer.output_dir}/metrics.jsonl", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -52,6 +54,20 @@ def train(cfg: Config) -> Path:
         finally:
             trainer.shutdown()
     return out
+
+
+@dataclass
+class Group:
+    """One prompt's G completions and their rewards."""
+
+    problem: Problem
+    samples: list[dict]
+    scores: list[dict[str, float]]
+
+    @property
+    def has_signal(self) -> bool:
+        """Rewards differ within the group, so advantages are not all zero."""
+        return len({s["total"] for s in self.scores}) > 1
 
 
 class GRPOTrainer:
@@ -110,49 +126,88 @@ class GRPOTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         r, a = self.cfg.rollout, self.cfg.algorithm
         t0 = time.perf_counter()
-        problems = self.task.sample(r.prompts_per_step)
-        samples = self.rollout.generate(self.prompts(problems), n=r.group_size,
-                                        temperature=r.temperature, top_p=r.top_p,
-                                        max_tokens=r.max_new_tokens)
-        t_gen = time.perf_counter()
-        scores = self.score(problems, samples, r.group_size)
-        t_reward = time.perf_counter()
-        rewards = torch.tensor([s["total"] for s in scores])
-        advantages = group_advantages(rewards, r.group_size, normalize_std=a.normalize_std)
-        batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
-                 "response_ids": [s["token_ids"] for s in samples],
-                 "rollout_logprobs": [s["logprobs"] for s in samples],
-                 "advantages": advantages.tolist()}
-        learner_stats = ray.get(self.learner.train_step.remote(batch))
-        if a.ref_update_every and step % a.ref_update_every == 0:
-            ray.get(self.learner.update_reference.remote())
-        t_update = time.perf_counter()
-        sync = self.broadcast_weights()
-        t_sync = time.perf_counter()
+        groups, drawn, timing = self.sample_groups()
+        samples = [s for g in groups for s in g.samples]
+        rewards = torch.tensor([sc["total"] for g in groups for sc in g.scores])
+        t_update = t_sync = time.perf_counter()
+        learner_stats: dict[str, float] = {}
+        sync = {"bytes": 0.0, "seconds": 0.0}
+        if groups:  # dynamic sampling can come back empty-handed: then there is nothing to learn
+            advantages = group_advantages(rewards, r.group_size, normalize_std=a.normalize_std)
+            batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
+                     "response_ids": [s["token_ids"] for s in samples],
+                     "rollout_logprobs": [s["logprobs"] for s in samples],
+                     "advantages": advantages.tolist()}
+            learner_stats = ray.get(self.learner.train_step.remote(batch))
+            if a.ref_update_every and step % a.ref_update_every == 0:
+                ray.get(self.learner.update_reference.remote())
+            t_update = time.perf_counter()
+            sync = self.broadcast_weights()
+            t_sync = time.perf_counter()
 
-        lengths = [len(s["token_ids"]) for s in samples]
-        groups = rewards.view(-1, r.group_size)
-        stats = {f"reward/{k}": statistics.fmean(s[k] for s in scores) for k in scores[0]}
+        # Reward and response statistics describe every group drawn: the current policy.
+        all_scores = [sc for g in drawn for sc in g.scores]
+        all_samples = [s for g in drawn for s in g.samples]
+        lengths = [len(s["token_ids"]) for s in all_samples]
+        stats = {f"reward/{k}": statistics.fmean(sc[k] for sc in all_scores)
+                 for k in all_scores[0]}
         stats |= {f"train/{k}": v for k, v in learner_stats.items() if not k.startswith("time/")}
         stats |= {
-            "reward/std": float(rewards.std()),
-            "advantage/abs_mean": float(advantages.abs().mean()),
-            "groups/no_signal_frac": float((groups.max(1).values == groups.min(1).values)
-                                           .float().mean()),
+            "groups/no_signal_frac": statistics.fmean(not g.has_signal for g in drawn),
+            "groups/trained": len(groups),
+            "rollout/rounds": timing["rounds"],
             "response/length_mean": statistics.fmean(lengths),
             "response/length_max": max(lengths),
             "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
-                                                        for s in samples),
-            "time/gen": t_gen - t0, "time/reward": t_reward - t_gen,
-            "time/update": t_update - t_reward, "time/sync": t_sync - t_update,
-            "time/step": t_sync - t0,
-            "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],
-            "throughput/gen_tokens_per_s": sum(lengths) / (t_gen - t0),
-            "throughput/train_tokens_per_s": learner_stats["tokens_per_s"],
+                                                        for s in all_samples),
+            "time/gen": timing["gen"], "time/reward": timing["reward"],
+            "time/update": t_update - t0 - timing["gen"] - timing["reward"],
+            "time/sync": t_sync - t_update, "time/step": t_sync - t0,
+            "throughput/gen_tokens_per_s": sum(lengths) / timing["gen"],
             "sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"],
             "weight_version": self.version,
         }
+        if learner_stats:
+            stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
+                      "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],
+                      "throughput/train_tokens_per_s": learner_stats["tokens_per_s"]}
         return stats
+
+    def sample_groups(self) -> tuple[list[Group], list[Group], dict[str, float]]:
+        """B groups of G scored completions for the update, and every group drawn.
+
+        With `algorithm.dynamic_sampling` (DAPO), groups whose G rewards are all equal are
+        dropped, since their advantages are all zero and they would cost the learner a full
+        pass for no gradient, and more prompts are drawn until B groups carry a signal or
+        `rollout.max_sampling_rounds` is reached. Generation is cheap next to the update on
+        this kind of machine, so trading extra rollouts for informative updates pays.
+        """
+        r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
+        kept: list[Group] = []
+        drawn: list[Group] = []
+        timing = {"gen": 0.0, "reward": 0.0, "rounds": 0}
+        while len(kept) < r.prompts_per_step and timing["rounds"] < r.max_sampling_rounds:
+            need = r.prompts_per_step - len(kept)
+            # Later rounds draw extra prompts, in proportion to how many groups were dropped.
+            keep_rate = max(len(kept) / len(drawn), 0.25) if drawn else 1.0
+            problems = self.task.sample(min(r.prompts_per_step, math.ceil(need / keep_rate)))
+            t0 = time.perf_counter()
+            samples = self.rollout.generate(self.prompts(problems), n=r.group_size,
+                                            temperature=r.temperature, top_p=r.top_p,
+                                            max_tokens=r.max_new_tokens)
+            t1 = time.perf_counter()
+            scores = self.score(problems, samples, r.group_size)
+            timing["gen"] += t1 - t0
+            timing["reward"] += time.perf_counter() - t1
+            timing["rounds"] += 1
+            n = r.group_size
+            new = [Group(p, samples[i * n:(i + 1) * n], scores[i * n:(i + 1) * n])
+                   for i, p in enumerate(problems)]
+            drawn += new
+            kept += [g for g in new if g.has_signal or not dynamic]
+            if not dynamic:
+                break
+        return kept[: r.prompts_per_step], drawn, timing
 
     # --- the parts ----------------------------------------------------------------------------
 

@@ -13,9 +13,10 @@ from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
 STEP_KEYS = [
-    "reward/total", "reward/accuracy", "reward/format", "reward/std", "advantage/abs_mean",
+    "reward/total", "reward/accuracy", "reward/format", "advantage/abs_mean",
     "train/loss", "train/pg_loss", "train/kl", "train/clip_frac", "train/entropy",
     "train/grad_norm", "train/logprob_gap", "response/length_mean", "time/gen", "time/reward",
+    "groups/no_signal_frac", "groups/trained", "rollout/rounds",
     "time/update", "time/sync", "throughput/gen_tokens_per_s", "sync/bytes", "weight_version",
 ]
 
@@ -34,6 +35,10 @@ def test_tiny_grpo_run(ray_cluster, tmp_path):
             assert key in record, key
             assert math.isfinite(record[key]), (key, record[key])
     assert records[-1]["weight_version"] == 2  # every engine confirmed each broadcast
+    for record in records[1:]:
+        # Dynamic sampling: only groups with a reward signal reach the learner, B at most.
+        assert 1 <= record["groups/trained"] <= cfg.rollout.prompts_per_step
+        assert 1 <= record["rollout/rounds"] <= cfg.rollout.max_sampling_rounds
     assert "eval/accuracy" in records[-1] and "eval/pass@1" in records[-1]
     assert records[1]["sync/bytes"] > 0
     # Engine and learner both run the tiny model in fp32: the log-probs the engine sampled with
