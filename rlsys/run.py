@@ -12,9 +12,12 @@ import time
 
 from rlsys.config import ConfigError, load_config, to_yaml
 
-USAGE = """usage: python -m rlsys.run conf=NAME [key.sub=value ...] [--print-config]
+# What `python -m rlsys.run` runs without conf=: the CPU demo.
+DEFAULT_CONF = "smol"
 
-  conf=NAME        load conf/NAME.yaml (see conf/ for the list)
+USAGE = f"""usage: python -m rlsys.run [conf=NAME] [key.sub=value ...] [--print-config]
+
+  conf=NAME        load conf/NAME.yaml (see conf/ for the list; default: {DEFAULT_CONF})
   key.sub=value    override any option, e.g. trainer.steps=10 rollout.group_size=8
   --print-config   print the resolved config and exit
 """
@@ -31,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_flags:
         print(f"error: unknown option {unknown_flags[0]}\n{USAGE}", file=sys.stderr)
         return 2
+    if not any(a.startswith("conf=") for a in args):
+        args.insert(0, f"conf={DEFAULT_CONF}")
     try:
         cfg = load_config(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.trainer.output_dir is None:
-        name = next((a.split("=", 1)[1] for a in args if a.startswith("conf=")), "run")
+        name = next(a.split("=", 1)[1] for a in args if a.startswith("conf="))
         cfg.trainer.output_dir = f"outputs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if print_only:
         print(to_yaml(cfg), end="")
