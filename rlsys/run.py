@@ -48,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
 
+    from rlsys.data import DataError
+    from rlsys.models import ModelError
     from rlsys.trainer import train
 
     try:
         train(cfg)
+    except (ConfigError, DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         # train() has already stopped every actor (and the local Ray cluster it started).
         print("interrupted: actors stopped; metrics so far are in "

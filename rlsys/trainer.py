@@ -3,7 +3,8 @@
 For each step:
     1. take B prompts from the task's sampler
     2. the rollout pool (vLLM engines) samples G completions per prompt, with log-probs
-    3. the reward pool scores every completion (accuracy, format, ...)
+    3. the reward pool scores every completion (accuracy, format, ...); with dynamic sampling,
+       groups whose rewards are all equal are dropped and more prompts are drawn
     4. advantages are normalised within each group of G (rlsys.algo.group_advantages)
     5. the learner applies the clipped-ratio GRPO update with a KL penalty to the reference
     6. the learner broadcasts its new weights to every engine, which confirm the version
@@ -32,7 +33,7 @@ from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
 from learners.learner import Learner
 from rlsys.algo import group_advantages
-from rlsys.config import Config, to_yaml
+from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger
 from rlsys.models import default_cache_dir, resolve_model
@@ -43,10 +44,11 @@ log = logging.getLogger("rlsys")
 def train(cfg: Config) -> Path:
     """Run GRPO as configured; returns the output directory."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = prepare_output_dir(cfg)
+    # Model and data are checked before anything is written or started.
     cache_dir = os.path.expanduser(cfg.model.cache_dir) if cfg.model.cache_dir else None
     model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
     task = build_task(cfg)
+    out = prepare_output_dir(cfg)
     with ray_session(cfg), stop_on_sigterm():
         trainer = GRPOTrainer(cfg, model_path, task, out)
         try:
@@ -297,8 +299,8 @@ def build_task(cfg: Config) -> Task:
 def prepare_output_dir(cfg: Config) -> Path:
     out = Path(cfg.trainer.output_dir or "outputs/run")
     if (out / "metrics.jsonl").exists():
-        raise SystemExit(f"error: trainer.output_dir={out} already holds a run "
-                         "(metrics.jsonl); choose another directory")
+        raise ConfigError(f"trainer.output_dir={out} already holds a run (metrics.jsonl); "
+                          "choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     return out

@@ -75,3 +75,19 @@ def test_cli_print_config_and_exit_codes():
     assert bad.stderr.strip().splitlines() == [
         "error: unknown config key 'rollout.grup_size' (command line); "
         "did you mean rollout.group_size?"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["model.path=/no/such/model"], "error: model.path='/no/such/model' is neither"),
+    (["data.task=file", "data.path=/no/such.jsonl"], "error: data.path"),
+])
+def test_cli_bad_model_or_data_is_one_line(tmp_path, args, message):
+    """Caught before any actor starts: one line, exit code 2, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rlsys.run", "conf=tiny", f"trainer.output_dir={tmp_path}/run",
+         *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), lines[-5:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing half-written
