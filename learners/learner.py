@@ -206,9 +206,12 @@ class Learner:
         logits = model.get_output_embeddings()(hidden[response_mask]).float()
         return logits / self.temperature if self.temperature != 1.0 else logits
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [n] of the response tokens, and the full log-softmax [n, V] they came from."""
         targets = mb.response_ids[mb.response_mask].to(self.device)
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(-1, targets[:, None]).squeeze(-1), logp
 
     @torch.no_grad()
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -221,7 +224,7 @@ class Learner:
         for mb in make_microbatches(prompt_ids, response_ids, self.cfg.max_tokens_per_microbatch,
                                     self.pad_id):
             with self._autocast():
-                lp = self._token_logprobs(self._response_logits(model, mb), mb)
+                lp, _ = self._token_logprobs(self._response_logits(model, mb), mb)
             padded = _to_padded(lp.cpu(), mb.response_mask)
             for row, i in enumerate(mb.index):
                 result[i] = padded[row, : int(mb.response_mask[row].sum())].tolist()
@@ -271,7 +274,7 @@ class Learner:
                 mask = mb.response_mask.to(self.device)
                 with self._autocast():
                     logits = self._response_logits(self.model, mb)
-                    lp_flat = self._token_logprobs(logits, mb)
+                    lp_flat, logp_all = self._token_logprobs(logits, mb)
                 logprobs = _to_padded(lp_flat, mask)
                 old = (_to_padded(self._flat(old_lp, idx), mask) if old_lp is not None
                        else logprobs.detach())
@@ -294,7 +297,10 @@ class Learner:
                     m["logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
                     m["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
                     if entropies is None:
-                        m["entropy"] = float(entropy_from_logits(logits.detach()).mean())
+                        # A metric only: reuse the loss's log-softmax (the logits are finite)
+                        # instead of a second pass over the [n, vocabulary] logits.
+                        logp = logp_all.detach()
+                        m["entropy"] = float(-(logp.exp() * logp).sum(-1).mean())
                 for key, value in m.items():
                     if key in _MAX_METRICS:
                         sums[key] = max(sums.get(key, -math.inf), value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,8 @@ def test_update_moves_probability_towards_positive_advantages(tiny_path):
     assert metrics["logprob_gap"] < 1e-5  # same weights, fp32: train == rollout log-probs
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
     assert metrics["grad_norm"] > 0
+    # The entropy metric: mean over response tokens of the policy's entropy before the step.
+    assert 0 < metrics["entropy"] <= math.log(learner.model.config.vocab_size) + 1e-4
 
 
 def test_microbatch_split_gives_the_same_update(tiny_path):
