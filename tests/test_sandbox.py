@@ -1,0 +1,497 @@
+"""Hostile programs against actors.sandbox: each asserts the status AND that the host is unharmed.
+
+These tests require bubblewrap (`apt-get install -y bubblewrap`); the Makefile installs it.
+Timeouts are kept short (1-2 s) so the whole file runs in well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+import actors.sandbox as sandbox
+from actors.sandbox import SandboxResult, SandboxUnavailable, run_python
+
+REPO = Path(__file__).resolve().parents[1]
+HOST_TMP = Path("/tmp")
+
+
+def _sandbox_procs(marker: str | None = None) -> list[psutil.Process]:
+    """Live processes of the sandbox uid, or (if given) whose command line holds ``marker``."""
+    found = []
+    for p in psutil.process_iter(["uids", "cmdline"]):
+        try:
+            cmdline = " ".join(p.info["cmdline"] or [])
+            uids = p.info["uids"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if marker is not None:
+            if marker in cmdline and p.pid != os.getpid():
+                found.append(p)
+        elif uids is not None and uids.real == sandbox.SANDBOX_UID:
+            found.append(p)
+    return found
+
+
+def _assert_gone(marker: str, timeout: float = 3.0) -> None:
+    # The kernel tears the pid namespace down asynchronously after bwrap dies; give it a moment.
+    deadline = time.monotonic() + timeout
+    while _sandbox_procs(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sandbox_procs(marker) == []
+
+
+def _sandbox_owned_tmp_entries() -> set[str]:
+    out = set()
+    for entry in HOST_TMP.iterdir():
+        try:
+            if entry.lstat().st_uid == sandbox.SANDBOX_UID:
+                out.add(entry.name)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+@pytest.fixture(autouse=True)
+def host_unaffected():
+    """Every test: no sandbox-owned files appear in the host's /tmp, no sandbox process
+    survives, and the host can still start processes."""
+    before = _sandbox_owned_tmp_entries()
+    yield
+    assert _sandbox_owned_tmp_entries() - before == set()
+    _assert_gone(sandbox.PROGRAM_PATH)
+    assert subprocess.run(["true"], timeout=10).returncode == 0
+
+
+def _marker() -> str:
+    return f"rlsys-sbx-{uuid.uuid4().hex}"
+
+
+def run(code: str, **kw) -> SandboxResult:
+    return run_python(code, **kw)
+
+
+# --- resource exhaustion ------------------------------------------------------------------
+
+
+def test_fork_bomb_is_contained():
+    marker = _marker()
+    # Every descendant re-execs with the marker in argv, so survivors are easy to find.
+    bomb = "import os\\nwhile True:\\n    try: os.fork()\\n    except OSError: pass"
+    code = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', '{bomb}', '{marker}'])"
+    r = run(code, timeout_s=2.0)
+    assert r.status in ("timeout", "killed")
+    _assert_gone(marker)
+
+
+def test_nproc_limit_stops_forking():
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(1000):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(5); os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError:\n"
+        "    print('LIMITED', n)\n"
+    )
+    r = run(code, timeout_s=3.0)
+    assert r.status == "ok", r
+    assert r.stdout.startswith("LIMITED")
+    assert int(r.stdout.split()[1]) < sandbox.DEFAULT_NPROC
+
+
+def test_memory_bomb_is_killed():
+    rss = psutil.Process().memory_info().rss
+    r = run("x = bytearray(2 * 1024**3)\nprint('ALLOCATED')", memory_mb=256)
+    assert r.status == "killed" and r.returncode == 1
+    assert "MemoryError" in r.stderr and "ALLOCATED" not in r.stdout
+    assert psutil.Process().memory_info().rss - rss < 100 * 2**20
+
+
+def test_infinite_loop_times_out():
+    t0 = time.monotonic()
+    r = run("while True:\n    pass", timeout_s=1.0)
+    assert r.status == "timeout" and r.returncode is None
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_multithreaded_cpu_burn_hits_cpu_limit_or_timeout():
+    code = (
+        "import threading\n"
+        "def burn():\n    while True: pass\n"
+        "for _ in range(4): threading.Thread(target=burn).start()\n"
+    )
+    r = run(code, timeout_s=1.0)
+    assert r.status in ("timeout", "killed")
+
+
+def test_sleep_past_deadline_times_out():
+    t0 = time.monotonic()
+    r = run("import time\nprint('start', flush=True)\ntime.sleep(30)", timeout_s=1.0)
+    assert r.status == "timeout"
+    assert r.stdout == "start\n"  # output produced before the deadline is kept
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_sleep_within_limits_is_ok():
+    r = run("import time\ntime.sleep(0.2)\nprint('done')", timeout_s=2.0)
+    assert r.status == "ok" and r.stdout == "done\n"
+    assert r.elapsed_s >= 0.2
+
+
+def test_huge_stdout_is_capped_and_host_memory_bounded():
+    rss = psutil.Process().memory_info().rss
+    r = run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=1.5)
+    assert r.status == "timeout"
+    assert r.stdout_truncated and not r.stderr_truncated
+    assert len(r.stdout) == sandbox.DEFAULT_OUTPUT_CAP
+    assert psutil.Process().memory_info().rss - rss < 50 * 2**20
+
+
+def test_huge_stderr_is_capped_and_host_memory_bounded():
+    rss = psutil.Process().memory_info().rss
+    code = "import sys\nfor _ in range(20000):\n    sys.stderr.write('e' * 65536)\nprint('end')"
+    r = run(code, timeout_s=5.0)
+    assert r.status in ("ok", "timeout")
+    assert r.stderr_truncated and len(r.stderr) == sandbox.DEFAULT_OUTPUT_CAP
+    assert psutil.Process().memory_info().rss - rss < 50 * 2**20
+
+
+def test_recursion_error_is_error():
+    r = run("def f(n):\n    return f(n + 1)\nf(0)")
+    assert r.status == "error" and r.returncode == 1
+    assert "RecursionError" in r.stderr
+
+
+def test_unbounded_recursion_with_raised_limit_does_not_hurt_host():
+    code = "import sys\nsys.setrecursionlimit(10**6)\ndef f(n):\n    return f(n + 1)\nf(0)"
+    r = run(code, timeout_s=5.0, memory_mb=256)
+    assert r.status in ("error", "killed")
+
+
+def test_huge_file_hits_fsize_limit_and_nothing_reaches_host():
+    name = _marker()
+    code = (
+        f"f = open('{name}', 'wb')\nfor _ in range(64):\n    f.write(b'x' * 2**20)\nprint('WROTE')"
+    )
+    r = run(code)
+    # Python ignores SIGXFSZ, so the limit surfaces as EFBIG, which is reported as "killed".
+    assert r.status == "killed" and r.returncode == 1, r
+    assert "File too large" in r.stderr
+    assert "WROTE" not in r.stdout
+    assert not (HOST_TMP / name).exists() and not (REPO / name).exists()
+
+
+def test_too_many_open_files_fails():
+    code = (
+        "fs = []\n"
+        "try:\n"
+        "    for _ in range(500): fs.append(open('/dev/null'))\n"
+        "    print('ESCAPED')\n"
+        "except OSError as e:\n"
+        "    print('BLOCKED', len(fs), e.errno)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED")
+    assert int(r.stdout.split()[1]) < sandbox.DEFAULT_NOFILE
+
+
+# --- exits and signals ---------------------------------------------------------------------
+
+
+def test_os_exit_code_is_error():
+    r = run("import os\nos._exit(3)")
+    assert r.status == "error" and r.returncode == 3
+
+
+def test_sigkill_self_is_killed():
+    r = run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert r.status == "killed" and r.returncode == -9
+
+
+def test_segfault_via_ctypes_is_killed():
+    r = run("import ctypes\nctypes.string_at(0)")
+    assert r.status == "killed" and r.returncode == -11
+
+
+def test_killing_the_parent_does_not_escape():
+    marker = _marker()
+    code = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
+        "try:\n    os.kill(os.getppid(), 9)\nexcept OSError as e:\n    print('kill failed', e)\n"
+        "time.sleep(30)\n"
+    )
+    r = run(code, timeout_s=1.0)
+    assert r.status == "timeout"
+    _assert_gone(marker)
+
+
+def test_double_forked_setsid_grandchild_is_killed():
+    marker = _marker()
+    code = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        os.closerange(0, 3)\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)',"
+        f" '{marker}'])\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "print('parent done')\n"
+    )
+    r = run(code, timeout_s=3.0)
+    assert r.status == "ok" and r.stdout == "parent done\n"
+    _assert_gone(marker)
+
+
+# --- filesystem ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/usr", "/etc", "/root", str(REPO), "/", "/prog"])
+def test_writing_outside_work_dir_fails(target):
+    name = _marker()
+    path = f"{target.rstrip('/')}/{name}"
+    code = (
+        f"try:\n    open('{path}', 'w').write('x')\n    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert not Path(path).exists()
+
+
+@pytest.mark.parametrize(
+    "path", ["/etc/shadow", "/root/.bashrc", str(REPO / "ruff.toml"), "/etc/passwd", "/home"]
+)
+def test_reading_host_secrets_fails(path):
+    code = (
+        f"try:\n    import os\n    print(os.listdir('{path}') if os.path.isdir('{path}') "
+        f"else open('{path}').read()[:20])\n    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+
+
+def test_files_are_visible_in_work_dir_and_importable():
+    files = {"helper.py": "VALUE = 41\n", "data/input.txt": "hello"}
+    code = (
+        "import os, helper\n"
+        "print(os.getcwd(), sorted(os.listdir('.')), open('data/input.txt').read(), "
+        "helper.VALUE + 1)\n"
+    )
+    r = run(code, files=files)
+    assert r.status == "ok", r
+    assert r.stdout == "/tmp ['data', 'helper.py'] hello 42\n"
+
+
+def test_bad_file_names_are_rejected():
+    for bad in ("../escape.txt", "/etc/x", "a/../../b", ""):
+        with pytest.raises(ValueError):
+            run("print(1)", files={bad: "x"})
+
+
+def test_work_dir_does_not_leak_between_runs():
+    first = run("open('leak.txt', 'w').write('secret')\nimport os\nprint(os.listdir('.'))")
+    assert first.status == "ok" and first.stdout == "['leak.txt']\n"
+    second = run("import os\nprint(os.listdir('.'), os.listdir('/dev/shm'))")
+    assert second.status == "ok" and second.stdout == "[] []\n"
+
+
+def test_work_dir_size_is_capped():
+    code = (
+        "import os\n"
+        "try:\n"
+        "    for i in range(100): open(f'f{i}', 'wb').write(b'x' * 10 * 2**20)\n"
+        "    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+
+
+# --- processes, environment, identity --------------------------------------------------------
+
+
+def test_proc_shows_only_sandbox_pids():
+    code = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"
+    r = run(code)
+    assert r.status == "ok"
+    pids = json.loads(r.stdout)
+    assert os.getpid() not in pids or os.getpid() <= 3
+    assert len(pids) <= 3 and max(pids) <= 10
+
+
+def test_parent_environment_is_not_visible(monkeypatch):
+    monkeypatch.setenv("RLSYS_FAKE_SECRET", "hunter2-do-not-leak")
+    code = (
+        "import os\n"
+        "print(dict(os.environ))\n"
+        "for p in os.listdir('/proc'):\n"
+        "    try: print(open(f'/proc/{p}/environ', 'rb').read())\n"
+        "    except OSError: pass\n"
+    )
+    r = run(code)
+    assert r.status == "ok"
+    assert "hunter2" not in r.stdout and "RLSYS_FAKE_SECRET" not in r.stdout
+
+
+def test_runs_as_unprivileged_user():
+    r = run("import os\nprint(os.getuid(), os.geteuid(), os.getgid())")
+    assert r.status == "ok" and r.stdout == "65534 65534 65534\n"
+
+
+# --- network ---------------------------------------------------------------------------------
+
+
+def _listener(host: str) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind((host, 0))
+    srv.listen(8)
+    srv.settimeout(0.3)
+    return srv
+
+
+def _no_connection(srv: socket.socket) -> bool:
+    try:
+        srv.accept()
+    except TimeoutError:
+        return True
+    return False
+
+
+def _connect_code(host: str, port: int) -> str:
+    return (
+        "import socket\n"
+        f"try:\n    socket.create_connection(('{host}', {port}), timeout=1)\n    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
+    )
+
+
+def test_tcp_to_host_loopback_listener_fails():
+    with _listener("127.0.0.1") as srv:
+        r = run(_connect_code("127.0.0.1", srv.getsockname()[1]))
+        assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+        assert _no_connection(srv)
+
+
+def _host_ipv4() -> str:
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127.") and name != "lo":
+                return a.address
+    return "192.0.2.2"  # no external interface: any non-loopback address tests the same thing
+
+
+def test_tcp_to_host_external_address_fails():
+    with _listener("0.0.0.0") as srv:
+        r = run(_connect_code(_host_ipv4(), srv.getsockname()[1]))
+        assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+        assert _no_connection(srv)
+
+
+def test_udp_send_fails():
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n    s.sendto(b'x', ('8.8.8.8', 53))\n    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+
+
+def test_dns_resolution_fails():
+    code = (
+        "import socket\n"
+        "try:\n    socket.getaddrinfo('example.com', 80)\n    print('ESCAPED')\n"
+        "except OSError as e:\n    print('BLOCKED', e)\n"
+    )
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+
+
+# --- normal behaviour, API, CLI ----------------------------------------------------------------
+
+
+def test_stdin_to_stdout_roundtrip_exact():
+    code = "import sys\nnums = [int(x) for x in sys.stdin.read().split()]\nprint(sum(nums))"
+    r = run(code, stdin="1 2 3\n4\n")
+    assert r.status == "ok" and r.returncode == 0
+    assert r.stdout == "10\n" and r.stderr == ""
+    assert not r.stdout_truncated and not r.stderr_truncated
+
+
+def test_large_stdin_does_not_deadlock():
+    data = "x" * (2 * 2**20)
+    r = run("import sys\nprint(len(sys.stdin.read()))", stdin=data)
+    assert r.status == "ok" and r.stdout == f"{len(data)}\n"
+
+
+def test_exception_is_error():
+    r = run("raise ValueError('boom')")
+    assert r.status == "error" and r.returncode == 1 and "ValueError: boom" in r.stderr
+
+
+def test_sandbox_setup_failure_is_sandbox_error(monkeypatch):
+    monkeypatch.setattr(
+        sandbox, "_root_binds", lambda: ["--ro-bind", "/nonexistent-rlsys-path", "/usr"]
+    )
+    r = run("print(1)")
+    assert r.status == "sandbox_error" and "bwrap" in r.stderr
+
+
+def test_missing_bwrap_raises_with_install_hint(monkeypatch):
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
+    with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap") as info:
+        run("print(1)")
+    assert isinstance(info.value, RuntimeError) and "`bubblewrap`" in str(info.value)
+
+
+def test_unsafe_local_runs_with_warning(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
+    before = set(os.listdir(HOST_TMP))
+    with caplog.at_level(logging.WARNING, logger="actors.sandbox"):
+        r = run_python("print(open('a.txt').read())", files={"a.txt": "A"}, unsafe_local=True)
+    assert r.status == "ok" and r.stdout == "A\n"
+    assert any("WITHOUT isolation" in m for m in caplog.messages)
+    leftover = {n for n in set(os.listdir(HOST_TMP)) - before if n.startswith("rlsys-unsafe")}
+    assert leftover == set()
+
+
+def test_cli_prints_json(tmp_path):
+    prog = tmp_path / "prog.py"
+    prog.write_text("print('hi from cli')\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "actors.sandbox", str(prog), "--timeout", "3", "--memory-mb", "256"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
+    result = json.loads(out.stdout)
+    assert out.returncode == 0
+    assert result["status"] == "ok" and result["stdout"] == "hi from cli\n"
+
+
+def test_command_line_has_the_isolation_flags():
+    cmd = sandbox.build_command("bwrap", 3, {}, 5.0, 512)
+    for flag in ("--unshare-all", "--die-with-parent", "--new-session", "--clearenv"):
+        assert flag in cmd
+    joined = " ".join(cmd)
+    assert "/root" not in joined and "/work" not in joined and "/home" not in joined
+    assert "--as=536870912" in joined and "--cpu=6" in joined and "--core=0" in joined
