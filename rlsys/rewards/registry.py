@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from rlsys.rewards.code import code_accuracy_reward
 from rlsys.rewards.rule_based import accuracy_reward, format_reward, tag_count_reward
 
 RewardFn = Callable[[str, str], float]
@@ -79,3 +80,11 @@ def _tag_count_part(response: str, gold: str) -> float:
 
 
 register_reward("tag_count", _tag_count_part)
+
+
+def _code_accuracy_part(response: str, gold: str) -> float:
+    # Gold is a JSON test spec (see rlsys.rewards.code); runs the code in the sandbox.
+    return code_accuracy_reward(response, gold)
+
+
+register_reward("code_accuracy", _code_accuracy_part)

