@@ -242,6 +242,9 @@ class Learner:
         t0 = time.perf_counter()
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
         advantages = torch.tensor(batch["advantages"], dtype=torch.float32)
+        # Completions excluded from the loss (e.g. truncated ones under reward.truncated=mask):
+        # they still count for their group's advantages, but contribute no gradient.
+        in_loss = torch.tensor(batch.get("loss_mask", [True] * len(responses)), dtype=torch.bool)
         rollout_lp = batch["rollout_logprobs"]
         n = len(responses)
         metrics: dict[str, float] = {}
@@ -264,8 +267,9 @@ class Learner:
         for chunk in chunks:
             sub_prompts = [prompts[i] for i in chunk]
             sub_responses = [responses[i] for i in chunk]
-            num_tokens = sum(len(r) for r in sub_responses)
-            agg = {"num_tokens": max(num_tokens, 1), "num_seqs": len(chunk),
+            num_tokens = sum(len(responses[i]) for i in chunk if in_loss[i])
+            agg = {"num_tokens": max(num_tokens, 1),
+                   "num_seqs": max(int(in_loss[chunk].sum()), 1),
                    "norm_len": self.max_response_len}
             self.optimizer.zero_grad(set_to_none=True)
             for mb in make_microbatches(sub_prompts, sub_responses,
@@ -282,8 +286,9 @@ class Learner:
                 entropies = None
                 if self.algo.entropy_coef > 0:
                     entropies = _to_padded(entropy_from_logits(logits), mask)
+                loss_mask = mask & in_loss[idx].to(self.device)[:, None]
                 loss, m = grpo_loss(
-                    logprobs, old, advantages[idx].to(self.device), mask,
+                    logprobs, old, advantages[idx].to(self.device), loss_mask,
                     ref_logprobs=ref, kl_coef=self.algo.kl_coef,
                     kl_estimator=self.algo.kl_estimator, entropies=entropies,
                     entropy_coef=self.algo.entropy_coef, clip_low=self.algo.clip_low,

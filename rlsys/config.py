@@ -109,6 +109,11 @@ class RewardConfig:
                                     "as a whole when set)",
                                     factory=lambda: {"accuracy": 1.0, "format": 1.0},
                                     replace=True)
+    overlong_buffer: int = doc("DAPO soft overlong punishment: tokens before "
+                               "rollout.max_new_tokens where a linear penalty starts; 0 = off", 0)
+    overlong_factor: float = doc("the overlong penalty at rollout.max_new_tokens", 1.0)
+    truncated: str = doc("completions cut at max_new_tokens: keep | zero (total reward 0) | "
+                         "mask (no loss, DAPO's overlong filtering)", "keep")
     timeout_s: float = doc("seconds a reward call may take before it is retried", 60.0)
     num_cpus: float = doc("Ray CPUs reserved per reward worker", 0.5)
 
@@ -402,6 +407,12 @@ def validate(cfg: Config) -> None:
     _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
              f"one of {', '.join(LOSS_AGG_MODES)}")
     _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
+    rw = cfg.reward
+    _require(0 <= rw.overlong_buffer <= r.max_new_tokens, "reward.overlong_buffer",
+             rw.overlong_buffer, f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
+    _require(rw.overlong_factor >= 0, "reward.overlong_factor", rw.overlong_factor, "must be >= 0")
+    _require(rw.truncated in ("keep", "zero", "mask"), "reward.truncated", rw.truncated,
+             "keep, zero or mask")
     _require(d.task in ("arithmetic", "reasoning_gym", "humaneval", "file"), "data.task", d.task,
              "arithmetic, reasoning_gym, humaneval or file")
     _require(d.task != "file" or bool(d.path), "data.path", d.path,

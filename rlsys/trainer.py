@@ -37,6 +37,7 @@ from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger
 from rlsys.models import default_cache_dir, resolve_model
+from rlsys.rewards.length import overlong_penalty
 
 log = logging.getLogger("rlsys")
 
@@ -47,6 +48,7 @@ def train(cfg: Config) -> Path:
     # Model and data are checked before anything is written or started.
     cache_dir = os.path.expanduser(cfg.model.cache_dir) if cfg.model.cache_dir else None
     model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
+    check_model_fits(cfg, model_path)
     task = build_task(cfg)
     out = prepare_output_dir(cfg)
     with ray_session(cfg), stop_on_sigterm():
@@ -139,7 +141,9 @@ class GRPOTrainer:
             batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
                      "response_ids": [s["token_ids"] for s in samples],
                      "rollout_logprobs": [s["logprobs"] for s in samples],
-                     "advantages": advantages.tolist()}
+                     "advantages": advantages.tolist(),
+                     "loss_mask": [not (self.cfg.reward.truncated == "mask"
+                                        and s["finish_reason"] == "length") for s in samples]}
             learner_stats = ray.get(self.learner.train_step.remote(batch))
             if a.ref_update_every and step % a.ref_update_every == 0:
                 ray.get(self.learner.update_reference.remote())
@@ -221,10 +225,23 @@ class GRPOTrainer:
                 for p in problems]
 
     def score(self, problems: list[Problem], samples: list[dict], n: int) -> list[dict]:
-        """Rewards of the n completions of each problem (prompt-major, like the samples)."""
+        """Rewards of the n completions of each problem (prompt-major, like the samples).
+
+        The reward workers score the text; length shaping needs token counts, so it is
+        applied here: DAPO's soft overlong penalty, and `reward.truncated=zero`.
+        """
+        rw, max_tokens = self.cfg.reward, self.cfg.rollout.max_new_tokens
         prefix = self.cfg.data.response_prefix
         golds = [p.answer for p in problems for _ in range(n)]
-        return self.rewards.score([prefix + s["text"] for s in samples], golds)
+        scores = self.rewards.score([prefix + s["text"] for s in samples], golds)
+        for sample, score in zip(samples, scores, strict=True):
+            if rw.overlong_buffer:
+                score["overlong"] = overlong_penalty(len(sample["token_ids"]), max_tokens,
+                                                     rw.overlong_buffer, rw.overlong_factor)
+                score["total"] += score["overlong"]
+            if rw.truncated == "zero" and sample["finish_reason"] == "length":
+                score["total"] = 0.0
+        return scores
 
     def broadcast_weights(self) -> dict[str, float]:
         """Learner → every engine over the weight-sync group; engines confirm the version."""
@@ -296,6 +313,16 @@ def build_task(cfg: Config) -> Task:
     return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
                      answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
                      skip_malformed=d.skip_malformed)
+
+
+def check_model_fits(cfg: Config, model_path: str) -> None:
+    """The engines' context length must fit the model (vLLM would refuse deep inside an actor)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if limit is not None and cfg.rollout.max_model_len > limit:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the "
+                          f"model's max_position_embeddings={limit} ({model_path})")
 
 
 def prepare_output_dir(cfg: Config) -> Path:

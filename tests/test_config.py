@@ -80,6 +80,8 @@ def test_cli_print_config_and_exit_codes():
 @pytest.mark.parametrize(("args", "message"), [
     (["model.path=/no/such/model"], "error: model.path='/no/such/model' is neither"),
     (["data.task=file", "data.path=/no/such.jsonl"], "error: data.path"),
+    (["rollout.max_model_len=4096", "learner.max_tokens_per_microbatch=8192"],
+     "error: rollout.max_model_len=4096 exceeds the model's max_position_embeddings=1024"),
 ])
 def test_cli_bad_model_or_data_is_one_line(tmp_path, args, message):
     """Caught before any actor starts: one line, exit code 2, no traceback."""

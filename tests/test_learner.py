@@ -95,3 +95,24 @@ def test_microbatch_split_gives_the_same_update(tiny_path):
     assert len(make_microbatches(prompts, responses, 8, 0)) > 1
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=1e-5)
+
+
+def test_masked_completions_contribute_no_gradient(tiny_path):
+    """loss_mask=False (e.g. truncated completions) equals leaving the completion out."""
+    prompts = [[5, 6, 7], [5, 6, 7], [8, 9]]
+    responses = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    advantages = [1.0, -1.0, 0.5]
+    states = []
+    for keep in ([0, 2], [0, 1, 2]):
+        learner = make_learner(tiny_path, kl_coef=0.0)
+        learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+        learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda s: 1.0)
+        batch = {key: [values[i] for i in keep] for key, values in {
+            "prompt_ids": prompts, "response_ids": responses, "advantages": advantages}.items()}
+        batch["rollout_logprobs"] = learner.compute_logprobs(batch["prompt_ids"],
+                                                             batch["response_ids"])
+        batch["loss_mask"] = [i != 1 for i in keep]
+        learner.train_step(batch)
+        states.append({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)

@@ -9,6 +9,17 @@ from rlsys.rewards.code import (
     code_accuracy_reward,
     extract_code,
 )
+from rlsys.rewards.language import (
+    SCRIPTS,
+    TARGETS,
+    LanguageReward,
+    extract_reasoning,
+    language_consistency,
+    language_consistency_reward,
+    make_language_reward,
+    word_scripts,
+)
+from rlsys.rewards.length import overlong_penalty
 from rlsys.rewards.registry import (
     REWARD_FUNCTIONS,
     RewardFn,
@@ -28,6 +39,9 @@ __all__ = [
     "DEFAULT_CODE_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "REWARD_FUNCTIONS",
+    "SCRIPTS",
+    "TARGETS",
+    "LanguageReward",
     "RewardFn",
     "accuracy_reward",
     "build_program",
@@ -36,7 +50,13 @@ __all__ = [
     "compute_reward",
     "extract_answer",
     "extract_code",
+    "extract_reasoning",
     "format_reward",
+    "language_consistency",
+    "language_consistency_reward",
+    "make_language_reward",
+    "overlong_penalty",
     "register_reward",
     "tag_count_reward",
+    "word_scripts",
 ]

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping
 
 from rlsys.rewards.code import code_accuracy_reward
+from rlsys.rewards.language import language_consistency_reward
 from rlsys.rewards.rule_based import accuracy_reward, format_reward, tag_count_reward
 
 RewardFn = Callable[[str, str], float]
@@ -88,3 +89,7 @@ def _code_accuracy_part(response: str, gold: str) -> float:
 
 
 register_reward("code_accuracy", _code_accuracy_part)
+
+
+# English by default; other targets are built with make_language_reward(target).
+register_reward("language", language_consistency_reward)
