@@ -3,55 +3,195 @@
 Verifiers run here, not in the driver: they can be slow (symbolic math, sandboxed code) and
 math-verify's timeouts use `signal.alarm`, which only works in a process's main thread — the
 thread a plain (synchronous) Ray actor runs its methods on.
+
+Robustness: a verifier that raises on one completion must not cost the whole batch, and a
+worker that hangs or dies must not stall training. So `RewardWorker.score` turns a per-item
+exception into a zero reward marked `error`, and `RewardPool.score` puts a deadline on every
+chunk it hands out, kills and replaces a hung or dead worker, and re-runs its chunk elsewhere.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import ray
+from ray.exceptions import RayActorError
 
-from rlsys.rewards import compute_reward
+from rlsys.rewards import RewardFn, compute_reward
+
+logger = logging.getLogger(__name__)
+
+#: How long to keep trying to re-create a named actor: the name of a killed actor is released
+#: asynchronously by the GCS, so an immediate re-creation can still find it taken.
+_RENAME_WAIT_S = 10.0
 
 
 class RewardWorker:
-    """Scores (response, gold answer) pairs; one instance per Ray actor."""
+    """Scores (response, gold answer) pairs; one instance per Ray actor.
 
-    def __init__(self, weights: dict[str, float]) -> None:
+    `parts` are reward functions by name that this worker uses instead of, or besides, the
+    registered ones: the language-consistency part for the configured target language, or in
+    tests parts that raise or hang (functions defined locally are pickled by value, so the
+    worker needs no importable module for them).
+    """
+
+    def __init__(self, weights: dict[str, float],
+                 parts: Mapping[str, RewardFn] | None = None) -> None:
         self.weights = dict(weights)
+        self.parts = dict(parts or {})
 
-    def score(self, responses: list[str], golds: list[str]) -> list[dict[str, float]]:
-        return [compute_reward(r, g, self.weights) for r, g in zip(responses, golds, strict=True)]
+    def score(self, responses: list[str], golds: list[str],
+              offset: int = 0) -> list[dict[str, float]]:
+        """Rewards of each pair; an item whose verifier raises gets 0 everywhere and error=1.
+
+        `offset` is the index of the first item in the caller's batch, only used in the log.
+        """
+        out: list[dict[str, float]] = []
+        failed: list[int] = []
+        first_exc: BaseException | None = None
+        for i, (r, g) in enumerate(zip(responses, golds, strict=True)):
+            try:
+                score = compute_reward(r, g, self.weights, self.parts)
+            except Exception as exc:  # any verifier bug must only cost this one item
+                failed.append(offset + i)
+                first_exc = first_exc or exc
+                score = {"total": 0.0, **dict.fromkeys(self.weights, 0.0), "error": 1.0}
+            else:
+                score["error"] = 0.0
+            out.append(score)
+        if first_exc is not None:
+            # One record per call, not per item, so a systematic failure cannot flood the log.
+            logger.error("reward computation raised for %d item(s) at batch indices %s; first:",
+                         len(failed), failed, exc_info=first_exc)
+        return out
 
     def in_main_thread(self) -> bool:
         return threading.current_thread() is threading.main_thread()
 
 
+@dataclass
+class _Chunk:
+    """A contiguous slice [start, stop) of the batch and how often it has been re-submitted."""
+
+    start: int
+    stop: int
+    attempts: int = 0
+    last_worker: int | None = None
+
+
 class RewardPool:
-    """M reward workers; a batch is split into M contiguous chunks scored in parallel."""
+    """M reward workers; a batch is split into M contiguous chunks scored in parallel.
+
+    Each chunk gets `timeout_s` from the moment it is handed to an idle worker. A chunk whose
+    worker times out or dies is re-submitted (preferably to a different worker) up to
+    `max_retries` times; the failed worker is killed and replaced by a fresh actor of the same
+    name, so the pool always has M workers.
+    """
 
     def __init__(self, num_workers: int, weights: dict[str, float], *, num_cpus: float = 0.5,
-                 timeout_s: float = 60.0, name_prefix: str = "reward") -> None:
-        actor_cls = ray.remote(RewardWorker)
+                 timeout_s: float = 60.0, name_prefix: str = "reward", max_retries: int = 2,
+                 parts: Mapping[str, RewardFn] | None = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.timeout_s = timeout_s
-        self.workers = [
-            actor_cls.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus,
-                              max_concurrency=1).remote(weights)
-            for i in range(num_workers)
-        ]
+        self.max_retries = max_retries
+        self.name_prefix = name_prefix
+        self._weights = dict(weights)
+        self._parts = dict(parts or {})
+        self._actor_cls = ray.remote(RewardWorker)
+        self._num_cpus = num_cpus
+        # retries: chunk re-submissions; restarts: workers replaced; errors: items that raised.
+        self.stats: dict[str, int] = {"retries": 0, "restarts": 0, "errors": 0}
+        self.workers = [self._spawn(i) for i in range(num_workers)]
+
+    def _spawn(self, i: int) -> ray.actor.ActorHandle:
+        name = f"{self.name_prefix}-{i}"
+        deadline = time.monotonic() + _RENAME_WAIT_S
+        while True:
+            try:
+                opts = self._actor_cls.options(name=name, num_cpus=self._num_cpus,
+                                               max_concurrency=1)
+                return opts.remote(self._weights, self._parts)
+            except ValueError:  # name still held by the actor we just killed
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _restart(self, i: int) -> None:
+        # no_restart: the handle must not come back; we make a new one under the same name.
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self._spawn(i)
+        self.stats["restarts"] += 1
 
     def score(self, responses: list[str], golds: list[str]) -> list[dict[str, float]]:
-        """Rewards of every response, in order: {"total": ..., <part>: ...} each."""
+        """Rewards of every response, in order: {"total": ..., <part>: ..., "error": 0|1} each."""
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
-        k = len(self.workers)
-        bounds = [len(responses) * i // k for i in range(k + 1)]
-        refs = [w.score.remote(responses[a:b], golds[a:b])
-                for w, a, b in zip(self.workers, bounds, bounds[1:], strict=False) if b > a]
-        out: list[dict[str, float]] = []
-        for part in ray.get(refs, timeout=self.timeout_s):
-            out += part
+        n, k = len(responses), len(self.workers)
+        bounds = [n * i // k for i in range(k + 1)]
+        queue = [_Chunk(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        results: dict[int, list[dict[str, float]]] = {}  # chunk start -> its scores
+        # ref -> (chunk, worker index, monotonic deadline)
+        in_flight: dict[ray.ObjectRef, tuple[_Chunk, int, float]] = {}
+        idle = set(range(k))
+
+        def fail(chunk: _Chunk, worker: int, why: str) -> None:
+            self._restart(worker)
+            idle.add(worker)
+            if chunk.attempts >= self.max_retries:
+                lost = chunk.stop - chunk.start + sum(c.stop - c.start for c in queue) + sum(
+                    c.stop - c.start for c, _, _ in in_flight.values())
+                raise RuntimeError(
+                    f"reward pool: {lost} of {n} completions could not be scored; chunk "
+                    f"[{chunk.start}, {chunk.stop}) {why} on {chunk.attempts + 1} attempt(s)")
+            chunk.attempts += 1
+            chunk.last_worker = worker
+            self.stats["retries"] += 1
+            logger.warning("reward chunk [%d, %d) %s on worker %d; retry %d/%d", chunk.start,
+                           chunk.stop, why, worker, chunk.attempts, self.max_retries)
+            queue.append(chunk)
+
+        while queue or in_flight:
+            while queue and idle:
+                chunk = queue.pop(0)
+                # Prefer a worker other than the one this chunk just failed on.
+                others = sorted(idle - {chunk.last_worker})
+                w = others[0] if others else idle.pop()
+                idle.discard(w)
+                ref = self.workers[w].score.remote(responses[chunk.start:chunk.stop],
+                                                   golds[chunk.start:chunk.stop], chunk.start)
+                in_flight[ref] = (chunk, w, time.monotonic() + self.timeout_s)
+            next_due = min(due for _, _, due in in_flight.values())
+            ready, _ = ray.wait(list(in_flight), num_returns=1,
+                                timeout=max(0.0, next_due - time.monotonic()))
+            for ref in ready:
+                chunk, w, _ = in_flight.pop(ref)
+                try:
+                    results[chunk.start] = ray.get(ref)
+                except RayActorError as exc:
+                    fail(chunk, w, f"lost its worker ({type(exc).__name__})")
+                else:
+                    idle.add(w)
+            now = time.monotonic()
+            for ref, (chunk, w, due) in list(in_flight.items()):
+                if due <= now and ref not in ready:
+                    del in_flight[ref]
+                    fail(chunk, w, f"timed out after {self.timeout_s:g}s")
+
+        out = [s for start in sorted(results) for s in results[start]]
+        self.stats["errors"] += sum(int(s.get("error", 0.0)) for s in out)
         return out
+
+    def pool_stats(self) -> dict[str, int]:
+        """Counters since the pool started (retries, restarts, errors), for the trainer's log."""
+        return dict(self.stats)
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -109,6 +109,8 @@ class RewardConfig:
                                     "as a whole when set)",
                                     factory=lambda: {"accuracy": 1.0, "format": 1.0},
                                     replace=True)
+    language_target: str = doc("target language of the 'language' part: en, zh, ja, ko, ru or "
+                               "a script name", "en")
     overlong_buffer: int = doc("DAPO soft overlong punishment: tokens before "
                                "rollout.max_new_tokens where a linear penalty starts; 0 = off", 0)
     overlong_factor: float = doc("the overlong penalty at rollout.max_new_tokens", 1.0)
@@ -411,6 +413,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= rw.overlong_buffer <= r.max_new_tokens, "reward.overlong_buffer",
              rw.overlong_buffer, f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
     _require(rw.overlong_factor >= 0, "reward.overlong_factor", rw.overlong_factor, "must be >= 0")
+    from rlsys.rewards import TARGETS
+
+    _require(rw.language_target.lower() in TARGETS, "reward.language_target", rw.language_target,
+             f"one of {', '.join(sorted(TARGETS))}")
     _require(rw.truncated in ("keep", "zero", "mask"), "reward.truncated", rw.truncated,
              "keep, zero or mask")
     _require(d.task in ("arithmetic", "reasoning_gym", "humaneval", "file"), "data.task", d.task,

@@ -37,6 +37,7 @@ from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger
 from rlsys.models import default_cache_dir, resolve_model
+from rlsys.rewards import make_language_reward
 from rlsys.rewards.length import overlong_penalty
 
 log = logging.getLogger("rlsys")
@@ -100,8 +101,10 @@ class GRPOTrainer:
             num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
             env_vars=rollout_env_vars(str(out / ".vllm"), r.kv_cache_gb,
                                       r.num_threads or os.cpu_count() or 1))
-        self.rewards = RewardPool(cfg.reward.num_workers, dict(cfg.reward.weights),
-                                  num_cpus=cfg.reward.num_cpus, timeout_s=cfg.reward.timeout_s)
+        self.rewards = RewardPool(
+            cfg.reward.num_workers, dict(cfg.reward.weights), num_cpus=cfg.reward.num_cpus,
+            timeout_s=cfg.reward.timeout_s,
+            parts={"language": make_language_reward(cfg.reward.language_target)})
         self.version = 0
         self._connect_weight_sync()
         log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), 1 learner",
@@ -173,6 +176,7 @@ class GRPOTrainer:
             "sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"],
             "weight_version": self.version,
         }
+        stats |= {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
         if learner_stats:
             stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
                       "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],

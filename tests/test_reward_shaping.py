@@ -226,3 +226,14 @@ def test_overlong_penalty_bad_args(
 ) -> None:
     with pytest.raises(ValueError):
         overlong_penalty(num_tokens, max_tokens, buffer_tokens, factor)
+
+
+def test_language_part_can_be_given_another_target() -> None:
+    from rlsys.rewards import compute_reward, make_language_reward
+
+    response = "<think>思考 this 问题</think><answer>1</answer>"
+    english = compute_reward(response, "1", {"language": 1.0})
+    chinese = compute_reward(response, "1", {"language": 1.0},
+                             {"language": make_language_reward("zh")})
+    assert english["language"] == pytest.approx(1 / 5)
+    assert chinese["language"] == pytest.approx(4 / 5)

@@ -41,19 +41,22 @@ def _format_part(response: str, gold: str) -> float:
 register_reward("format", _format_part)
 
 
-def check_weights(weights: Mapping[str, float]) -> None:
+def check_weights(weights: Mapping[str, float],
+                  functions: Mapping[str, RewardFn] | None = None) -> None:
     """Raise ValueError for an empty mapping, unknown part names or non-finite weights.
 
     Separate from compute_reward so a config can be validated at startup, before any rollout.
+    `functions` are parts known besides the registered ones (see compute_reward).
     """
+    known = {**REWARD_FUNCTIONS, **(functions or {})}
     if not weights:
         raise ValueError(
-            f"reward weights are empty; name at least one part of: {', '.join(REWARD_FUNCTIONS)}"
+            f"reward weights are empty; name at least one part of: {', '.join(known)}"
         )
     for name, weight in weights.items():
-        if name not in REWARD_FUNCTIONS:
+        if name not in known:
             raise ValueError(
-                f"unknown reward part {name!r}; known parts: {', '.join(REWARD_FUNCTIONS)}"
+                f"unknown reward part {name!r}; known parts: {', '.join(known)}"
             )
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(
             weight
@@ -61,16 +64,19 @@ def check_weights(weights: Mapping[str, float]) -> None:
             raise ValueError(f"reward weight for {name!r} must be a finite number, got {weight!r}")
 
 
-def compute_reward(response: str, gold: str, weights: Mapping[str, float]) -> dict[str, float]:
+def compute_reward(response: str, gold: str, weights: Mapping[str, float],
+                   functions: Mapping[str, RewardFn] | None = None) -> dict[str, float]:
     """Score one response: {"total": sum of weight * part, <part>: value for each weighted part}.
 
     Parts are computed even when their weight is 0, so they can still be logged as metrics.
+    `functions` overrides registered parts by name (e.g. "language" for another target).
     """
-    check_weights(weights)
+    check_weights(weights, functions)
+    table = {**REWARD_FUNCTIONS, **(functions or {})}
     out: dict[str, float] = {}
     total = 0.0
     for name, weight in weights.items():
-        value = float(REWARD_FUNCTIONS[name](response, gold))
+        value = float(table[name](response, gold))
         out[name] = value
         total += weight * value
     return {"total": total, **out}
