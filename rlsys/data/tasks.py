@@ -512,9 +512,14 @@ class FileTask(Task):
                 f"field {self.prompt_key!r} must be a string, got {type(question).__name__}"
             )
         answer = self._field(row, self.answer_key, "answer_key")
+        if isinstance(answer, list) and answer and all(isinstance(t, str) for t in answer):
+            # A code problem: its answer is a list of assert statements, which the
+            # code_accuracy reward runs after the model's code in the sandbox.
+            answer = json.dumps({"tests": answer})
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
             raise _BadRow(
-                f"field {self.answer_key!r} must be a string or number, "
+                f"field {self.answer_key!r} must be a string, a number or a list of test "
+                f"strings, "
                 f"got {type(answer).__name__}"
             )
         if isinstance(answer, float) and not math.isfinite(answer):
