@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from actors.sandbox import SANDBOX_PYTHON, bwrap_path, run_python
+from benchmarks.common import RESULTS, machine
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_CHECKS_PER_S = 40.0
 
 TRIVIAL = "pass\n"
@@ -42,16 +40,6 @@ assert running_max([]) == []
 assert running_max([1, 3, 2, 5, 4]) == [1, 3, 3, 5, 5]
 assert running_max([-2, -3, -1]) == [-2, -2, -1]
 '''
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _bwrap_version() -> str | None:
@@ -112,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     figures = measure(args.n)
     result = {
-        "machine": {"cores": os.cpu_count(), "cpu_model": _cpu_model(),
-                    "platform": platform.platform()},
+        "machine": {**machine(), "platform": platform.platform()},
         # The driver's Python, and the one the sandbox runs the checks with.
         "versions": {"python": platform.python_version(),
                      "sandbox_python": _sandbox_python_version(),

