@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from rlsys.data.tasks import DataError, Problem, Task, _check_n, register_task
+from rlsys.data.tasks import DataError, Problem, ProblemListTask, register_task
 
 INSTRUCTION = (
     "Complete the following Python function. Put the full function inside a ```python code "
@@ -82,7 +82,7 @@ def _to_problem(row: dict[str, str]) -> Problem:
 
 
 @register_task
-class HumanEvalTask(Task):
+class HumanEvalTask(ProblemListTask):
     """HumanEval problems; the answer is a JSON test spec for the ``code_accuracy`` reward.
 
     Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (separate
@@ -105,7 +105,6 @@ class HumanEvalTask(Task):
         for key, value in (("eval_size", eval_size), ("seed", seed), ("split_seed", split_seed)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise DataError(f"{where}{key}: must be an int, got {value!r}")
-        self.seed = seed
         problems = [_to_problem(row) for row in load_humaneval(path)]
         if not 0 <= eval_size < len(problems):
             raise DataError(
@@ -118,51 +117,9 @@ class HumanEvalTask(Task):
         # Both splits keep the file's order, so listings read HumanEval/0, /3, ... in sequence.
         self._eval = [p for i, p in enumerate(problems) if i in held_out]
         self._train = [p for i, p in enumerate(problems) if i not in held_out]
-        self._epoch = 0
-        self._position = 0
-        self._order = self._epoch_order(0)
+        self._start_sampler(seed)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._train)))
-        random.Random(f"humaneval-train|{self.seed}|{epoch}").shuffle(order)
-        return order
-
-    def sample(self, n: int) -> list[Problem]:
-        """Draw the next `n` training problems, reshuffling at each epoch boundary."""
-        out = []
-        for _ in range(_check_n(n)):
-            if self._position >= len(self._order):
-                self._epoch += 1
-                self._position = 0
-                self._order = self._epoch_order(self._epoch)
-            out.append(self._train[self._order[self._position]])
-            self._position += 1
-        return out
-
-    @property
-    def num_train(self) -> int:
-        """Number of training problems (164 minus the held-out split)."""
-        return len(self._train)
-
-    def eval_problems(self) -> list[Problem]:
-        return list(self._eval)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.name,
-            "epoch": self._epoch,
-            "position": self._position,
-            "num_train": len(self._train),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_state(state, ("epoch", "position", "num_train"))
-        if state["num_train"] != len(self._train) or state["position"] > len(self._train):
-            raise DataError(
-                f"humaneval task: state dict (num_train={state['num_train']}, position="
+    def _state_mismatch(self, state: dict[str, Any]) -> str:
+        return (f"humaneval task: state dict (num_train={state['num_train']}, position="
                 f"{state['position']}) does not match this split's {len(self._train)} training "
-                "problems; eval_size or the data changed"
-            )
-        self._epoch = state["epoch"]
-        self._position = state["position"]
-        self._order = self._epoch_order(self._epoch)
+                "problems; eval_size or the data changed")

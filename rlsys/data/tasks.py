@@ -109,6 +109,63 @@ _ENUMERATE_LIMIT = 100_000
 _MIN_HELD_OUT_FRACTION = 0.02
 
 
+class ProblemListTask(Task):
+    """Training problems from a fixed list, drawn in a seeded order reshuffled every epoch.
+
+    Subclasses fill `self._train` and `self._eval` and call `_start_sampler(seed)`; the state
+    is (epoch, position in that epoch's permutation), so a restored sampler repeats exactly.
+    """
+
+    def _start_sampler(self, seed: int) -> None:
+        self.seed = seed
+        self._epoch = 0
+        self._position = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self._train)))
+        random.Random(f"{self.name}-train|{self.seed}|{epoch}").shuffle(order)
+        return order
+
+    def sample(self, n: int) -> list[Problem]:
+        """Draw the next `n` training problems, reshuffling at each epoch boundary."""
+        out = []
+        for _ in range(_check_n(n)):
+            if self._position >= len(self._order):
+                self._epoch += 1
+                self._position = 0
+                self._order = self._epoch_order(self._epoch)
+            out.append(self._train[self._order[self._position]])
+            self._position += 1
+        return out
+
+    @property
+    def num_train(self) -> int:
+        """Number of training problems (after holding out the eval split)."""
+        return len(self._train)
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler position: epoch and offset into that epoch's permutation."""
+        return {"task": self.name, "epoch": self._epoch, "position": self._position,
+                "num_train": len(self._train)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` output; the training problems must be the same."""
+        self._check_state(state, ("epoch", "position", "num_train"))
+        if state["num_train"] != len(self._train) or state["position"] > len(self._train):
+            raise DataError(self._state_mismatch(state))
+        self._epoch = state["epoch"]
+        self._position = state["position"]
+        self._order = self._epoch_order(self._epoch)
+
+    def _state_mismatch(self, state: dict[str, Any]) -> str:
+        return (f"{self.name} task: state dict (num_train={state['num_train']}, position="
+                f"{state['position']}) does not match the {len(self._train)} training problems")
+
+
 class ArithmeticTask(Task):
     """Procedurally generated integer arithmetic, e.g. "What is 23 + 17?" -> "40".
 
@@ -334,7 +391,7 @@ def _file_kind(path: Path) -> str:
     return ""
 
 
-class FileTask(Task):
+class FileTask(ProblemListTask):
     """Problems read from a local `.jsonl` (optionally gzipped) or `.parquet` file.
 
     Each row needs a non-empty string question (`prompt_key`) and a non-empty string or number
@@ -419,9 +476,7 @@ class FileTask(Task):
             )
         self._train = kept
         self._eval = held_out
-        self._epoch = 0
-        self._position = 0
-        self._order = self._epoch_order(0)
+        self._start_sampler(seed)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}.{key}" if self._prefix else key
@@ -541,59 +596,13 @@ class FileTask(Task):
             raise _BadRow(f"empty field {name!r}")
         return value
 
-    # -- sampling
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._train)))
-        random.Random(f"file-train|{self.seed}|{epoch}").shuffle(order)
-        return order
-
-    def sample(self, n: int) -> list[Problem]:
-        """Draw the next `n` training problems, reshuffling at each epoch boundary."""
-        out = []
-        for _ in range(_check_n(n)):
-            if self._position >= len(self._order):
-                self._epoch += 1
-                self._position = 0
-                self._order = self._epoch_order(self._epoch)
-            out.append(self._train[self._order[self._position]])
-            self._position += 1
-        return out
-
-    @property
-    def num_train(self) -> int:
-        """Number of training rows (after holding out the eval split)."""
-        return len(self._train)
-
-    def eval_problems(self) -> list[Problem]:
-        """The held-out rows (eval file, or the tail of the seeded split)."""
-        return list(self._eval)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Sampler position: epoch and offset into that epoch's permutation."""
-        return {
-            "task": self.name,
-            "epoch": self._epoch,
-            "position": self._position,
-            "num_train": len(self._train),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from `state_dict()` output; the data file must hold the same training rows."""
-        self._check_state(state, ("epoch", "position", "num_train"))
+    def _state_mismatch(self, state: dict[str, Any]) -> str:
         if state["num_train"] != len(self._train):
-            raise DataError(
-                f"{self._key('path')}: state dict was saved with {state['num_train']} training "
-                f"rows but {self.path} now gives {len(self._train)}; the data file changed"
-            )
-        if state["position"] > len(self._train):
-            raise DataError(
-                f"file task: state dict position {state['position']} is past the "
-                f"{len(self._train)} training rows"
-            )
-        self._epoch = state["epoch"]
-        self._position = state["position"]
-        self._order = self._epoch_order(self._epoch)
+            return (f"{self._key('path')}: state dict was saved with {state['num_train']} "
+                    f"training rows but {self.path} now gives {len(self._train)}; the data file "
+                    "changed")
+        return (f"file task: state dict position {state['position']} is past the "
+                f"{len(self._train)} training rows")
 
 
 class _BadRow(Exception):
