@@ -51,6 +51,7 @@ def train(cfg: Config) -> Path:
     model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
     check_model_fits(cfg, model_path)
     task = build_task(cfg)
+    check_prompt_renders(cfg, model_path, task)
     out = prepare_output_dir(cfg)
     with ray_session(cfg), stop_on_sigterm():
         trainer = GRPOTrainer(cfg, model_path, task, out)
@@ -327,6 +328,21 @@ def check_model_fits(cfg: Config, model_path: str) -> None:
     if limit is not None and cfg.rollout.max_model_len > limit:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the "
                           f"model's max_position_embeddings={limit} ({model_path})")
+
+
+def check_prompt_renders(cfg: Config, model_path: str, task: Task) -> None:
+    """Render one prompt now, so that e.g. a tokenizer without a chat template is reported
+    before any actor starts."""
+    from transformers import AutoTokenizer
+
+    d = cfg.data
+    try:
+        render_prompt(task.eval_problems()[0].question, d.template,
+                      tokenizer=AutoTokenizer.from_pretrained(model_path),
+                      system_prompt=d.system_prompt, response_prefix=d.response_prefix,
+                      few_shot=d.few_shot and d.template == "chat")
+    except ValueError as exc:
+        raise ConfigError(f"data.template={d.template}: {exc}") from None
 
 
 def prepare_output_dir(cfg: Config) -> Path:

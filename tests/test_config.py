@@ -102,3 +102,25 @@ def test_reward_weights_are_replaced_as_a_whole_but_single_weights_merge(tmp_pat
     assert cfg.reward.weights == {"accuracy": 1.0, "format": 0.5}
     (tmp_path / "code.yaml").write_text("reward:\n  weights: {code_accuracy: 1.0}\n")
     assert load_config(["conf=code"], conf_dir=tmp_path).reward.weights == {"code_accuracy": 1.0}
+
+
+def test_cli_tokenizer_without_chat_template_is_one_line(tmp_path, cache_dir):
+    import json
+    import shutil
+
+    from rlsys.models import resolve_model
+
+    model = tmp_path / "no-template"
+    shutil.copytree(resolve_model("tiny-random", cache_dir), model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    result = subprocess.run(
+        [sys.executable, "-m", "rlsys.run", "conf=tiny", f"model.path={model}",
+         "data.template=chat", f"trainer.output_dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.template=chat:") and "chat template" in last, last
+    assert not (tmp_path / "run").exists()
