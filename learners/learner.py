@@ -51,10 +51,6 @@ class MicroBatch:
     owner: torch.Tensor  # [n] the prompt row each response continues
     index: list[int]  # positions of the n responses in the full batch
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.prompt_mask.sum()) + int(self.response_mask.sum())
-
 
 def make_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]],
                       max_tokens: int, pad_id: int) -> list[MicroBatch]:

@@ -286,7 +286,7 @@ class GRPOTrainer:
         backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
         addr, port = ray.get(self.learner.sync_address.remote())
         refs = self.rollout.init_weight_sync(addr, port, backend)
-        world = self.cfg.rollout.num_workers + 1
+        world = self.rollout.weight_sync_world_size  # the learner + every engine worker
         ray.get([self.learner.init_weight_sync.remote(addr, port, world, backend), *refs])
         self.manifest = ray.get(self.learner.weight_manifest.remote(self.cfg.rollout.dtype))
 
