@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -79,6 +80,15 @@ def _marker() -> str:
 
 def run(code: str, **kw) -> SandboxResult:
     return run_python(code, **kw)
+
+
+def assert_blocked(attempt: str, setup: str = "") -> None:
+    """Run `attempt` inside `try:` in the sandbox and assert it raised OSError (never printed
+    ESCAPED), with the program itself exiting normally."""
+    code = (f"{setup}try:\n{textwrap.indent(attempt, '    ')}\n    print('ESCAPED')\n"
+            "except OSError as e:\n    print('BLOCKED', e)\n")
+    r = run(code)
+    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
 
 
 # --- resource exhaustion ------------------------------------------------------------------
@@ -265,12 +275,7 @@ def test_double_forked_setsid_grandchild_is_killed():
 def test_writing_outside_work_dir_fails(target):
     name = _marker()
     path = f"{target.rstrip('/')}/{name}"
-    code = (
-        f"try:\n    open('{path}', 'w').write('x')\n    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
-    )
-    r = run(code)
-    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert_blocked(f"open('{path}', 'w').write('x')")
     assert not Path(path).exists()
 
 
@@ -278,13 +283,8 @@ def test_writing_outside_work_dir_fails(target):
     "path", ["/etc/shadow", "/root/.bashrc", str(REPO / "ruff.toml"), "/etc/passwd", "/home"]
 )
 def test_reading_host_secrets_fails(path):
-    code = (
-        f"try:\n    import os\n    print(os.listdir('{path}') if os.path.isdir('{path}') "
-        f"else open('{path}').read()[:20])\n    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
-    )
-    r = run(code)
-    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert_blocked(f"print(os.listdir('{path}') if os.path.isdir('{path}') "
+                   f"else open('{path}').read()[:20])", setup="import os\n")
 
 
 def test_files_are_visible_in_work_dir_and_importable():
@@ -313,15 +313,7 @@ def test_work_dir_does_not_leak_between_runs():
 
 
 def test_work_dir_size_is_capped():
-    code = (
-        "import os\n"
-        "try:\n"
-        "    for i in range(100): open(f'f{i}', 'wb').write(b'x' * 10 * 2**20)\n"
-        "    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
-    )
-    r = run(code)
-    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert_blocked("for i in range(100): open(f'f{i}', 'wb').write(b'x' * 10 * 2**20)")
 
 
 # --- processes, environment, identity --------------------------------------------------------
@@ -374,18 +366,14 @@ def _no_connection(srv: socket.socket) -> bool:
     return False
 
 
-def _connect_code(host: str, port: int) -> str:
-    return (
-        "import socket\n"
-        f"try:\n    socket.create_connection(('{host}', {port}), timeout=1)\n    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
-    )
+def _assert_connect_blocked(host: str, port: int) -> None:
+    assert_blocked(f"socket.create_connection(('{host}', {port}), timeout=1)",
+                   setup="import socket\n")
 
 
 def test_tcp_to_host_loopback_listener_fails():
     with _listener("127.0.0.1") as srv:
-        r = run(_connect_code("127.0.0.1", srv.getsockname()[1]))
-        assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+        _assert_connect_blocked("127.0.0.1", srv.getsockname()[1])
         assert _no_connection(srv)
 
 
@@ -399,30 +387,17 @@ def _host_ipv4() -> str:
 
 def test_tcp_to_host_external_address_fails():
     with _listener("0.0.0.0") as srv:
-        r = run(_connect_code(_host_ipv4(), srv.getsockname()[1]))
-        assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+        _assert_connect_blocked(_host_ipv4(), srv.getsockname()[1])
         assert _no_connection(srv)
 
 
 def test_udp_send_fails():
-    code = (
-        "import socket\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "try:\n    s.sendto(b'x', ('8.8.8.8', 53))\n    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e.errno)\n"
-    )
-    r = run(code)
-    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert_blocked("s.sendto(b'x', ('8.8.8.8', 53))",
+                   setup="import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n")
 
 
 def test_dns_resolution_fails():
-    code = (
-        "import socket\n"
-        "try:\n    socket.getaddrinfo('example.com', 80)\n    print('ESCAPED')\n"
-        "except OSError as e:\n    print('BLOCKED', e)\n"
-    )
-    r = run(code)
-    assert r.status == "ok" and r.stdout.startswith("BLOCKED"), r
+    assert_blocked("socket.getaddrinfo('example.com', 80)", setup="import socket\n")
 
 
 # --- normal behaviour, API, CLI ----------------------------------------------------------------
