@@ -28,6 +28,7 @@ from pathlib import Path
 
 import ray
 import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
@@ -51,10 +52,11 @@ def train(cfg: Config) -> Path:
     model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
     check_model_fits(cfg, model_path)
     task = build_task(cfg)
-    check_prompt_renders(cfg, model_path, task)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_renders(cfg, tokenizer, task)
     out = prepare_output_dir(cfg)
     with ray_session(cfg), stop_on_sigterm():
-        trainer = GRPOTrainer(cfg, model_path, task, out)
+        trainer = GRPOTrainer(cfg, model_path, tokenizer, task, out)
         try:
             trainer.fit()
         finally:
@@ -79,11 +81,10 @@ class Group:
 class GRPOTrainer:
     """Owns the actor pools and runs `fit()`: the loop in the module docstring."""
 
-    def __init__(self, cfg: Config, model_path: str, task: Task, out: Path) -> None:
-        from transformers import AutoTokenizer
-
+    def __init__(self, cfg: Config, model_path: str, tokenizer: PreTrainedTokenizerBase,
+                 task: Task, out: Path) -> None:
         self.cfg, self.task, self.out = cfg, task, out
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = tokenizer
         r, lc = cfg.rollout, cfg.learner
         t0 = time.perf_counter()
         self.learner = ray.remote(Learner).options(
@@ -223,11 +224,7 @@ class GRPOTrainer:
     # --- the parts ----------------------------------------------------------------------------
 
     def prompts(self, problems: list[Problem]) -> list[str]:
-        d = self.cfg.data
-        return [render_prompt(p.question, d.template, tokenizer=self.tokenizer,
-                              system_prompt=d.system_prompt, response_prefix=d.response_prefix,
-                              few_shot=d.few_shot and d.template == "chat")
-                for p in problems]
+        return render_prompts(self.cfg, self.tokenizer, problems)
 
     def score(self, problems: list[Problem], samples: list[dict], n: int) -> list[dict]:
         """Rewards of the n completions of each problem (prompt-major, like the samples).
@@ -322,7 +319,6 @@ def build_task(cfg: Config) -> Task:
 
 def check_model_fits(cfg: Config, model_path: str) -> None:
     """The engines' context length must fit the model (vLLM would refuse deep inside an actor)."""
-    from transformers import AutoConfig
 
     limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if limit is not None and cfg.rollout.max_model_len > limit:
@@ -330,19 +326,23 @@ def check_model_fits(cfg: Config, model_path: str) -> None:
                           f"model's max_position_embeddings={limit} ({model_path})")
 
 
-def check_prompt_renders(cfg: Config, model_path: str, task: Task) -> None:
+def render_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,
+                   problems: list[Problem]) -> list[str]:
+    """The prompt text of each problem, as configured in `cfg.data`."""
+    d = cfg.data
+    return [render_prompt(p.question, d.template, tokenizer=tokenizer,
+                          system_prompt=d.system_prompt, response_prefix=d.response_prefix,
+                          few_shot=d.few_shot and d.template == "chat")
+            for p in problems]
+
+
+def check_prompt_renders(cfg: Config, tokenizer: PreTrainedTokenizerBase, task: Task) -> None:
     """Render one prompt now, so that e.g. a tokenizer without a chat template is reported
     before any actor starts."""
-    from transformers import AutoTokenizer
-
-    d = cfg.data
     try:
-        render_prompt(task.eval_problems()[0].question, d.template,
-                      tokenizer=AutoTokenizer.from_pretrained(model_path),
-                      system_prompt=d.system_prompt, response_prefix=d.response_prefix,
-                      few_shot=d.few_shot and d.template == "chat")
+        render_prompts(cfg, tokenizer, task.eval_problems()[:1])
     except ValueError as exc:
-        raise ConfigError(f"data.template={d.template}: {exc}") from None
+        raise ConfigError(f"data.template={cfg.data.template}: {exc}") from None
 
 
 def prepare_output_dir(cfg: Config) -> Path:
