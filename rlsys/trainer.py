@@ -319,7 +319,6 @@ def build_task(cfg: Config) -> Task:
 
 def check_model_fits(cfg: Config, model_path: str) -> None:
     """The engines' context length must fit the model (vLLM would refuse deep inside an actor)."""
-
     limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     if limit is not None and cfg.rollout.max_model_len > limit:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the "
