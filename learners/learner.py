@@ -387,6 +387,3 @@ class Learner:
 
         AutoTokenizer.from_pretrained(self.model.name_or_path).save_pretrained(path)
         return path
-
-    def ping(self) -> int:
-        return torch.get_num_threads()
