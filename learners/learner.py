@@ -1,158 +1,120 @@
-"""The learner: policy (and reference) model, optimizer, and the GRPO update.
+"""One rank of the learner group: its shard of the policy and reference, the optimizer, the update.
 
-One `Learner` runs in one Ray actor (see `learners.group`). Its public methods are the
-interface a tensor x data parallel group will keep: `train_step(batch)` takes the rollout batch
-with advantages and applies `algorithm.updates_per_batch` optimizer steps; `broadcast_weights`
-sends the new weights to the rollout engines.
+`LearnerGroup` (learners/group.py) starts tp x dp of these as Ray actors that form one
+torch.distributed world; a single `Learner` in a plain process is the world of one. Its public
+methods are collective: every rank calls them together, each with its data-parallel shard of
+the batch (tensor-parallel ranks of the same dp index get the same shard).
 
-Zero wasted passes: with one update per batch (on-policy) the old log-probs equal the current
-ones, so the ratio is taken against a detached copy of the same forward pass instead of a
-second pass; the reference model is only loaded and run when `algorithm.kl_coef > 0`; and the
-(vocabulary-sized) output projection runs only on response positions, never on prompt tokens.
+Zero wasted passes: micro-batches are packed (learners/packing.py: each prompt once, no
+padding through the linear layers); with one update per batch (on-policy) the old log-probs
+equal the current ones, so the ratio is taken against a detached copy of the same forward pass
+instead of a second pass; the reference model is only built and run when
+`algorithm.kl_coef > 0`; and the (vocabulary-sized) output projection runs only on the
+positions that predict response tokens, never on the rest of the prompt.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import DynamicCache
 
-from learners import weight_sync
-from rlsys.algo import entropy_from_logits, grpo_loss
+from learners import parallel, weight_sync
+from learners.packing import (
+    ATTENTION_NAME,
+    PackedMicroBatch,
+    pack_microbatches,
+    register_packed_attention,
+)
+from rlsys.algo import grpo_loss
 from rlsys.config import AlgorithmConfig, LearnerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# How per-micro-batch metrics combine: maxima stay maxima; a micro-batch's loss is its share of
-# the globally normalised loss, so shares add up; every other metric is a token-weighted mean.
+# How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss
+# is its share of the globally normalised loss, so shares add up; every other metric is a
+# token-weighted mean.
 _MAX_METRICS = frozenset({"ratio_max", "logprob_gap_max"})
 _SHARE_METRICS = frozenset({"loss", "pg_loss"})
+# Same on every rank (computed with collectives or from shared state): taken from rank 0.
+_GLOBAL_METRICS = frozenset({"grad_norm", "lr", "learner_step"})
 
 
-@dataclass
-class MicroBatch:
-    """Completions that share prompts: each distinct prompt appears once.
+def _to_padded(flat: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """Split a flat per-token vector (response-major) into a zero-padded [n, max(lens)] tensor."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(lens)), batch_first=True)
 
-    Prompts are left-padded (so every prompt ends in the last column and its keys/values can
-    be continued by its responses); responses are right-padded.
+
+def _lens_mask(lens: list[int], device: torch.device) -> torch.Tensor:
+    width = max(lens)
+    return torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Metrics of the whole batch from each dp rank's metrics of its shard.
+
+    Each rank reports "tokens" (its response tokens), the weight of its token means.
     """
-
-    prompt_ids: torch.Tensor  # [k, P]
-    prompt_mask: torch.Tensor  # [k, P]
-    response_ids: torch.Tensor  # [n, R]
-    response_mask: torch.Tensor  # [n, R] bool
-    owner: torch.Tensor  # [n] the prompt row each response continues
-    index: list[int]  # positions of the n responses in the full batch
-
-
-def make_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]],
-                      max_tokens: int, pad_id: int) -> list[MicroBatch]:
-    """Split a batch into micro-batches of at most `max_tokens` padded tokens.
-
-    GRPO samples G completions of every prompt, so a prompt is run through the model once and
-    its keys/values are shared by all of its completions in the micro-batch: with prompts
-    several times longer than the answers (few-shot chat prompts), this removes most of the
-    learner's work. Units are sorted by length so that padding stays small. (Packing several
-    sequences into one row would need a variable-length attention kernel; on CPU a dense
-    block-diagonal mask costs the square of the packed length.)
-    """
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(prompt_ids):
-        by_prompt.setdefault(tuple(p), []).append(i)
-    # A unit is one prompt with some of its responses, cut so that one unit fits the budget.
-    units: list[tuple[tuple[int, ...], list[int]]] = []
-    for prompt, members in by_prompt.items():
-        members = sorted(members, key=lambda i: len(response_ids[i]))
-        piece: list[int] = []
-        for i in members:
-            width = len(response_ids[i])  # ascending: the newest member is the widest
-            if len(prompt) + width > max_tokens:
-                raise ValueError(f"a sequence of {len(prompt) + width} tokens exceeds "
-                                 f"learner.max_tokens_per_microbatch={max_tokens}")
-            if piece and len(prompt) + (len(piece) + 1) * width > max_tokens:
-                units.append((prompt, piece))
-                piece = []
-            piece.append(i)
-        units.append((prompt, piece))
-    units.sort(key=lambda u: (len(u[0]), max(len(response_ids[i]) for i in u[1])))
-
-    def cost(group: list[tuple[tuple[int, ...], list[int]]]) -> int:
-        width_p = max(len(u[0]) for u in group)
-        width_r = max(len(response_ids[i]) for u in group for i in u[1])
-        return len(group) * width_p + sum(len(u[1]) for u in group) * width_r
-
-    groups: list[list[tuple[tuple[int, ...], list[int]]]] = []
-    for unit in units:
-        if groups and cost([*groups[-1], unit]) <= max_tokens:
-            groups[-1].append(unit)
+    total = sum(m.get("tokens", 0.0) for m in per_rank)
+    out: dict[str, float] = {}
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank if key in m]
+        if key in _MAX_METRICS or key.startswith("time/"):
+            out[key] = max(values)
+        elif key in _SHARE_METRICS or key == "tokens":
+            out[key] = sum(values)
+        elif key in _GLOBAL_METRICS:
+            out[key] = values[0]
         else:
-            groups.append([unit])
-    return [_collate(group, response_ids, pad_id) for group in groups]
-
-
-def _collate(group: list[tuple[tuple[int, ...], list[int]]], response_ids: list[list[int]],
-             pad_id: int) -> MicroBatch:
-    width_p = max(len(prompt) for prompt, _ in group)
-    index = [i for _, members in group for i in members]
-    width_r = max(len(response_ids[i]) for i in index)
-    prompt_ids = torch.full((len(group), width_p), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(group), width_p), dtype=torch.long)
-    responses = torch.full((len(index), width_r), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(index), width_r), dtype=torch.bool)
-    owner = []
-    for row, (prompt, members) in enumerate(group):
-        prompt_ids[row, width_p - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[row, width_p - len(prompt):] = 1
-        owner += [row] * len(members)
-    for row, i in enumerate(index):
-        responses[row, : len(response_ids[i])] = torch.tensor(response_ids[i])
-        response_mask[row, : len(response_ids[i])] = True
-    return MicroBatch(prompt_ids, prompt_mask, responses, response_mask,
-                      torch.tensor(owner, dtype=torch.long), index)
-
-
-def _to_padded(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scatter a flat per-token vector (row-major) into a zero-padded [b, R] tensor."""
-    out = flat.new_zeros(mask.shape)
-    out[mask] = flat
+            out[key] = (sum(m[key] * m.get("tokens", 0.0) for m in per_rank if key in m) / total
+                        if total else values[0])
     return out
 
 
 class Learner:
-    """Policy model + AdamW + GRPO loss; optional frozen reference model for the KL term."""
+    """Policy shard + AdamW + GRPO loss; optional frozen reference model for the KL term."""
 
     def __init__(self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  *, temperature: float = 1.0, max_response_len: int = 128, seed: int = 0,
-                 total_steps: int | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 rank: int = 0, master_addr: str = "127.0.0.1",
+                 master_port: int | None = None) -> None:
+        from transformers import AutoTokenizer
 
-        torch.manual_seed(seed)
-        threads = learner.num_threads or os.cpu_count() or 1
+        self.cfg, self.algo = learner, algorithm
+        self.device = torch.device(learner.device)
+        world = learner.tp * learner.dp
         if learner.device == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the learner and the
             # engines take turns on the cores, so use them all while updating.
-            torch.set_num_threads(threads)
-        self.cfg, self.algo = learner, algorithm
-        self.device = torch.device(learner.device)
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(learner.num_threads or max(1, cores // world))
+        elif learner.device == "cuda":
+            torch.cuda.set_device(0)  # Ray shows each learner actor its own GPU only
+        parallel.init_learner_world(
+            rank, world, master_addr,
+            master_port if master_port is not None else weight_sync.find_free_port(master_addr),
+            "nccl" if learner.device == "cuda" else "gloo")
+        self.rank = rank
+        self.mesh = parallel.make_mesh(self.device.type, learner.dp, learner.tp)
+        self.dp_group = self.mesh["dp"].get_group()
+        self.seed = seed
+        torch.manual_seed(seed)
+
         self.temperature = temperature
         self.max_response_len = max_response_len
         self.compute_dtype = DTYPES[learner.compute_dtype]
+        self.model_path = model_path
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[learner.param_dtype]).to(self.device)
+        register_packed_attention()
+        self.model = self._build_model(model_path)
         self.model.train()
         self.ref_model: nn.Module | None = None
         if algorithm.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = self._build_model(model_path).eval().requires_grad_(False)
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr,
                                            betas=tuple(learner.betas),
@@ -163,51 +125,61 @@ class Learner:
         self.step = 0
         self.sync_group = None
 
+    def _build_model(self, path: str) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[self.cfg.param_dtype], attn_implementation=ATTENTION_NAME)
+        model.to(self.device)
+        parallel.apply_tensor_parallel(model, self.mesh["tp"])
+        parallel.apply_fsdp(model, self.mesh["dp"], self.compute_dtype)
+        return model
+
     # --- log-probs ----------------------------------------------------------------------------
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+    def _logprobs(self, model: nn.Module, mb: PackedMicroBatch, entropy_grad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies [N] of the micro-batch's response tokens (response-major).
 
-    def _response_logits(self, model: nn.Module, mb: MicroBatch) -> torch.Tensor:
-        """Logits [n, V] of every response token (row-major), scaled by the temperature.
-
-        Two passes over the decoder: the k prompts, keeping their keys/values, then the n
-        responses on top of the cache entry of their own prompt. Gradients flow through the
-        shared keys/values back into the prompt pass, so this equals one pass over each
-        prompt+response sequence, at the cost of one prompt per group.
+        The entropy carries gradients only if `entropy_grad` (the entropy bonus is on);
+        otherwise it is a metric computed without building a graph.
         """
         dev = self.device
-        decoder = model.get_decoder()
-        prompt_mask = mb.prompt_mask.to(dev)
-        owner = mb.owner.to(dev)
-        cache = DynamicCache(config=model.config)
-        prompt_out = decoder(input_ids=mb.prompt_ids.to(dev), attention_mask=prompt_mask,
-                             position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                             past_key_values=cache, use_cache=True)
-        cache.batch_select_indices(owner)  # each response gets its prompt's keys/values
-        response_mask = mb.response_mask.to(dev)
-        width = response_mask.shape[1]
-        start = prompt_mask.sum(-1)[owner]
-        response_out = decoder(
-            input_ids=mb.response_ids.to(dev),
-            attention_mask=torch.cat([prompt_mask[owner], response_mask.long()], dim=1),
-            position_ids=start[:, None] + torch.arange(width, device=dev),
-            past_key_values=cache, use_cache=True)
-        # Token j of a response is predicted from the state before it: the prompt's last
-        # state for j = 0, the response's own state j - 1 after that.
-        first = prompt_out.last_hidden_state[:, -1][owner]
-        hidden = torch.cat([first[:, None], response_out.last_hidden_state[:, :-1]], dim=1)
-        logits = model.get_output_embeddings()(hidden[response_mask]).float()
-        return logits / self.temperature if self.temperature != 1.0 else logits
+        out = model(input_ids=mb.input_ids[None].to(dev),
+                    position_ids=mb.position_ids[None].to(dev),
+                    packed_layout=mb.layout.to(dev), logits_to_keep=mb.predict_index.to(dev),
+                    use_cache=False)
+        logits = out.logits[0].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        targets = mb.targets.to(dev)
+        logprobs, entropy = parallel.token_logprobs(logits, targets, with_entropy=entropy_grad)
+        if entropy is None:
+            with torch.no_grad():
+                _, entropy = parallel.token_logprobs(logits.detach(), targets, with_entropy=True)
+        return logprobs, entropy
 
-    def _token_logprobs(self, logits: torch.Tensor, mb: MicroBatch
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs [n] of the response tokens, and the full log-softmax [n, V] they came from."""
-        targets = mb.response_ids[mb.response_mask].to(self.device)
-        logp = torch.log_softmax(logits, dim=-1)
-        return logp.gather(-1, targets[:, None]).squeeze(-1), logp
+    def _microbatches(self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+                      ) -> list[PackedMicroBatch | None]:
+        """This rank's packed micro-batches, padded with None to the count of the busiest rank.
+
+        FSDP gathers each layer collectively, so every rank must run the same number of
+        forward/backward passes; a None stands for a two-token pass whose loss is multiplied by 0.
+        """
+        mbs: list[PackedMicroBatch | None] = []
+        if prompt_ids:
+            mbs += pack_microbatches(prompt_ids, response_ids,
+                                     self.cfg.max_tokens_per_microbatch)
+        count = torch.tensor([len(mbs)])
+        if dist.get_world_size() > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return mbs + [None] * (int(count) - len(mbs))
+
+    def _idle_pass(self, model: nn.Module, backward: bool) -> None:
+        mb = pack_microbatches([[self.pad_id]], [[self.pad_id]], 2)[0]
+        logprobs, _ = self._logprobs(model, mb)
+        if backward:
+            parallel.backward(logprobs.sum() * 0.0, self.cfg.tp > 1)
 
     @torch.no_grad()
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -217,91 +189,99 @@ class Learner:
         if model is None:
             raise ValueError("no reference model: algorithm.kl_coef is 0")
         result: list[list[float]] = [[] for _ in prompt_ids]
-        for mb in make_microbatches(prompt_ids, response_ids, self.cfg.max_tokens_per_microbatch,
-                                    self.pad_id):
-            with self._autocast():
-                lp, _ = self._token_logprobs(self._response_logits(model, mb), mb)
-            padded = _to_padded(lp.cpu(), mb.response_mask)
-            for row, i in enumerate(mb.index):
-                result[i] = padded[row, : int(mb.response_mask[row].sum())].tolist()
+        for mb in self._microbatches(prompt_ids, response_ids):
+            if mb is None:
+                self._idle_pass(model, backward=False)
+                continue
+            logprobs, _ = self._logprobs(model, mb)
+            for i, lp in zip(mb.index, logprobs.cpu().split(mb.response_lens), strict=True):
+                result[i] = lp.tolist()
         return result
 
     # --- the update ---------------------------------------------------------------------------
 
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """Sums over the dp ranks (tp ranks of one dp index hold the same shard)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.mesh["dp"].size() > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return t.tolist()
+
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One GRPO update on a rollout batch.
+        """One GRPO update on this rank's shard of a rollout batch.
 
         `batch` holds, per completion: "prompt_ids", "response_ids", "rollout_logprobs" (lists)
-        and "advantages" (floats). Returns averaged metrics, including the train-vs-rollout
-        log-prob gap measured on the very forward pass that computes the loss.
+        and "advantages" (floats), optionally "loss_mask" (bools). Returns this rank's metrics
+        (see `combine_rank_metrics`), including the train-vs-rollout log-prob gap measured on
+        the very forward pass that computes the loss.
         """
         t0 = time.perf_counter()
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
-        advantages = torch.tensor(batch["advantages"], dtype=torch.float32)
+        n = len(responses)
+        advantages = torch.tensor(batch["advantages"], dtype=torch.float32).reshape(n)
         # Completions excluded from the loss (e.g. truncated ones under reward.truncated=mask):
         # they still count for their group's advantages, but contribute no gradient.
-        in_loss = torch.tensor(batch.get("loss_mask", [True] * len(responses)), dtype=torch.bool)
+        in_loss = torch.tensor(batch.get("loss_mask", [True] * n), dtype=torch.bool).reshape(n)
         rollout_lp = batch["rollout_logprobs"]
-        n = len(responses)
-        metrics: dict[str, float] = {}
+        updates = self.algo.updates_per_batch
 
         ref_lp: list[list[float]] | None = None
         if self.ref_model is not None:
             ref_lp = self.compute_logprobs(prompts, responses, reference=True)
         old_lp: list[list[float]] | None = None
-        if self.algo.updates_per_batch > 1:
+        if updates > 1:
             # Several optimizer steps per batch: later steps need the pre-update policy.
             old_lp = self.compute_logprobs(prompts, responses)
         t_ref = time.perf_counter()
 
-        # Mini-batches of whole groups are not needed: advantages are already computed.
-        order = torch.randperm(n).tolist() if self.algo.updates_per_batch > 1 else list(range(n))
-        chunks = [order[k::self.algo.updates_per_batch] for k in range(self.algo.updates_per_batch)]
+        # Mini-batches of whole groups are not needed: advantages are already computed. The
+        # shuffle is seeded by the step so that tensor-parallel ranks agree on it.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        order = torch.randperm(n, generator=gen).tolist() if updates > 1 else list(range(n))
+        chunks = [order[k::updates] for k in range(updates)]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         grad_norms = []
+        dev = self.device
         for chunk in chunks:
-            sub_prompts = [prompts[i] for i in chunk]
-            sub_responses = [responses[i] for i in chunk]
-            num_tokens = sum(len(responses[i]) for i in chunk if in_loss[i])
-            agg = {"num_tokens": max(num_tokens, 1),
-                   "num_seqs": max(int(in_loss[chunk].sum()), 1),
+            num_tokens, num_seqs = self._global_sum([
+                sum(len(responses[i]) for i in chunk if in_loss[i]),
+                sum(1 for i in chunk if in_loss[i])])
+            agg = {"num_tokens": max(num_tokens, 1.0), "num_seqs": max(num_seqs, 1.0),
                    "norm_len": self.max_response_len}
             self.optimizer.zero_grad(set_to_none=True)
-            for mb in make_microbatches(sub_prompts, sub_responses,
-                                        self.cfg.max_tokens_per_microbatch, self.pad_id):
+            for mb in self._microbatches([prompts[i] for i in chunk],
+                                         [responses[i] for i in chunk]):
+                if mb is None:
+                    self._idle_pass(self.model, backward=True)
+                    continue
                 idx = [chunk[i] for i in mb.index]
-                mask = mb.response_mask.to(self.device)
-                with self._autocast():
-                    logits = self._response_logits(self.model, mb)
-                    lp_flat, logp_all = self._token_logprobs(logits, mb)
-                logprobs = _to_padded(lp_flat, mask)
-                old = (_to_padded(self._flat(old_lp, idx), mask) if old_lp is not None
+                lens = mb.response_lens
+                mask = _lens_mask(lens, dev)
+                lp_flat, ent_flat = self._logprobs(self.model, mb,
+                                                   entropy_grad=self.algo.entropy_coef > 0)
+                logprobs = _to_padded(lp_flat, lens)
+                old = (_to_padded(self._flat(old_lp, idx).to(dev), lens) if old_lp is not None
                        else logprobs.detach())
-                ref = _to_padded(self._flat(ref_lp, idx), mask) if ref_lp is not None else None
-                entropies = None
-                if self.algo.entropy_coef > 0:
-                    entropies = _to_padded(entropy_from_logits(logits), mask)
-                loss_mask = mask & in_loss[idx].to(self.device)[:, None]
+                ref = (_to_padded(self._flat(ref_lp, idx).to(dev), lens)
+                       if ref_lp is not None else None)
+                entropies = _to_padded(ent_flat, lens) if self.algo.entropy_coef > 0 else None
+                loss_mask = mask & in_loss[idx].to(dev)[:, None]
                 loss, m = grpo_loss(
-                    logprobs, old, advantages[idx].to(self.device), loss_mask,
+                    logprobs, old, advantages[idx].to(dev), loss_mask,
                     ref_logprobs=ref, kl_coef=self.algo.kl_coef,
                     kl_estimator=self.algo.kl_estimator, entropies=entropies,
                     entropy_coef=self.algo.entropy_coef, clip_low=self.algo.clip_low,
                     clip_high=self.algo.clip_high, dual_clip=self.algo.dual_clip,
                     loss_agg=self.algo.loss_agg, **agg)
-                loss.backward()
+                parallel.backward(loss, self.cfg.tp > 1)
 
                 with torch.no_grad():
-                    tokens = float(mask.sum())
+                    tokens = float(len(lp_flat))
                     gap = (lp_flat.detach().cpu() - self._flat(rollout_lp, idx)).abs()
                     m["logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
                     m["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
-                    if entropies is None:
-                        # A metric only: reuse the loss's log-softmax (the logits are finite)
-                        # instead of a second pass over the [n, vocabulary] logits.
-                        logp = logp_all.detach()
-                        m["entropy"] = float(-(logp.exp() * logp).sum(-1).mean())
+                    m["entropy"] = float(ent_flat.detach().mean())
                 for key, value in m.items():
                     if key in _MAX_METRICS:
                         sums[key] = max(sums.get(key, -math.inf), value)
@@ -313,18 +293,19 @@ class Learner:
                         sums[key] = sums.get(key, 0.0) + value * tokens
                         weights[key] = weights.get(key, 0.0) + tokens
             grad_norms.append(self._optimizer_step())
-        metrics.update({k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums})
+        metrics = {k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums}
         self.step += 1
         t1 = time.perf_counter()
         # Tokens of all prompt+response sequences, as a learner without prompt sharing sees them.
-        num_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+        seq_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
         metrics.update({
+            "tokens": float(sum(len(r) for r in responses)),
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.scheduler.get_last_lr()[0],
             "learner_step": self.step,
             "time/ref_and_old_logprobs": t_ref - t0,
             "time/update_passes": t1 - t_ref,
-            "tokens_per_s": num_tokens / (t1 - t0),
+            "seq_tokens": float(seq_tokens),
         })
         return metrics
 
@@ -334,31 +315,31 @@ class Learner:
         return torch.tensor([x for i in idx for x in per_seq[i]], dtype=torch.float32)
 
     def _optimizer_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        else:
-            norm = float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        norm = parallel.clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    @torch.no_grad()
     def update_reference(self) -> None:
-        """Copy the policy into the reference model (the paper refreshes it every 400 steps)."""
+        """Copy the policy into the reference model (the paper refreshes it every 400 steps).
+
+        Both are sharded the same way, so each rank copies its own shards.
+        """
         if self.ref_model is not None:
-            self.ref_model.load_state_dict(self.model.state_dict())
+            for ref, param in zip(self.ref_model.parameters(), self.model.parameters(),
+                                  strict=True):
+                ref.copy_(param)
 
     # --- weights out --------------------------------------------------------------------------
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Weights under their HF names; tied weights once (the engines re-tie them)."""
-        yield from self.model.named_parameters()
-
     def weight_manifest(self, dtype: str) -> weight_sync.WeightManifest:
-        """What the engines will receive: names, shapes and the wire (engine) dtype."""
-        return weight_sync.build_manifest(self.named_weights(), DTYPES[dtype])
+        """What the engines will receive: names, full shapes and the wire (engine) dtype.
+
+        Tied weights appear once; the engines re-tie them.
+        """
+        return weight_sync.build_manifest(self.model.named_parameters(), DTYPES[dtype])
 
     def sync_address(self) -> tuple[str, int]:
         """Where this learner will host the weight-sync rendezvous (its node, a free port)."""
@@ -369,21 +350,75 @@ class Learner:
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
                          backend: str) -> int:
-        self.sync_group = weight_sync.init_weight_sync_group(
-            backend, master_addr, master_port, rank=0, world_size=world_size)
-        return 0
+        """Rank 0 joins the engines' weight-sync group as its rank 0; other ranks do nothing."""
+        if self.rank == 0:
+            self.sync_group = weight_sync.init_weight_sync_group(
+                backend, master_addr, master_port, rank=0, world_size=world_size)
+        return self.rank
 
     @torch.no_grad()
     def broadcast_weights(self, manifest: weight_sync.WeightManifest,
                           bucket_bytes: int) -> dict[str, float]:
+        """Gather each full tensor from its shards (all ranks) and send it on (rank 0).
+
+        Rank 0 holds at most one gathered tensor and one bucket at a time, never the model.
+        """
+        tensors = parallel.full_tensors(self.model)
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {}
         if self.sync_group is None:
             raise RuntimeError("init_weight_sync must be called before broadcast_weights")
-        return weight_sync.broadcast_weights(self.sync_group, self.named_weights(), manifest,
-                                             bucket_bytes)
+        return weight_sync.broadcast_weights(self.sync_group, tensors, manifest, bucket_bytes)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd,
+                 "scheduler": self.scheduler.state_dict(), "step": self.step}
+        if self.ref_model is not None:
+            state["ref_model"] = get_model_state_dict(self.ref_model)
+        return state
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write this rank's shards of model, optimizer, scheduler and step (DCP, all ranks)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=path)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore what `save_checkpoint` wrote, resharding if needed; returns the step."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        if self.ref_model is not None:
+            set_model_state_dict(self.ref_model, state["ref_model"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        return self.step
 
     def save_pretrained(self, path: str) -> str:
-        self.model.save_pretrained(path)
+        """Export the policy as a Hugging Face folder (for serving and evaluation).
+
+        Every rank takes part in gathering the full state dict; rank 0 writes it.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(self.model.name_or_path).save_pretrained(path)
+        full = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=full)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return path

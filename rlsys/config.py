@@ -123,18 +123,21 @@ class RewardConfig:
 @dataclass
 class LearnerConfig:
     device: str = doc("cpu | cuda; the collective backend follows (gloo | nccl)", "cpu")
+    tp: int = doc("tensor-parallel size: each layer split over this many learner workers", 1)
+    dp: int = doc("data-parallel size (FSDP): the batch is split over this many tp groups", 1)
     lr: float = doc("AdamW learning rate", 1e-5)
     weight_decay: float = doc("AdamW weight decay", 0.0)
     betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.99])
     warmup_steps: int = doc("linear learning-rate warm-up steps", 0)
     grad_clip: float = doc("max global gradient norm; 0 disables clipping", 1.0)
     param_dtype: str = doc("master weight dtype", "float32")
-    compute_dtype: str = doc("autocast dtype for forward/backward: bfloat16 | float32",
-                             "bfloat16")
+    compute_dtype: str = doc("forward/backward dtype (FSDP casts the masters): bfloat16 | "
+                             "float32", "bfloat16")
     max_tokens_per_microbatch: int = doc("token budget of one forward/backward", 4096)
-    num_cpus: float = doc("Ray CPUs reserved for the learner", 1.0)
-    num_gpus: float = doc("Ray GPUs reserved for the learner", 0.0)
-    num_threads: int = doc("torch threads in the learner; 0 = all cores", 0)
+    num_cpus: float = doc("Ray CPUs reserved per learner worker (tp x dp of them)", 1.0)
+    num_gpus: float = doc("Ray GPUs reserved per learner worker (tp x dp of them)", 0.0)
+    num_threads: int = doc("torch threads per learner worker; 0 = the node's cores / (tp x dp)",
+                           0)
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
 
 
@@ -378,6 +381,7 @@ def validate(cfg: Config) -> None:
                        ("rollout.max_sampling_rounds", r.max_sampling_rounds),
                        ("reward.num_workers", cfg.reward.num_workers),
                        ("learner.max_tokens_per_microbatch", lr.max_tokens_per_microbatch),
+                       ("learner.tp", lr.tp), ("learner.dp", lr.dp),
                        ("algorithm.updates_per_batch", a.updates_per_batch),
                        ("trainer.steps", t.steps),
                        ("data.eval_size", d.eval_size)]:

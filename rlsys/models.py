@@ -360,11 +360,11 @@ def _check_smollm2_tokenizer(tokenizer: Any) -> None:
 def build_tiny_model(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
-    num_heads: int = 2,
-    num_kv_heads: int = 1,
-    intermediate_size: int = 128,
+    num_heads: int = 4,  # 4 query and 2 key/value heads: tensor parallel 2 splits both
+    num_kv_heads: int = 2,
+    intermediate_size: int = 256,
     vocab_size: int = 512,
     max_position_embeddings: int = 1024,
     initializer_range: float = 0.02,

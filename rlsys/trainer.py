@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
-from learners.learner import Learner
+from learners.group import LearnerGroup
 from rlsys.algo import group_advantages
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import Problem, Task, make_task, render_prompt
@@ -87,11 +87,11 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         r, lc = cfg.rollout, cfg.learner
         t0 = time.perf_counter()
-        self.learner = ray.remote(Learner).options(
-            name="learner-0", num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
-            runtime_env=_threads_env(lc.num_threads),
-        ).remote(model_path, lc, cfg.algorithm, temperature=r.temperature,
-                 max_response_len=r.max_new_tokens, seed=cfg.trainer.seed)
+        world = lc.tp * lc.dp
+        self.learner = LearnerGroup(
+            model_path, lc, cfg.algorithm, temperature=r.temperature,
+            max_response_len=r.max_new_tokens, seed=cfg.trainer.seed,
+            runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
         self.rollout = RolloutPool(
             model_path, r.num_workers,
             worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
@@ -109,8 +109,9 @@ class GRPOTrainer:
             parts={"language": make_language_reward(cfg.reward.language_target)})
         self.version = 0
         self._connect_weight_sync()
-        log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), 1 learner",
-                 time.perf_counter() - t0, r.num_workers, cfg.reward.num_workers)
+        log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
+                 "%d learner worker(s) (tp=%d x dp=%d)", time.perf_counter() - t0,
+                 r.num_workers, cfg.reward.num_workers, world, lc.tp, lc.dp)
         self.metrics = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class GRPOTrainer:
                              ("reward/total", "reward/accuracy", "eval/accuracy") if k in stats})
         bar.close()
         if t.save_final:
-            path = ray.get(self.learner.save_pretrained.remote(str(self.out / "final")))
+            path = self.learner.save_pretrained(str(self.out / "final"))
             log.info("saved the trained policy to %s", path)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -149,9 +150,9 @@ class GRPOTrainer:
                      "advantages": advantages.tolist(),
                      "loss_mask": [not (self.cfg.reward.truncated == "mask"
                                         and s["finish_reason"] == "length") for s in samples]}
-            learner_stats = ray.get(self.learner.train_step.remote(batch))
+            learner_stats = self.learner.train_step(batch)
             if a.ref_update_every and step % a.ref_update_every == 0:
-                ray.get(self.learner.update_reference.remote())
+                self.learner.update_reference()
             t_update = time.perf_counter()
             sync = self.broadcast_weights()
             t_sync = time.perf_counter()
@@ -250,8 +251,9 @@ class GRPOTrainer:
         self.version += 1
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
         engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version)
-        sent = self.learner.broadcast_weights.remote(self.manifest, bucket)
-        stats, *versions = ray.get([sent, *engine_refs])
+        sent = self.learner.broadcast_weights(self.manifest, bucket)
+        results = ray.get([*sent, *engine_refs])
+        stats, versions = results[0], results[len(sent):]
         if any(v != self.version for v in versions):
             raise RuntimeError(f"engines report weight versions {versions}, "
                                f"expected {self.version}")
@@ -281,16 +283,16 @@ class GRPOTrainer:
 
     def _connect_weight_sync(self) -> None:
         backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
-        addr, port = ray.get(self.learner.sync_address.remote())
+        addr, port = self.learner.sync_address()
         refs = self.rollout.init_weight_sync(addr, port, backend)
-        world = self.rollout.weight_sync_world_size  # the learner + every engine worker
-        ray.get([self.learner.init_weight_sync.remote(addr, port, world, backend), *refs])
-        self.manifest = ray.get(self.learner.weight_manifest.remote(self.cfg.rollout.dtype))
+        world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
+        ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])
+        self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
 
     def shutdown(self) -> None:
         for close in (getattr(self, "metrics", None) and self.metrics.close,
                       self.rollout.shutdown, self.rewards.shutdown,
-                      lambda: ray.kill(self.learner)):
+                      getattr(self, "learner", None) and self.learner.shutdown):
             if close:
                 try:
                     close()
@@ -366,7 +368,8 @@ def ray_session(cfg: Config) -> Iterator[None]:
     else:
         # Rollout, reward and learner phases take turns on the cores, so the local cluster
         # offers at least as many logical CPUs as the actors reserve together.
-        wanted = (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.learner.num_cpus
+        wanted = (cfg.rollout.num_workers * cfg.rollout.num_cpus
+                  + cfg.learner.num_cpus * cfg.learner.tp * cfg.learner.dp
                   + cfg.reward.num_workers * cfg.reward.num_cpus)
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
         ray.init(address="local", num_cpus=num_cpus, _temp_dir=cfg.ray.temp_dir,

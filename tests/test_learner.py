@@ -1,4 +1,4 @@
-"""The learner in-process (no Ray): micro-batching, log-probs and the GRPO update."""
+"""The learner in-process (no Ray, a world of one): packing, log-probs and the GRPO update."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from learners.learner import Learner, make_microbatches
+from learners.learner import Learner
+from learners.packing import pack_microbatches
 from rlsys.config import AlgorithmConfig, LearnerConfig
 from rlsys.models import resolve_model
 
@@ -24,36 +25,48 @@ def make_learner(path: str, **overrides) -> Learner:
     return Learner(path, lc, algo, max_response_len=8, seed=0)
 
 
-def test_microbatches_share_prompts_and_respect_the_budget():
+def full_state(learner: Learner) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in learner.model.state_dict().items()}
+
+
+def test_packing_shares_prompts_and_respects_the_budget():
     prompts = [[1, 2, 3]] * 3 + [[4]] + [[5, 6]] * 2 + [[7, 8, 9, 10]]
     responses = [[11, 12], [13, 14, 15], [16], [17], [18], [19, 20], [21]]
-    mbs = make_microbatches(prompts, responses, max_tokens=12, pad_id=0)
+    mbs = pack_microbatches(prompts, responses, max_tokens=12)
     assert sorted(i for mb in mbs for i in mb.index) == list(range(len(prompts)))
     for mb in mbs:
-        assert mb.prompt_ids.numel() + mb.response_ids.numel() <= 12
-        # Each prompt appears once per micro-batch; every response sits under its own prompt.
-        rows = [tuple(r[m.bool()].tolist()) for r, m in zip(mb.prompt_ids, mb.prompt_mask,
-                                                             strict=True)]
-        assert len(rows) == len(set(rows))
-        for row, i in enumerate(mb.index):
-            assert rows[int(mb.owner[row])] == tuple(prompts[i])
-            assert mb.response_ids[row][mb.response_mask[row]].tolist() == responses[i]
-    # The three completions of prompt [1, 2, 3] share one prompt row.
-    assert sum(mb.prompt_ids.shape[0] for mb in make_microbatches(
-        prompts, responses, max_tokens=100, pad_id=0)) == 4
+        assert mb.num_tokens <= 12
+        tokens, positions = mb.input_ids.tolist(), mb.position_ids.tolist()
+        # Every response token is predicted from its own sequence: the previous token of the
+        # response, or the last token of its prompt (at the position just before).
+        targets = mb.targets.split(mb.response_lens)
+        predict = mb.predict_index.split(mb.response_lens)
+        for i, t, p in zip(mb.index, targets, predict, strict=True):
+            assert t.tolist() == responses[i]
+            first = int(p[0])
+            assert positions[first] == len(prompts[i]) - 1
+            assert tokens[first - len(prompts[i]) + 1: first + 1] == prompts[i]
+    # One micro-batch holds each prompt once: 4 prompts (10 tokens) + 11 response tokens.
+    (whole,) = pack_microbatches(prompts, responses, max_tokens=100)
+    assert whole.num_tokens == 10 + 11
     with pytest.raises(ValueError, match="max_tokens_per_microbatch"):
-        make_microbatches([[1] * 10], [[2]], max_tokens=8, pad_id=0)
+        pack_microbatches([[1] * 10], [[2]], max_tokens=8)
 
 
 def test_logprobs_match_a_plain_forward_pass(tiny_path):
-    """Shared prompts (left-padded, cached) give each sequence's own full-forward log-probs."""
-    learner = make_learner(tiny_path, kl_coef=0.0)
+    """Packed micro-batches give each sequence's own full-forward (padding-free) log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    learner = make_learner(tiny_path, kl_coef=0.0, max_tokens=12)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     prompts = [[5, 6, 7], [5, 6, 7], [8, 9], [8, 9], [30, 31, 32, 33, 34]]
     responses = [[10, 11, 12, 13], [14], [15, 16], [17, 18, 19], [20, 21]]
     got = learner.compute_logprobs(prompts, responses)
+    assert len(pack_microbatches(prompts, responses, 12)) > 1
     with torch.no_grad():
         for p, r, lp in zip(prompts, responses, got, strict=True):
-            logits = learner.model(torch.tensor([p + r])).logits[0].float()
+            logits = plain(torch.tensor([p + r])).logits[0].float()
             want = torch.log_softmax(logits, -1)[len(p) - 1: -1].gather(
                 -1, torch.tensor(r)[:, None]).squeeze(-1)
             torch.testing.assert_close(torch.tensor(lp), want, atol=1e-5, rtol=1e-5)
@@ -91,8 +104,8 @@ def test_microbatch_split_gives_the_same_update(tiny_path):
         lp = learner.compute_logprobs(prompts, responses)
         learner.train_step({"prompt_ids": prompts, "response_ids": responses,
                             "rollout_logprobs": lp, "advantages": [1.0, -0.5, 0.3, -0.8]})
-        results.append({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
-    assert len(make_microbatches(prompts, responses, 8, 0)) > 1
+        results.append(full_state(learner))
+    assert len(pack_microbatches(prompts, responses, 8)) > 1
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=1e-5)
 
@@ -113,6 +126,6 @@ def test_masked_completions_contribute_no_gradient(tiny_path):
                                                              batch["response_ids"])
         batch["loss_mask"] = [i != 1 for i in keep]
         learner.train_step(batch)
-        states.append({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
+        states.append(full_state(learner))
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)

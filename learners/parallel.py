@@ -1,0 +1,203 @@
+"""Tensor x data parallelism for the learner, with PyTorch's DTensor tools.
+
+The learner's world is a 2-D device mesh ("dp", "tp"), rank = dp_index * tp + tp_index:
+
+* tensor parallel over "tp", Megatron-style (`parallelize_module`): attention q/k/v and MLP
+  gate/up are split by output features (column-parallel), attention output and MLP down by input
+  features (row-parallel), so each block needs one all-reduce in forward and one in backward.
+  The token embedding and the output projection are split by vocabulary; the logits stay split
+  (a DTensor sharded on the vocabulary), and log-probs and entropies are computed from the
+  shards under `loss_parallel`, so no rank ever holds a [tokens, vocabulary] tensor.
+* fully sharded data parallel over "dp" (FSDP2 `fully_shard`): parameters, gradients and
+  optimizer state are sharded; each decoder layer is all-gathered just before it runs. FSDP is
+  applied even at dp = 1 so that one code path (DTensor parameters, mixed-precision policy,
+  checkpoints) serves every shape.
+
+The same functions run on GPUs (NCCL) and on CPU (gloo); only the mesh's device type differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+# Module names (relative to a decoder layer) of the Llama/Qwen2/Mistral family.
+_COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                    "mlp.gate_proj", "mlp.up_proj")
+_ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def init_learner_world(rank: int, world_size: int, master_addr: str, master_port: int,
+                       backend: str, timeout_s: float = 600) -> None:
+    """Join the learner group's default process group (once per process)."""
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"this process is already rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, not rank {rank} of {world_size}")
+        return
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def make_mesh(device_type: str, dp: int, tp: int) -> DeviceMesh:
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def check_tensor_parallel(config: object, tp: int) -> None:
+    """Refuse shapes that Megatron-style splitting cannot serve, naming the config key."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None:
+        raise ValueError(f"learner.tp={tp}: the model config has no num_attention_heads")
+    for what, n in (("attention heads", heads), ("key/value heads", kv_heads),
+                    ("intermediate_size", getattr(config, "intermediate_size", tp))):
+        if n % tp:
+            raise ValueError(f"learner.tp={tp} must divide the model's {what} ({n})")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split a Llama-family causal LM over `tp_mesh` in place (see the module docstring)."""
+    tp = tp_mesh.size()
+    if tp == 1:
+        return
+    check_tensor_parallel(model.config, tp)
+    decoder = model.get_decoder()
+    missing = []
+    for name in (*_COLUMN_PARALLEL, *_ROW_PARALLEL):
+        try:
+            decoder.layers[0].get_submodule(name)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"learner.tp={tp} needs Llama/Qwen2-style decoder layers; "
+                         f"{type(model).__name__} has no {', '.join(missing)}")
+    for layer in decoder.layers:
+        plan = {name: ColwiseParallel() for name in _COLUMN_PARALLEL}
+        plan |= {name: RowwiseParallel() for name in _ROW_PARALLEL}
+        parallelize_module(layer, tp_mesh, plan)
+    tied = model.config.tie_word_embeddings
+    # Vocabulary-parallel embedding: each rank looks up its rows, the partial sums are reduced.
+    parallelize_module(decoder.embed_tokens, tp_mesh,
+                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    # Vocabulary-parallel output projection; the logits stay sharded on the vocabulary.
+    parallelize_module(model.get_output_embeddings(), tp_mesh,
+                       ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    if tied:
+        # Both are split on the vocabulary dimension, so one DTensor serves both again.
+        model.get_output_embeddings().weight = decoder.embed_tokens.weight
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
+    """Shard parameters, gradients and optimizer state over `dp_mesh`, one unit per layer.
+
+    Parameters stay in their (fp32 master) dtype and are cast to `compute_dtype` when gathered;
+    gradients are reduced in fp32. Gradients are summed, not averaged, over the dp ranks: the
+    GRPO loss on each rank is already normalised by the global batch's token/sequence count.
+    """
+    mp = MixedPrecisionPolicy(
+        param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+        reduce_dtype=torch.float32)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    model.set_gradient_divide_factor(1.0)
+    # A plain SUM (gloo has no pre-multiplied sum; with factor 1 there is nothing to scale).
+    model.set_force_sum_reduction_for_comms(True)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per row of `logits` [N, V], and optionally the entropy per row.
+
+    `logits` may be a DTensor sharded on the vocabulary (tensor parallel): then both are
+    computed from the shards (a max, a sum of exponentials and the target's logit reduced
+    across ranks), never gathering the vocabulary.
+    """
+    if isinstance(logits, DTensor):
+        with loss_parallel():
+            logprobs = -F.cross_entropy(logits, targets, reduction="none")
+            entropy = None
+            if with_entropy:
+                logp = F.log_softmax(logits, dim=-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+        logprobs = logprobs.full_tensor()
+        return logprobs, entropy.full_tensor() if entropy is not None else None
+    logp = torch.log_softmax(logits, dim=-1)
+    logprobs = logp.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return logprobs, entropy
+
+
+def backward(loss: torch.Tensor, tensor_parallel: bool) -> None:
+    """`loss.backward()`; vocabulary-parallel log-softmax must also be differentiated under
+    `loss_parallel`."""
+    with loss_parallel() if tensor_parallel else contextlib.nullcontext():
+        loss.backward()
+
+
+def _grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
+    """Gradients grouped by mesh and placements (norms of mixed DTensors cannot be stacked)."""
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups[key].append(g)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of the (sharded) gradients; scales them to `max_norm` if it is > 0."""
+    norms = []
+    for grads in _grad_groups(params):
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return 0.0
+    total = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for grads in _grad_groups(params):
+            for g in grads:
+                g.mul_(scale)
+    return total
+
+
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) per parameter, gathered one at a time from its shards.
+
+    Every rank of the learner world must consume this iterator in lockstep: each gather is a
+    collective. Tied weights appear once, under their first name.
+    """
+    for name, param in model.named_parameters():
+        data = param.data
+        yield name, data.full_tensor() if isinstance(data, DTensor) else data
+
+
+def local_shard_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    return total
