@@ -112,16 +112,20 @@ class RolloutWorker:
         top_p: float = 1.0,
         max_tokens: int = 128,
         stop: list[str] | None = None,
+        seed: int | None = None,
     ) -> list[dict[str, Any]]:
         """n completions per prompt, prompt-major: result[i * n + j] is prompt i's j-th sample.
 
         "logprobs" holds the log-prob of each sampled token under the sampling distribution.
+        With `seed`, prompt i is sampled with its own seed `seed + i`, so the samples do not
+        depend on the engine's history (a restarted or resumed run draws the same ones).
         """
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                max_tokens=max_tokens, stop=stop, logprobs=0,
-                                flat_logprobs=True)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_tokens, stop=stop, logprobs=0,
+                                 flat_logprobs=True, seed=None if seed is None else seed + i)
+                  for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results: list[dict[str, Any]] = []
         for request in outputs:
@@ -205,8 +209,12 @@ class RolloutPool:
         """Learner rank 0 plus one rank per engine worker (per TP shard)."""
         return 1 + len(self.workers) * self.tensor_parallel_size
 
-    def generate(self, prompts: list[str], n: int, **sampling: Any) -> list[dict[str, Any]]:
-        """Like `RolloutWorker.generate`, over contiguous, balanced chunks run concurrently."""
+    def generate(self, prompts: list[str], n: int, seed: int | None = None,
+                 **sampling: Any) -> list[dict[str, Any]]:
+        """Like `RolloutWorker.generate`, over contiguous, balanced chunks run concurrently.
+
+        Prompt i gets seed `seed + i` whichever engine serves it.
+        """
         import ray
 
         base, extra = divmod(len(prompts), len(self.workers))
@@ -214,7 +222,9 @@ class RolloutPool:
         for index, worker in enumerate(self.workers):
             size = base + (1 if index < extra else 0)
             if size:
-                refs.append(worker.generate.remote(prompts[start:start + size], n, **sampling))
+                refs.append(worker.generate.remote(
+                    prompts[start:start + size], n,
+                    seed=None if seed is None else seed + start, **sampling))
             start += size
         return [item for chunk in ray.get(refs) for item in chunk]
 

@@ -175,6 +175,11 @@ class TrainerConfig:
     eval_temperature: float = doc("sampling temperature for pass@1", 0.6)
     eval_top_p: float = doc("top-p for pass@1", 0.95)
     save_final: bool = doc("save the trained policy as an HF folder in output_dir/final", True)
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps and at the end; "
+                                "0 = never", 0)
+    keep_checkpoints: int = doc("complete checkpoints kept; older ones are deleted", 1)
+    resume: str = doc("never | auto: continue from output_dir's latest complete checkpoint",
+                      "never")
     tensorboard: bool = doc("also write TensorBoard events", True)
     progress: bool = doc("show a progress bar", True)
 
@@ -436,6 +441,11 @@ def validate(cfg: Config) -> None:
     _require(1 <= t.eval_size <= d.eval_size, "trainer.eval_size", t.eval_size,
              f"must be in [1, data.eval_size={d.eval_size}]")
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0")
+    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every,
+             "must be >= 0")
+    _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints,
+             "must be >= 1")
+    _require(t.resume in ("never", "auto"), "trainer.resume", t.resume, "never or auto")
     _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0")
     from rlsys.rewards import check_weights
 

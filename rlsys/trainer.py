@@ -8,7 +8,8 @@ For each step:
     4. advantages are normalised within each group of G (rlsys.algo.group_advantages)
     5. the learner applies the clipped-ratio GRPO update with a KL penalty to the reference
     6. the learner broadcasts its new weights to every engine, which confirm the version
-Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples).
+Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples),
+and every N steps a resumable checkpoint is written (rlsys/checkpoint.py).
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.
 """
 
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import statistics
 import time
@@ -33,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
 from learners.group import LearnerGroup
+from rlsys import checkpoint
 from rlsys.algo import group_advantages
 from rlsys.config import Config, ConfigError, to_yaml
 from rlsys.data import Problem, Task, make_task, render_prompt
@@ -54,11 +57,11 @@ def train(cfg: Config) -> Path:
     task = build_task(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_renders(cfg, tokenizer, task)
-    out = prepare_output_dir(cfg)
+    out, resume_from = prepare_output_dir(cfg)
     with ray_session(cfg), stop_on_sigterm():
         trainer = GRPOTrainer(cfg, model_path, tokenizer, task, out)
         try:
-            trainer.fit()
+            trainer.fit(trainer.restore(resume_from) if resume_from else 0)
         finally:
             trainer.shutdown()
     return out
@@ -116,15 +119,20 @@ class GRPOTrainer:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def fit(self) -> None:
+    def fit(self, start_step: int = 0) -> None:
+        """Train steps start_step + 1 .. trainer.steps (start_step > 0 after a resume)."""
         t = self.cfg.trainer
-        self.metrics.log(0, self.evaluate())
+        if start_step == 0:
+            self.metrics.log(0, self.evaluate(0))
         bar = _progress(t.steps, enabled=t.progress)
-        for step in range(1, t.steps + 1):
+        bar.update(start_step)
+        for step in range(start_step + 1, t.steps + 1):
             stats = self.train_step(step)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                stats |= self.evaluate()
+                stats |= self.evaluate(step)
             self.metrics.log(step, stats)
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
+                self.save_checkpoint(step)
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.2f}" for k in
                              ("reward/total", "reward/accuracy", "eval/accuracy") if k in stats})
@@ -136,7 +144,7 @@ class GRPOTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         r, a = self.cfg.rollout, self.cfg.algorithm
         t0 = time.perf_counter()
-        groups, drawn, timing = self.sample_groups()
+        groups, drawn, timing = self.sample_groups(step)
         samples = [s for g in groups for s in g.samples]
         rewards = torch.tensor([sc["total"] for g in groups for sc in g.scores])
         t_update = t_sync = time.perf_counter()
@@ -186,7 +194,7 @@ class GRPOTrainer:
                       "throughput/train_tokens_per_s": learner_stats["tokens_per_s"]}
         return stats
 
-    def sample_groups(self) -> tuple[list[Group], list[Group], dict[str, float]]:
+    def sample_groups(self, step: int) -> tuple[list[Group], list[Group], dict[str, float]]:
         """B groups of G scored completions for the update, and every group drawn.
 
         With `algorithm.dynamic_sampling` (DAPO), groups whose G rewards are all equal are
@@ -207,7 +215,8 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             samples = self.rollout.generate(self.prompts(problems), n=r.group_size,
                                             temperature=r.temperature, top_p=r.top_p,
-                                            max_tokens=r.max_new_tokens)
+                                            max_tokens=r.max_new_tokens,
+                                            seed=self.request_seed(step, timing["rounds"]))
             t1 = time.perf_counter()
             scores = self.score(problems, samples, r.group_size)
             timing["gen"] += t1 - t0
@@ -246,9 +255,36 @@ class GRPOTrainer:
                 score["total"] = 0.0
         return scores
 
+    def request_seed(self, step: int, stream: int) -> int:
+        """Base seed of the engines' per-prompt seeds for one generate call of a step."""
+        return random.Random(f"{self.cfg.trainer.seed}|{step}|{stream}").randrange(2**30)
+
+    def save_checkpoint(self, step: int) -> Path:
+        t0 = time.perf_counter()
+        tmp = checkpoint.begin(self.out, step)
+        self.learner.save_checkpoint(str(tmp / checkpoint.LEARNER_DIR))
+        path = checkpoint.commit(tmp, step, {"weight_version": self.version,
+                                             "task": self.task.state_dict()},
+                                 keep=self.cfg.trainer.keep_checkpoints)
+        log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+        return path
+
+    def restore(self, path: Path) -> int:
+        """Continue from a checkpoint: learner state, data sampler, weights on the engines."""
+        state = checkpoint.read_trainer_state(path)
+        self.learner.load_checkpoint(str(path / checkpoint.LEARNER_DIR))
+        self.task.load_state_dict(state["task"])
+        self.version = state["weight_version"]
+        self._send_weights()
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"])
+
     def broadcast_weights(self) -> dict[str, float]:
         """Learner → every engine over the weight-sync group; engines confirm the version."""
         self.version += 1
+        return self._send_weights()
+
+    def _send_weights(self) -> dict[str, float]:
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
         engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version)
         sent = self.learner.broadcast_weights(self.manifest, bucket)
@@ -259,7 +295,7 @@ class GRPOTrainer:
                                f"expected {self.version}")
         return stats
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Held-out accuracy: greedy, and pass@1 over k samples (the paper's protocol)."""
         t, r = self.cfg.trainer, self.cfg.rollout
         t0 = time.perf_counter()
@@ -273,7 +309,8 @@ class GRPOTrainer:
         if t.eval_samples > 0:
             sampled = self.rollout.generate(prompts, n=t.eval_samples,
                                             temperature=t.eval_temperature, top_p=t.eval_top_p,
-                                            max_tokens=r.max_new_tokens)
+                                            max_tokens=r.max_new_tokens,
+                                            seed=self.request_seed(step, -1))
             sampled_scores = self.score(problems, sampled, t.eval_samples)
             stats["eval/pass@1"] = statistics.fmean(s.get("accuracy", s["total"])
                                                     for s in sampled_scores)
@@ -346,14 +383,28 @@ def check_prompt_renders(cfg: Config, tokenizer: PreTrainedTokenizerBase, task: 
         raise ConfigError(f"data.template={cfg.data.template}: {exc}") from None
 
 
-def prepare_output_dir(cfg: Config) -> Path:
+def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """The run directory, and the checkpoint to resume from (trainer.resume=auto) if any.
+
+    A directory that already holds a run is refused unless it is resumed; when resuming, the
+    metrics the interrupted run logged after its last checkpoint are dropped (they are redone).
+    """
     out = Path(cfg.trainer.output_dir or "outputs/run")
-    if (out / "metrics.jsonl").exists():
+    resume_from = checkpoint.latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
+    if resume_from is not None:
+        step = checkpoint.read_trainer_state(resume_from)["step"]
+        if step >= cfg.trainer.steps:
+            raise ConfigError(f"trainer.output_dir={out}: its latest checkpoint is step {step}; "
+                              f"trainer.steps={cfg.trainer.steps} leaves nothing to resume")
+        checkpoint.truncate_metrics(out / "metrics.jsonl", step)
+    elif (out / "metrics.jsonl").exists():
+        hint = ("it has no complete checkpoint to resume from" if cfg.trainer.resume == "auto"
+                else "resume it with trainer.resume=auto")
         raise ConfigError(f"trainer.output_dir={out} already holds a run (metrics.jsonl); "
-                          "choose another directory")
+                          f"{hint}, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    return out
+    return out, resume_from
 
 
 @contextmanager
