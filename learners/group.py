@@ -61,14 +61,6 @@ def _rendezvous_address() -> tuple[str, int]:
     return addr, weight_sync.find_free_port(addr)
 
 
-def resource_plan(cfg: LearnerConfig) -> dict[str, Any]:
-    """The group's reservation, as `--print-config` shows it."""
-    bundle = {"CPU": cfg.num_cpus} | ({"GPU": cfg.num_gpus} if cfg.num_gpus else {})
-    return {"workers": cfg.tp * cfg.dp, "mesh": {"dp": cfg.dp, "tp": cfg.tp},
-            "bundle_per_worker": bundle,
-            "total": {k: v * cfg.tp * cfg.dp for k, v in bundle.items()}}
-
-
 class LearnerGroup:
     """tp x dp learner actors; every method runs on all of them (the methods are collective)."""
 

@@ -461,3 +461,25 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def resource_plan(cfg: Config) -> list[str]:
+    """What the run reserves from Ray, one line per actor kind and the total."""
+    r, rw, lr = cfg.rollout, cfg.reward, cfg.learner
+
+    def bundle(cpus: float, gpus: float) -> str:
+        gpu = f", GPU: {gpus:g}" if gpus else ""
+        return f"{{CPU: {cpus:g}{gpu}}}"
+
+    world = lr.tp * lr.dp
+    lines = [
+        f"rollout: {r.num_workers} engine(s) x {bundle(r.num_cpus, r.num_gpus)}"
+        f" (vLLM tensor_parallel_size {r.tensor_parallel_size})",
+        f"reward:  {rw.num_workers} worker(s) x {bundle(rw.num_cpus, 0)}",
+        f"learner: {world} worker(s) (dp {lr.dp} x tp {lr.tp}) x "
+        f"{bundle(lr.num_cpus, lr.num_gpus)}, one placement group, device {lr.device}",
+    ]
+    cpus = r.num_workers * r.num_cpus + rw.num_workers * rw.num_cpus + world * lr.num_cpus
+    gpus = r.num_workers * r.num_gpus + world * lr.num_gpus
+    lines.append(f"total:   CPU {cpus:g}" + (f", GPU {gpus:g}" if gpus else ""))
+    return lines

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from rlsys.config import ConfigError, load_config, to_yaml
+from rlsys.config import ConfigError, load_config, resource_plan, to_yaml
 
 # What `python -m rlsys.run` runs without conf=: the CPU demo.
 DEFAULT_CONF = "smol"
@@ -19,7 +19,7 @@ USAGE = f"""usage: python -m rlsys.run [conf=NAME] [key.sub=value ...] [--print-
 
   conf=NAME        load conf/NAME.yaml (see conf/ for the list; default: {DEFAULT_CONF})
   key.sub=value    override any option, e.g. trainer.steps=10 rollout.group_size=8
-  --print-config   print the resolved config and exit
+  --print-config   print the resolved config and its resource plan, and exit
 """
 
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.trainer.output_dir = f"outputs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if print_only:
         print(to_yaml(cfg), end="")
+        print("# resource plan (Ray reservations):")
+        print("\n".join(f"#   {line}" for line in resource_plan(cfg)))
         return 0
 
     from rlsys.data import DataError

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
 from learners.group import LearnerGroup
+from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.algo import group_advantages
 from rlsys.config import Config, ConfigError, to_yaml
@@ -357,11 +358,18 @@ def build_task(cfg: Config) -> Task:
 
 
 def check_model_fits(cfg: Config, model_path: str) -> None:
-    """The engines' context length must fit the model (vLLM would refuse deep inside an actor)."""
-    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    """The engines' context length and the learner's tensor-parallel split must fit the model
+    (vLLM and the learner would refuse deep inside an actor)."""
+    model_config = AutoConfig.from_pretrained(model_path)
+    limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and cfg.rollout.max_model_len > limit:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the "
                           f"model's max_position_embeddings={limit} ({model_path})")
+    if cfg.learner.tp > 1:
+        try:
+            check_tensor_parallel(model_config, cfg.learner.tp)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} ({model_path})") from None
 
 
 def render_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,

@@ -68,7 +68,14 @@ def test_cli_print_config_and_exit_codes():
     args = ["conf=tiny", "trainer.output_dir=/tmp/x"]
     ok = subprocess.run([*run, *args, "--print-config"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout == to_yaml(load_config(args))
+    config_part, plan = ok.stdout.split("# resource plan (Ray reservations):\n")
+    assert config_part == to_yaml(load_config(args))
+    assert "learner: 1 worker(s) (dp 1 x tp 1)" in plan
+    r1 = subprocess.run([*run, "conf=r1", "--print-config"], capture_output=True, text=True)
+    # The paper-scale recipe: a 16-GPU learner partition, engines on GPUs of their own.
+    assert "learner: 16 worker(s) (dp 4 x tp 4) x {CPU: 4, GPU: 1}" in r1.stdout
+    assert "rollout: 8 engine(s) x {CPU: 4, GPU: 1}" in r1.stdout
+    assert "total:   CPU 112, GPU 24" in r1.stdout
     bad = subprocess.run([*run, "conf=tiny", "rollout.grup_size=3"], capture_output=True,
                          text=True)
     assert bad.returncode == 2
@@ -82,6 +89,7 @@ def test_cli_print_config_and_exit_codes():
     (["data.task=file", "data.path=/no/such.jsonl"], "error: data.path"),
     (["rollout.max_model_len=4096", "learner.max_tokens_per_microbatch=8192"],
      "error: rollout.max_model_len=4096 exceeds the model's max_position_embeddings=1024"),
+    (["learner.tp=3"], "error: learner.tp=3 must divide the model's attention heads (4)"),
 ])
 def test_cli_bad_model_or_data_is_one_line(tmp_path, args, message):
     """Caught before any actor starts: one line, exit code 2, no traceback."""
