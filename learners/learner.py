@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # is its share of the globally normalised loss, so shares add up; every other metric is a
 # token-weighted mean.
 _MAX_METRICS = frozenset({"ratio_max", "logprob_gap_max"})
-_SHARE_METRICS = frozenset({"loss", "pg_loss"})
+_SHARE_METRICS = frozenset({"loss", "pg_loss", "kl"})
 # Same on every rank (computed with collectives or from shared state): taken from rank 0.
 _GLOBAL_METRICS = frozenset({"grad_norm", "lr", "learner_step"})
 

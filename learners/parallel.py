@@ -19,6 +19,7 @@ The same functions run on GPUs (NCCL) and on CPU (gloo); only the mesh's device 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -37,6 +38,11 @@ from torch.distributed.tensor.parallel import (
     loss_parallel,
     parallelize_module,
 )
+
+# DTensor warns each time a 2-D (dp x tp) reduction, such as the gradient norm, runs as two
+# collectives instead of one over a flattened mesh: correct, and at our sizes not worth a
+# second mesh; the warning would repeat every step.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 # Module names (relative to a decoder layer) of the Llama/Qwen2/Mistral family.
 _COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -118,9 +124,12 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
-    model.set_gradient_divide_factor(1.0)
-    # A plain SUM (gloo has no pre-multiplied sum; with factor 1 there is nothing to scale).
-    model.set_force_sum_reduction_for_comms(True)
+    # Each FSDP unit (every layer and the root) keeps its own reduction settings. A plain SUM:
+    # gloo has no pre-multiplied sum, and with factor 1 there is nothing to scale.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool
