@@ -15,6 +15,7 @@ positions that predict response tokens, never on the rest of the prompt.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -116,9 +117,10 @@ class Learner:
         if algorithm.kl_coef > 0:
             self.ref_model = self._build_model(model_path).eval().requires_grad_(False)
 
+        # Fused: one kernel over all parameters; the per-tensor loop costs seconds on CPU.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr,
                                            betas=tuple(learner.betas),
-                                           weight_decay=learner.weight_decay)
+                                           weight_decay=learner.weight_decay, fused=True)
         warmup = learner.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
@@ -137,6 +139,11 @@ class Learner:
 
     # --- log-probs ----------------------------------------------------------------------------
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _logprobs(self, model: nn.Module, mb: PackedMicroBatch, entropy_grad: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies [N] of the micro-batch's response tokens (response-major).
@@ -145,19 +152,15 @@ class Learner:
         otherwise it is a metric computed without building a graph.
         """
         dev = self.device
-        out = model(input_ids=mb.input_ids[None].to(dev),
-                    position_ids=mb.position_ids[None].to(dev),
-                    packed_layout=mb.layout.to(dev), logits_to_keep=mb.predict_index.to(dev),
-                    use_cache=False)
+        with self._autocast():
+            out = model(input_ids=mb.input_ids[None].to(dev),
+                        position_ids=mb.position_ids[None].to(dev),
+                        packed_layout=mb.layout.to(dev),
+                        logits_to_keep=mb.predict_index.to(dev), use_cache=False)
         logits = out.logits[0].float()
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        targets = mb.targets.to(dev)
-        logprobs, entropy = parallel.token_logprobs(logits, targets, with_entropy=entropy_grad)
-        if entropy is None:
-            with torch.no_grad():
-                _, entropy = parallel.token_logprobs(logits.detach(), targets, with_entropy=True)
-        return logprobs, entropy
+        return parallel.token_logprobs(logits, mb.targets.to(dev), entropy_grad)
 
     def _microbatches(self, prompt_ids: list[list[int]], response_ids: list[list[int]]
                       ) -> list[PackedMicroBatch | None]:
