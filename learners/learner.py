@@ -157,7 +157,7 @@ class Learner:
                         position_ids=mb.position_ids[None].to(dev),
                         packed_layout=mb.layout.to(dev),
                         logits_to_keep=mb.predict_index.to(dev), use_cache=False)
-        logits = out.logits[0].float()
+        logits = out.logits[0]
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return parallel.token_logprobs(logits, mb.targets.to(dev), entropy_grad)

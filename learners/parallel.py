@@ -23,6 +23,7 @@ The same functions run on GPUs (NCCL) and on CPU (gloo); only the mesh's device 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -142,28 +143,79 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of each row of `logits` [N, V].
+    """log p(target) and the entropy of each row of `logits` [N, V], both in fp32.
 
-    The entropy is differentiable only if `entropy_grad` (an entropy bonus); as a metric it is
-    computed from the same log-softmax without building a graph. `logits` may be a DTensor
-    sharded on the vocabulary (tensor parallel): then both are computed from the shards (a max,
-    a sum of exponentials and the target's logit reduced across ranks), never gathering the
-    vocabulary.
+    The entropy is differentiable only if `entropy_grad` (an entropy bonus); as a metric it
+    carries no graph. `logits` may be a DTensor sharded on the vocabulary (tensor parallel):
+    then both are computed from the shards (a max, a sum of exponentials and the target's logit
+    reduced across ranks), never gathering the vocabulary.
     """
-    track = entropy_grad and torch.is_grad_enabled()
     if isinstance(logits, DTensor):
+        track = entropy_grad and torch.is_grad_enabled()
         with loss_parallel():
-            logprobs = -F.cross_entropy(logits, targets, reduction="none")
+            logprobs = -F.cross_entropy(logits.float(), targets, reduction="none")
             with torch.set_grad_enabled(track):
-                logp = F.log_softmax(logits if track else logits.detach(), dim=-1)
+                logp = F.log_softmax((logits if track else logits.detach()).float(), dim=-1)
                 entropy = -(logp.exp() * logp).sum(-1)
         return logprobs.full_tensor(), entropy.full_tensor()
-    logp = torch.log_softmax(logits, dim=-1)
-    logprobs = logp.gather(-1, targets[:, None]).squeeze(-1)
-    with torch.set_grad_enabled(track):
-        source = logp if track else logp.detach()
-        entropy = -(source.exp() * source).sum(-1)
-    return logprobs, entropy
+    if entropy_grad:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    return _TargetLogprobs.apply(logits, targets)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """log softmax(logits)[target] without materialising the [N, V] log-softmax.
+
+    The autograd way keeps an fp32 copy of the logits, their log-softmax (saved for backward),
+    its gradient and a zero-filled gather gradient: four vocabulary-sized fp32 tensors per
+    micro-batch, each fresh memory the kernel must fault in. Here only the log-sum-exp per row
+    is saved; forward and backward work through two reused fp32 buffers of a few thousand rows,
+    and backward writes the gradient once, in the logits' dtype:
+        d logp_t / d z_j = 1[j = t] - softmax(z)_j.
+    The entropy (a metric) comes out of the same pass.
+    """
+
+    @staticmethod
+    def _chunks(logits: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        rows, vocab = logits.shape
+        step = max(1, min(rows, (64 << 20) // max(vocab, 1)))  # ~256 MB fp32 per buffer
+        spans = [(s, min(s + step, rows)) for s in range(0, rows, step)]
+        empty = functools.partial(torch.empty, (step, vocab), dtype=torch.float32,
+                                  device=logits.device)
+        return spans, empty(), empty()
+
+    @staticmethod
+    def forward(ctx: object, logits: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        spans, z, p = _TargetLogprobs._chunks(logits)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(lse)
+        for s, e in spans:
+            zc, pc = z[: e - s], p[: e - s]
+            zc.copy_(logits[s:e])
+            lse[s:e] = torch.logsumexp(zc, dim=-1)
+            zc.sub_(lse[s:e, None])  # log-probs
+            torch.exp(zc, out=pc)
+            entropy[s:e] = -(pc.mul_(zc)).sum(-1)
+        logprobs = logits.gather(-1, targets[:, None]).squeeze(-1).float() - lse
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: object, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor
+                 ) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        spans, z, _ = _TargetLogprobs._chunks(logits)
+        grad = torch.empty_like(logits)
+        g = grad_logprobs.float()
+        for s, e in spans:
+            zc = z[: e - s]
+            zc.copy_(logits[s:e]).sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
+            zc.scatter_add_(-1, targets[s:e, None], g[s:e, None])
+            grad[s:e] = zc
+        return grad, None
 
 
 def backward(loss: torch.Tensor, tensor_parallel: bool) -> None:
