@@ -118,7 +118,8 @@ class Learner:
             self.ref_model = self._build_model(model_path).eval().requires_grad_(False)
 
         # Fused: one kernel over all parameters; the per-tensor loop costs seconds on CPU.
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr,
+        self.optimizer = torch.optim.AdamW(parallel.param_groups(list(self.model.parameters())),
+                                           lr=learner.lr,
                                            betas=tuple(learner.betas),
                                            weight_decay=learner.weight_decay, fused=True)
         warmup = learner.warmup_steps

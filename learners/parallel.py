@@ -225,6 +225,17 @@ def backward(loss: torch.Tensor, tensor_parallel: bool) -> None:
         loss.backward()
 
 
+def param_groups(params: list[nn.Parameter]) -> list[dict[str, list[nn.Parameter]]]:
+    """Optimizer parameter groups of like tensors: plain tensors, and DTensors per mesh and
+    placements. A fused optimizer step is one kernel per group and cannot mix them (under
+    tp > 1 without FSDP the norms stay plain tensors while the split layers are DTensors)."""
+    groups: dict[object, list[nn.Parameter]] = defaultdict(list)
+    for p in params:
+        key = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
+        groups[key].append(p)
+    return [{"params": group} for group in groups.values()]
+
+
 def _grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
     """Gradients grouped by mesh and placements (norms of mixed DTensors cannot be stacked)."""
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
