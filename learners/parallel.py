@@ -231,9 +231,13 @@ def param_groups(params: list[nn.Parameter]) -> list[dict[str, list[nn.Parameter
     tp > 1 without FSDP the norms stay plain tensors while the split layers are DTensors)."""
     groups: dict[object, list[nn.Parameter]] = defaultdict(list)
     for p in params:
-        key = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
-        groups[key].append(p)
+        groups[_tensor_kind(p)].append(p)
     return [{"params": group} for group in groups.values()]
+
+
+def _tensor_kind(t: torch.Tensor) -> object:
+    """None for a plain tensor; (mesh, placements) for a DTensor."""
+    return (t.device_mesh, tuple(t.placements)) if isinstance(t, DTensor) else None
 
 
 def _grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
@@ -243,8 +247,7 @@ def _grad_groups(params: list[nn.Parameter]) -> list[list[torch.Tensor]]:
         g = p.grad
         if g is None:
             continue
-        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups[key].append(g)
+        groups[_tensor_kind(g)].append(g)
     return list(groups.values())
 
 
