@@ -9,9 +9,15 @@ Isolation model (see FACTS.md, "Sandboxing untrusted code"):
 * Only ``/usr`` (plus the ``/bin``/``/lib``/``/lib64`` symlinks and the ld.so cache) is bound,
   read-only; the work dir ``/tmp`` is a fresh tmpfs per run, so nothing leaks between runs and
   nothing reaches the host's disk. ``/root``, ``/home``, ``/work`` and ``/etc`` are never bound.
-* bwrap itself is started as ``nobody`` (uid/gid 65534) rather than root. This matters because
+* bwrap itself is started as an unprivileged host uid/gid rather than root. This matters because
   the kernel does not enforce RLIMIT_NPROC for the host's uid 0 — inside a user namespace mapped
-  onto root a fork bomb would be unbounded.
+  onto root a fork bomb would be unbounded. Inside the sandbox the program sees uid/gid 65534.
+* Every concurrently running sandbox on the host gets a host uid of its own, from
+  :data:`HOST_UID_BASE` on (see :func:`claim_host_uid`). The kernel keeps several budgets per
+  host uid, so sandboxes sharing one uid would share them: RLIMIT_NPROC itself on kernels before
+  5.14 (a fork bomb in one sandbox makes ``fork()`` fail in every other), on newer kernels the
+  host-wide process count of the uid, which is checked against the launcher's own RLIMIT_NPROC,
+  and counters such as pipe-buffer pages.
 * rlimits (address space, CPU, file size, open files, processes, core) are applied with
   ``prlimit`` *inside* the sandbox right before ``python3``; doing it there avoids a
   ``preexec_fn``, which is unsafe in a multi-threaded parent such as a Ray actor.
@@ -27,16 +33,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import random
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 logger = logging.getLogger(__name__)
@@ -44,9 +54,19 @@ logger = logging.getLogger(__name__)
 #: Interpreter used inside the sandbox. Debian's python3, because the preinstalled pyenv Python
 #: lives under /root (mode 700), which must neither be bound nor be readable by ``nobody``.
 SANDBOX_PYTHON = "/usr/bin/python3"
-#: Unprivileged host uid/gid the sandbox runs as (see module docstring for why not root).
+#: uid/gid the program sees inside the sandbox (``nobody``); bwrap maps it onto the host uid.
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
+#: First of the host uids (and gids, same numbers) sandboxes run as, one per running sandbox.
+#: systemd's uid table (https://systemd.io/UIDS-GIDS/) leaves 1879048192..2147352575 unused: it
+#: is above regular, dynamic, subuid (100000 + 65536*n) and nspawn container ranges and below
+#: 2**31, which some tools mishandle. Using an id without any account is safe: setresuid() to a
+#: bare number needs no passwd entry, bwrap and python3 under /usr are world-readable, and the
+#: program and its files come in through memfds, so the uid never needs to own or open anything.
+HOST_UID_BASE = 2_000_000_000
+#: How many sandboxes may run at once on a host. Each may hold DEFAULT_NPROC processes, so this
+#: also bounds what all sandboxes together can fork.
+HOST_UID_SLOTS = 128
 #: Work directory inside the sandbox (a fresh tmpfs each run).
 WORKDIR = "/tmp"
 #: Where the program itself is placed, read-only and outside the work dir so that the work dir
@@ -62,6 +82,8 @@ WORKDIR_BYTES = 64 * 1024 * 1024
 SHM_BYTES = 16 * 1024 * 1024
 
 _READ_CHUNK = 65536
+#: Pause between sweeps over the slots while every one of them is taken.
+_SLOT_RETRY_S = 0.02
 
 
 class SandboxUnavailable(RuntimeError):
@@ -140,6 +162,64 @@ def _root_binds() -> list[str]:
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     args += ["--ro-bind-try", "/etc/alternatives", "/etc/alternatives"]
     return args
+
+
+def _slot_address(uid: int) -> str:
+    return f"\0rlsys-sandbox-uid-{uid}"
+
+
+# Where this process starts looking for a free slot: random per process, so that several
+# processes on a host do not all contend for the same first slots, then just past the last slot
+# it claimed, so that this process reuses a just-released uid (whose killed processes the kernel
+# may still be tearing down) last. Unlocked: a race between threads only costs a failed bind().
+_next_slot = random.randrange(HOST_UID_SLOTS)
+
+
+def _try_claim_any() -> tuple[int, socket.socket] | None:
+    global _next_slot
+    slots = HOST_UID_SLOTS
+    start = _next_slot % slots
+    for i in range(slots):
+        slot = (start + i) % slots
+        uid = HOST_UID_BASE + slot
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(_slot_address(uid))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:  # another sandbox holds this uid
+                continue
+            raise
+        _next_slot = slot + 1
+        return uid, sock
+    return None
+
+
+@contextlib.contextmanager
+def claim_host_uid(deadline: float) -> Iterator[int | None]:
+    """Hold one host uid from the sandbox range, exclusively, for the ``with`` block.
+
+    Yields the uid, or None if every slot stayed taken until ``deadline`` (a ``time.monotonic``
+    value). The lock on a slot is a bound Linux abstract-namespace unix socket: the name is
+    unique across every process of the host's network namespace (Ray actors, threads), no file
+    is ever created, and the kernel frees the name when the socket is closed, including when the
+    holder dies. Caveats: processes in another network namespace (another container) do not see
+    these names, and anyone in this one could bind them, which denies slots but can never make
+    two sandboxes share a uid.
+    """
+    while True:
+        claimed = _try_claim_any()
+        if claimed is not None or time.monotonic() >= deadline:
+            break
+        time.sleep(min(_SLOT_RETRY_S, max(deadline - time.monotonic(), 0.0)))
+    if claimed is None:
+        yield None
+        return
+    uid, sock = claimed
+    try:
+        yield uid
+    finally:
+        sock.close()
 
 
 def _limit_args(timeout_s: float, memory_mb: int) -> list[str]:
@@ -237,6 +317,10 @@ def run_python(
     ``files`` maps relative paths to text written into the work dir (the program's cwd) before
     it starts. Raises :class:`SandboxUnavailable` if bubblewrap is missing, unless
     ``unsafe_local`` is set, in which case the code runs directly with rlimits only.
+
+    While all :data:`HOST_UID_SLOTS` host uids are in use by other sandboxes, this waits up to
+    ``timeout_s`` for one to free up and then returns ``sandbox_error``; the wait is not charged
+    to the program, whose deadline starts once it has a uid.
     """
     files = dict(files or {})
     _check_files(files)
@@ -244,12 +328,27 @@ def run_python(
     if bwrap is None and not unsafe_local:
         raise SandboxUnavailable(_unavailable_message())
 
+    claim_start = time.monotonic()
+    if bwrap is None:
+        # Not isolated and not switching users, so there is no per-uid budget to keep apart.
+        uid_claim: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
+    else:
+        uid_claim = claim_host_uid(claim_start + timeout_s)
     scratch: list[str] = []  # host dirs to delete afterwards (unsafe_local mode only)
-    try:
-        return _run(code, stdin, timeout_s, memory_mb, files, output_cap, bwrap, scratch)
-    finally:
-        for path in scratch:
-            shutil.rmtree(path, ignore_errors=True)
+    with uid_claim as host_uid:
+        if bwrap is not None and host_uid is None:
+            return SandboxResult(
+                "sandbox_error", None, "",
+                f"no free sandbox uid: all {HOST_UID_SLOTS} slots stayed busy for {timeout_s}s",
+                elapsed_s=time.monotonic() - claim_start,
+            )  # fmt: skip
+        try:
+            return _run(
+                code, stdin, timeout_s, memory_mb, files, output_cap, bwrap, host_uid, scratch
+            )
+        finally:
+            for path in scratch:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _run(
@@ -260,6 +359,7 @@ def _run(
     files: dict[str, str],
     output_cap: int,
     bwrap: str | None,
+    host_uid: int | None,
     scratch: list[str],
 ) -> SandboxResult:
     fds: list[int] = []
@@ -274,8 +374,8 @@ def _run(
                 fds.append(file_fds[name])
             cmd = build_command(bwrap, prog_fd, file_fds, timeout_s, memory_mb)
             popen_kw: dict[str, object] = {
-                "user": SANDBOX_UID,
-                "group": SANDBOX_GID,
+                "user": host_uid,
+                "group": host_uid,
                 "extra_groups": [],
                 "env": {"PATH": "/usr/bin:/bin"},
                 "cwd": "/",

@@ -6,15 +6,19 @@ Timeouts are kept short (1-2 s) so the whole file runs in well under a minute on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -25,10 +29,18 @@ from actors.sandbox import SandboxResult, SandboxUnavailable, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 HOST_TMP = Path("/tmp")
+# Host uids a sandbox may run as, captured at import (tests shrink HOST_UID_SLOTS). 65534 stays
+# in so that a regression to the old shared ``nobody`` is still caught by the host checks.
+SANDBOX_HOST_UIDS = frozenset(
+    [
+        sandbox.SANDBOX_UID,
+        *range(sandbox.HOST_UID_BASE, sandbox.HOST_UID_BASE + sandbox.HOST_UID_SLOTS),
+    ]
+)
 
 
 def _sandbox_procs(marker: str | None = None) -> list[psutil.Process]:
-    """Live processes of the sandbox uid, or (if given) whose command line holds ``marker``."""
+    """Live processes of sandbox uids, or (if given) whose command line holds ``marker``."""
     found = []
     for p in psutil.process_iter(["uids", "cmdline"]):
         try:
@@ -39,7 +51,7 @@ def _sandbox_procs(marker: str | None = None) -> list[psutil.Process]:
         if marker is not None:
             if marker in cmdline and p.pid != os.getpid():
                 found.append(p)
-        elif uids is not None and uids.real == sandbox.SANDBOX_UID:
+        elif uids is not None and uids.real in SANDBOX_HOST_UIDS:
             found.append(p)
     return found
 
@@ -56,7 +68,7 @@ def _sandbox_owned_tmp_entries() -> set[str]:
     out = set()
     for entry in HOST_TMP.iterdir():
         try:
-            if entry.lstat().st_uid == sandbox.SANDBOX_UID:
+            if entry.lstat().st_uid in SANDBOX_HOST_UIDS:
                 out.add(entry.name)
         except FileNotFoundError:
             continue
@@ -187,7 +199,9 @@ def test_recursion_error_is_error():
 
 def test_unbounded_recursion_with_raised_limit_does_not_hurt_host():
     code = "import sys\nsys.setrecursionlimit(10**6)\ndef f(n):\n    return f(n + 1)\nf(0)"
-    r = run(code, timeout_s=5.0, memory_mb=256)
+    # Unwinding a million frames takes 5-9 s on a loaded 2-core box; the deadline must not be
+    # what ends it.
+    r = run(code, timeout_s=30.0, memory_mb=256)
     assert r.status in ("error", "killed")
 
 
@@ -343,8 +357,170 @@ def test_parent_environment_is_not_visible(monkeypatch):
 
 
 def test_runs_as_unprivileged_user():
+    # 65534 inside; the host uid behind it is checked from the host side further up.
     r = run("import os\nprint(os.getuid(), os.geteuid(), os.getgid())")
     assert r.status == "ok" and r.stdout == "65534 65534 65534\n"
+
+
+# --- concurrent sandboxes: one host uid each ------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], SandboxResult]) -> tuple[threading.Thread, list[SandboxResult]]:
+    out: list[SandboxResult] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_procs(marker: str, n: int, timeout: float = 10.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while len(procs := _sandbox_procs(marker)) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return procs
+
+
+def _exec_with_marker(code: str, marker: str) -> str:
+    """A program that re-execs python3 -c ``code`` with ``marker`` in its argv, so the host can
+    find it (and everything it forks) by command line."""
+    return (
+        f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {code!r}, {marker!r}])\n"
+    )
+
+
+def _kill_sandbox_program(marker: str) -> None:
+    """SIGKILL the sandbox's own program (the marker process whose parent is none); bwrap then
+    ends the run, and the kernel takes down whatever else it forked."""
+    procs = _sandbox_procs(marker)
+    pids = {p.pid for p in procs}
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.ppid() not in pids:
+                p.kill()
+
+
+def test_claim_host_uid_is_exclusive_between_threads():
+    n = 8
+    held = threading.Barrier(n)
+    uids: list[int | None] = []
+
+    def claim() -> None:
+        with sandbox.claim_host_uid(time.monotonic() + 5) as uid:
+            uids.append(uid)
+            held.wait(timeout=10)  # every thread holds its uid at the same time
+
+    threads = [threading.Thread(target=claim) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(uids) == n and None not in uids and len(set(uids)) == n
+    assert set(uids) <= SANDBOX_HOST_UIDS - {sandbox.SANDBOX_UID}
+
+
+def test_concurrent_sandboxes_run_as_distinct_host_uids():
+    """Checked from the host: the uid inside is always 65534, so only the host side can tell."""
+    markers = [_marker(), _marker()]
+    runs = [
+        _in_thread(
+            lambda m=m: run(_exec_with_marker("import time; time.sleep(30)", m), timeout_s=15.0)
+        )
+        for m in markers
+    ]
+    ids = []
+    try:
+        for m in markers:
+            procs = _wait_for_procs(m, 1)
+            assert len(procs) == 1, f"sandbox {m} did not start"
+            ids.append((tuple(procs[0].uids()), tuple(procs[0].gids())))
+    finally:
+        for m in markers:
+            _kill_sandbox_program(m)
+        for thread, _ in runs:
+            thread.join(timeout=20)
+    (uids_a, gids_a), (uids_b, gids_b) = ids
+    # real, effective and saved ids are all the slot's uid, and the gid is the same number
+    assert len(set(uids_a)) == 1 and uids_a == gids_a, ids
+    assert len(set(uids_b)) == 1 and uids_b == gids_b, ids
+    assert uids_a[0] != uids_b[0], ids
+    assert {uids_a[0], uids_b[0]} <= SANDBOX_HOST_UIDS - {sandbox.SANDBOX_UID}, ids
+    assert [r[0].status for _, r in runs] == ["killed", "killed"]
+    for m in markers:
+        _assert_gone(m)
+
+
+def test_fork_bomb_does_not_starve_a_concurrent_sandbox():
+    """A sandbox that forks 20 children succeeds while another sandbox's fork bomb is at its
+    process limit.
+
+    Where the two would share a host uid, they would share a process budget: on kernels before
+    5.14 RLIMIT_NPROC itself counts every process of the host uid; since 5.14 that limit is
+    counted per user namespace (so per sandbox), but every fork is also checked against the
+    launcher's own RLIMIT_NPROC, counted over all processes of the host uid. This test lowers
+    the launcher's limit (root itself is exempt) to DEFAULT_NPROC + 16, which one sandbox never
+    reaches but a fork bomb plus the innocent sandbox sharing a uid would, so the test fails
+    with a shared uid on any kernel.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (sandbox.DEFAULT_NPROC + 16, hard))
+    marker = _marker()
+    # Sleeps when fork fails, so that the bomb holds its processes without starving the CPU.
+    bomb = (
+        "import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.05)\n"
+    )
+    innocent = (
+        "import subprocess\n"
+        "kids = [subprocess.Popen(['/usr/bin/sleep', '0.5']) for _ in range(20)]\n"
+        "print('exit codes', sum(k.wait() for k in kids))\n"
+    )
+    saturated = sandbox.DEFAULT_NPROC - 8
+    try:
+        thread, bomb_result = _in_thread(
+            lambda: run(_exec_with_marker(bomb, marker), timeout_s=20.0)
+        )
+        try:
+            assert len(_wait_for_procs(marker, saturated)) >= saturated, "bomb did not ramp up"
+            r = run(innocent, timeout_s=10.0)
+            still_running = len(_sandbox_procs(marker))
+        finally:
+            _kill_sandbox_program(marker)
+            thread.join(timeout=30)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    assert r.status == "ok" and r.stdout == "exit codes 0\n", r
+    assert still_running >= saturated, "the bomb ended before the innocent run did"
+    assert bomb_result and bomb_result[0].status == "killed"
+    _assert_gone(marker)
+
+
+def test_uid_slots_are_shared_across_processes_and_freed_when_the_holder_dies(monkeypatch):
+    monkeypatch.setattr(sandbox, "HOST_UID_SLOTS", 2)
+    # Another process takes both slots, the way a second Ray actor on the host would.
+    hold = (
+        "import contextlib, time\n"
+        "import actors.sandbox as s\n"
+        "s.HOST_UID_SLOTS = 2\n"
+        "stack = contextlib.ExitStack()\n"
+        "uids = [stack.enter_context(s.claim_host_uid(time.monotonic() + 10)) for _ in range(2)]\n"
+        "print(*sorted(uids), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        assert holder.stdout is not None
+        held = holder.stdout.readline().split()
+        assert held == [str(sandbox.HOST_UID_BASE), str(sandbox.HOST_UID_BASE + 1)]
+        t0 = time.monotonic()
+        r = run("print(1)", timeout_s=0.5)
+        waited = time.monotonic() - t0
+        assert r.status == "sandbox_error" and "no free sandbox uid" in r.stderr, r
+        assert 0.5 <= waited < 3.0
+    finally:
+        holder.kill()  # SIGKILL: the kernel, not the holder, has to free its slots
+        holder.wait()
+    r = run("print(1)", timeout_s=5.0)
+    assert r.status == "ok" and r.stdout == "1\n", r
 
 
 # --- network ---------------------------------------------------------------------------------
