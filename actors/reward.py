@@ -41,26 +41,31 @@ class RewardWorker:
     """
 
     def __init__(self, weights: dict[str, float],
-                 parts: Mapping[str, RewardFn] | None = None) -> None:
+                 parts: Mapping[str, RewardFn] | None = None,
+                 per_task: Mapping[str, dict[str, float]] | None = None) -> None:
         self.weights = dict(weights)
         self.parts = dict(parts or {})
+        self.per_task = {task: dict(w) for task, w in (per_task or {}).items()}
 
-    def score(self, responses: list[str], golds: list[str],
+    def score(self, responses: list[str], golds: list[str], tasks: list[str] | None = None,
               offset: int = 0) -> list[dict[str, float]]:
         """Rewards of each pair; an item whose verifier raises gets 0 everywhere and error=1.
 
+        `tasks` names each item's task: its `per_task` weights replace the default ones.
         `offset` is the index of the first item in the caller's batch, only used in the log.
         """
         out: list[dict[str, float]] = []
         failed: list[int] = []
         first_exc: BaseException | None = None
-        for i, (r, g) in enumerate(zip(responses, golds, strict=True)):
+        tasks = tasks if tasks is not None else [""] * len(responses)
+        for i, (r, g, task) in enumerate(zip(responses, golds, tasks, strict=True)):
+            weights = self.per_task.get(task, self.weights)
             try:
-                score = compute_reward(r, g, self.weights, self.parts)
+                score = compute_reward(r, g, weights, self.parts)
             except Exception as exc:  # any verifier bug must only cost this one item
                 failed.append(offset + i)
                 first_exc = first_exc or exc
-                score = {"total": 0.0, **dict.fromkeys(self.weights, 0.0), "error": 1.0}
+                score = {"total": 0.0, **dict.fromkeys(weights, 0.0), "error": 1.0}
             else:
                 score["error"] = 0.0
             out.append(score)
@@ -95,7 +100,8 @@ class RewardPool:
 
     def __init__(self, num_workers: int, weights: dict[str, float], *, num_cpus: float = 0.5,
                  timeout_s: float = 60.0, name_prefix: str = "reward", max_retries: int = 2,
-                 parts: Mapping[str, RewardFn] | None = None) -> None:
+                 parts: Mapping[str, RewardFn] | None = None,
+                 per_task: Mapping[str, dict[str, float]] | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_retries < 0:
@@ -105,6 +111,7 @@ class RewardPool:
         self.name_prefix = name_prefix
         self._weights = dict(weights)
         self._parts = dict(parts or {})
+        self._per_task = {task: dict(w) for task, w in (per_task or {}).items()}
         self._actor_cls = ray.remote(RewardWorker)
         self._num_cpus = num_cpus
         # retries: chunk re-submissions; restarts: workers replaced; errors: items that raised.
@@ -118,7 +125,7 @@ class RewardPool:
             try:
                 opts = self._actor_cls.options(name=name, num_cpus=self._num_cpus,
                                                max_concurrency=1)
-                return opts.remote(self._weights, self._parts)
+                return opts.remote(self._weights, self._parts, self._per_task)
             except ValueError:  # name still held by the actor we just killed
                 if time.monotonic() > deadline:
                     raise
@@ -130,10 +137,16 @@ class RewardPool:
         self.workers[i] = self._spawn(i)
         self.stats["restarts"] += 1
 
-    def score(self, responses: list[str], golds: list[str]) -> list[dict[str, float]]:
-        """Rewards of every response, in order: {"total": ..., <part>: ..., "error": 0|1} each."""
-        if len(responses) != len(golds):
-            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+    def score(self, responses: list[str], golds: list[str],
+              tasks: list[str] | None = None) -> list[dict[str, float]]:
+        """Rewards of every response, in order: {"total": ..., <part>: ..., "error": 0|1} each.
+
+        `tasks` names each response's task, which selects its `per_task` reward weights.
+        """
+        tasks = tasks if tasks is not None else [""] * len(responses)
+        if not len(responses) == len(golds) == len(tasks):
+            raise ValueError(f"{len(responses)} responses, {len(golds)} gold answers and "
+                             f"{len(tasks)} task names")
         n, k = len(responses), len(self.workers)
         bounds = [n * i // k for i in range(k + 1)]
         queue = [_Chunk(a, b) for a, b in itertools.pairwise(bounds) if b > a]
@@ -165,8 +178,9 @@ class RewardPool:
                 others = sorted(idle - {chunk.last_worker})
                 w = others[0] if others else idle.pop()
                 idle.discard(w)
-                ref = self.workers[w].score.remote(responses[chunk.start:chunk.stop],
-                                                   golds[chunk.start:chunk.stop], chunk.start)
+                part = slice(chunk.start, chunk.stop)
+                ref = self.workers[w].score.remote(responses[part], golds[part], tasks[part],
+                                                   chunk.start)
                 in_flight[ref] = (chunk, w, time.monotonic() + self.timeout_s)
             next_due = min(due for _, _, due in in_flight.values())
             ready, _ = ray.wait(list(in_flight), num_returns=1,

@@ -62,7 +62,10 @@ class ReasoningGymConfig:
 
 @dataclass
 class DataConfig:
-    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | file", "arithmetic")
+    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | file | mix", "arithmetic")
+    mix: dict[str, float] = doc("task=mix: the tasks mixed and their sampling shares, e.g. "
+                                "{arithmetic: 3, humaneval: 1}; each uses its settings here",
+                                factory=dict, replace=True)
     arithmetic: ArithmeticConfig = doc("settings of the arithmetic task", factory=ArithmeticConfig)
     reasoning_gym: ReasoningGymConfig = doc("settings of the reasoning_gym task",
                                             factory=ReasoningGymConfig)
@@ -109,6 +112,9 @@ class RewardConfig:
                                     "as a whole when set)",
                                     factory=lambda: {"accuracy": 1.0, "format": 1.0},
                                     replace=True)
+    per_task: dict[str, dict[str, float]] = doc(
+        "reward weights of one task, replacing `weights` for its problems, e.g. {humaneval: "
+        "{accuracy: 1.0}}", factory=dict, replace=True)
     language_target: str = doc("target language of the 'language' part: en, zh, ja, ko, ru or "
                                "a script name", "en")
     overlong_buffer: int = doc("DAPO soft overlong punishment: tokens before "
@@ -428,10 +434,16 @@ def validate(cfg: Config) -> None:
              f"one of {', '.join(sorted(TARGETS))}")
     _require(rw.truncated in ("keep", "zero", "mask"), "reward.truncated", rw.truncated,
              "keep, zero or mask")
-    _require(d.task in ("arithmetic", "reasoning_gym", "humaneval", "file"), "data.task", d.task,
-             "arithmetic, reasoning_gym, humaneval or file")
-    _require(d.task != "file" or bool(d.path), "data.path", d.path,
-             "data.task=file needs a data file")
+    _require(d.task in (*SINGLE_TASKS, "mix"), "data.task", d.task,
+             f"one of {', '.join(SINGLE_TASKS)} or mix")
+    _require(d.task != "mix" or bool(d.mix), "data.mix", d.mix,
+             "data.task=mix needs the tasks to mix and their shares")
+    for name, share in d.mix.items():
+        _require(name in SINGLE_TASKS, f"data.mix.{name}", share,
+                 f"a task to mix must be one of {', '.join(SINGLE_TASKS)}")
+        _require(share > 0, f"data.mix.{name}", share, "a sampling share must be > 0")
+    _require("file" not in run_tasks(cfg) or bool(d.path), "data.path", d.path,
+             "the file task needs a data file")
     _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,
              "a problem needs >= 2 operands")
     _require(set(d.arithmetic.ops) <= {"+", "-", "*"} and bool(d.arithmetic.ops),
@@ -449,10 +461,24 @@ def validate(cfg: Config) -> None:
     _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0")
     from rlsys.rewards import check_weights
 
-    try:
-        check_weights(cfg.reward.weights)
-    except ValueError as exc:
-        raise ConfigError(f"bad value for 'reward.weights': {exc}") from None
+    for key, weights in [("reward.weights", cfg.reward.weights),
+                         *((f"reward.per_task.{k}", v) for k, v in cfg.reward.per_task.items())]:
+        try:
+            check_weights(weights)
+        except ValueError as exc:
+            raise ConfigError(f"bad value for '{key}': {exc}") from None
+    for name in cfg.reward.per_task:
+        _require(name in run_tasks(cfg), f"reward.per_task.{name}", dict(cfg.reward.per_task[name]),
+                 f"this run has no task {name!r} (its tasks: {', '.join(run_tasks(cfg))})")
+
+
+#: Tasks a run (or a mix) can name; "mix" combines them.
+SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "file")
+
+
+def run_tasks(cfg: Config) -> list[str]:
+    """The names of the tasks a run draws problems from (its reward.per_task keys)."""
+    return list(cfg.data.mix) if cfg.data.task == "mix" else [cfg.data.task]
 
 
 def to_yaml(cfg: Config) -> str:

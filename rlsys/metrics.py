@@ -49,3 +49,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_parts(scores: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of every reward part over the scores that have it.
+
+    In a mixed-task run tasks weigh different parts, so a part is averaged over the problems
+    whose reward includes it, not counted as 0 for the others.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for score in scores:
+        for key, value in score.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}

@@ -39,8 +39,8 @@ from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.algo import group_advantages
 from rlsys.config import Config, ConfigError, to_yaml
-from rlsys.data import Problem, Task, make_task, render_prompt
-from rlsys.metrics import MetricsLogger
+from rlsys.data import DataError, Problem, Task, make_task, render_prompt
+from rlsys.metrics import MetricsLogger, mean_parts
 from rlsys.models import default_cache_dir, resolve_model
 from rlsys.rewards import make_language_reward
 from rlsys.rewards.length import overlong_penalty
@@ -110,6 +110,7 @@ class GRPOTrainer:
         self.rewards = RewardPool(
             cfg.reward.num_workers, dict(cfg.reward.weights), num_cpus=cfg.reward.num_cpus,
             timeout_s=cfg.reward.timeout_s,
+            per_task={k: dict(v) for k, v in cfg.reward.per_task.items()},
             parts={"language": make_language_reward(cfg.reward.language_target)})
         self.version = 0
         self._connect_weight_sync()
@@ -170,13 +171,13 @@ class GRPOTrainer:
         all_scores = [sc for g in drawn for sc in g.scores]
         all_samples = [s for g in drawn for s in g.samples]
         lengths = [len(s["token_ids"]) for s in all_samples]
-        stats = {f"reward/{k}": statistics.fmean(sc[k] for sc in all_scores)
-                 for k in all_scores[0]}
+        stats = {f"reward/{k}": v for k, v in mean_parts(all_scores).items()}
         stats |= {f"train/{k}": v for k, v in learner_stats.items() if not k.startswith("time/")}
         stats |= {
             "groups/no_signal_frac": statistics.fmean(not g.has_signal for g in drawn),
             "groups/trained": len(groups),
             "rollout/rounds": timing["rounds"],
+            "data/skipped_overlong": timing["skipped"],
             "response/length_mean": statistics.fmean(lengths),
             "response/length_max": max(lengths),
             "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
@@ -207,14 +208,16 @@ class GRPOTrainer:
         r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
         kept: list[Group] = []
         drawn: list[Group] = []
-        timing = {"gen": 0.0, "reward": 0.0, "rounds": 0}
+        timing = {"gen": 0.0, "reward": 0.0, "rounds": 0, "skipped": 0}
         while len(kept) < r.prompts_per_step and timing["rounds"] < r.max_sampling_rounds:
             need = r.prompts_per_step - len(kept)
             # Later rounds draw extra prompts, in proportion to how many groups were dropped.
             keep_rate = max(len(kept) / len(drawn), 0.25) if drawn else 1.0
-            problems = self.task.sample(min(r.prompts_per_step, math.ceil(need / keep_rate)))
+            problems, prompts, skipped = self.fitting(
+                self.task.sample(min(r.prompts_per_step, math.ceil(need / keep_rate))))
+            timing["skipped"] += skipped
             t0 = time.perf_counter()
-            samples = self.rollout.generate(self.prompts(problems), n=r.group_size,
+            samples = self.rollout.generate(prompts, n=r.group_size,
                                             temperature=r.temperature, top_p=r.top_p,
                                             max_tokens=r.max_new_tokens,
                                             seed=self.request_seed(step, timing["rounds"]))
@@ -234,8 +237,8 @@ class GRPOTrainer:
 
     # --- the parts ----------------------------------------------------------------------------
 
-    def prompts(self, problems: list[Problem]) -> list[str]:
-        return render_prompts(self.cfg, self.tokenizer, problems)
+    def fitting(self, problems: list[Problem]) -> tuple[list[Problem], list[str], int]:
+        return fitting_prompts(self.cfg, self.tokenizer, problems)
 
     def score(self, problems: list[Problem], samples: list[dict], n: int) -> list[dict]:
         """Rewards of the n completions of each problem (prompt-major, like the samples).
@@ -246,7 +249,8 @@ class GRPOTrainer:
         rw, max_tokens = self.cfg.reward, self.cfg.rollout.max_new_tokens
         prefix = self.cfg.data.response_prefix
         golds = [p.answer for p in problems for _ in range(n)]
-        scores = self.rewards.score([prefix + s["text"] for s in samples], golds)
+        tasks = [p.task for p in problems for _ in range(n)]
+        scores = self.rewards.score([prefix + s["text"] for s in samples], golds, tasks)
         for sample, score in zip(samples, scores, strict=True):
             if rw.overlong_buffer:
                 score["overlong"] = overlong_penalty(len(sample["token_ids"]), max_tokens,
@@ -300,13 +304,16 @@ class GRPOTrainer:
         """Held-out accuracy: greedy, and pass@1 over k samples (the paper's protocol)."""
         t, r = self.cfg.trainer, self.cfg.rollout
         t0 = time.perf_counter()
-        problems = self.task.eval_problems()[: t.eval_size]
-        prompts = self.prompts(problems)
+        problems, prompts, skipped = self.fitting(self.task.eval_problems()[: t.eval_size])
         greedy = self.rollout.generate(prompts, n=1, temperature=0.0,
                                        max_tokens=r.max_new_tokens)
         scores = self.score(problems, greedy, 1)
-        stats = {f"eval/{k}": statistics.fmean(s[k] for s in scores)
-                 for k in scores[0] if k != "total"}
+        stats = {f"eval/{k}": v for k, v in mean_parts(scores).items() if k != "total"}
+        tasks = sorted({p.task for p in problems})
+        if len(tasks) > 1:  # a mixed-task run: accuracy of each task too
+            stats |= {f"eval/accuracy/{task}": statistics.fmean(
+                s.get("accuracy", s["total"]) for p, s in zip(problems, scores, strict=True)
+                if p.task == task) for task in tasks}
         if t.eval_samples > 0:
             sampled = self.rollout.generate(prompts, n=t.eval_samples,
                                             temperature=t.eval_temperature, top_p=t.eval_top_p,
@@ -315,6 +322,8 @@ class GRPOTrainer:
             sampled_scores = self.score(problems, sampled, t.eval_samples)
             stats["eval/pass@1"] = statistics.fmean(s.get("accuracy", s["total"])
                                                     for s in sampled_scores)
+        if skipped:
+            stats["eval/skipped_overlong"] = skipped
         stats["time/eval"] = time.perf_counter() - t0
         log.info("eval: %s", json.dumps({k: round(v, 4) for k, v in stats.items()}))
         return stats
@@ -341,15 +350,22 @@ class GRPOTrainer:
 # --- set-up helpers ---------------------------------------------------------------------------
 
 def build_task(cfg: Config) -> Task:
+    if cfg.data.task == "mix":
+        return make_task("mix", tasks={name: _single_task(cfg, name) for name in cfg.data.mix},
+                         shares=dict(cfg.data.mix), seed=cfg.trainer.seed)
+    return _single_task(cfg, cfg.data.task)
+
+
+def _single_task(cfg: Config, name: str) -> Task:
     d = cfg.data
-    if d.task == "arithmetic":
+    if name == "arithmetic":
         a = d.arithmetic
         return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
                          min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
                          eval_size=d.eval_size)
-    if d.task == "humaneval":
+    if name == "humaneval":
         return make_task("humaneval", seed=cfg.trainer.seed, eval_size=d.eval_size)
-    if d.task == "reasoning_gym":
+    if name == "reasoning_gym":
         return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
                          eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
     return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
@@ -380,6 +396,24 @@ def render_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,
                           system_prompt=d.system_prompt, response_prefix=d.response_prefix,
                           few_shot=d.few_shot and d.template == "chat")
             for p in problems]
+
+
+def fitting_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,
+                    problems: list[Problem]) -> tuple[list[Problem], list[str], int]:
+    """The problems whose prompt leaves room for a full response in the engine's context,
+    their prompts, and how many were dropped (like verl's filter_overlong_prompts: an engine
+    refuses such a prompt, which would fail the whole batch)."""
+    r = cfg.rollout
+    budget = r.max_model_len - r.max_new_tokens
+    prompts = render_prompts(cfg, tokenizer, problems)
+    fits = [len(tokenizer.encode(p, verbose=False)) <= budget for p in prompts]
+    if problems and not any(fits):
+        raise DataError(
+            f"all {len(problems)} prompts drawn from data.task={cfg.data.task} are longer than "
+            f"rollout.max_model_len - rollout.max_new_tokens = {budget} tokens; raise "
+            "rollout.max_model_len")
+    kept = [(p, text) for p, text, ok in zip(problems, prompts, fits, strict=True) if ok]
+    return [p for p, _ in kept], [text for _, text in kept], len(problems) - len(kept)
 
 
 def check_prompt_renders(cfg: Config, tokenizer: PreTrainedTokenizerBase, task: Task) -> None:

@@ -208,7 +208,8 @@ def test_humaneval_problem_fields() -> None:
     assert "```python" in p.question
     row = next(r for r in ROWS if r["task_id"] == p.id)
     assert row["prompt"].strip() in p.question
-    assert json.loads(p.answer) == {k: row[k] for k in ("prompt", "test", "entry_point")}
+    assert json.loads(p.answer) == {"verifier": "code",
+                                    **{k: row[k] for k in ("prompt", "test", "entry_point")}}
     assert p.meta["task_id"] == p.id
     assert p.meta["canonical_solution"] == row["canonical_solution"]
 

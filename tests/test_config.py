@@ -47,6 +47,16 @@ def test_r1_zero_has_the_papers_settings():
     (["algorithm.loss_agg=mean"], "bad value for 'algorithm.loss_agg'"),
     (["reward.weights.acc=1"], "unknown reward part 'acc'"),
     (["data.task=file"], "bad value for 'data.path'"),
+    (["data.task=mix"], "bad value for 'data.mix': {} (data.task=mix needs the tasks"),
+    (["data.task=mix", "data.mix={arithmetic: 1, gsm8k: 1}"], "bad value for 'data.mix.gsm8k'"),
+    (["data.task=mix", "data.mix={arithmetic: 0}"], "bad value for 'data.mix.arithmetic': 0.0 "
+                                                     "(a sampling share must be > 0)"),
+    (["data.task=mix", "data.mix={file: 1}"], "bad value for 'data.path'"),
+    (["reward.per_task={humaneval: {accuracy: 1}}"], "bad value for 'reward.per_task.humaneval'"
+                                                     ": {'accuracy': 1.0} (this run has no task"),
+    (["data.task=mix", "data.mix={arithmetic: 1, humaneval: 1}",
+      "reward.per_task={humaneval: {acc: 1}}"], "bad value for 'reward.per_task.humaneval': "
+                                                "unknown reward part 'acc'"),
     (["trainer.steps"], "expected key=value"),
 ])
 def test_errors_name_the_problem(args, message):

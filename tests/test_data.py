@@ -17,6 +17,7 @@ from rlsys.data import (
     ArithmeticTask,
     DataError,
     FileTask,
+    MixtureTask,
     Problem,
     make_task,
     render_prompt,
@@ -387,3 +388,67 @@ def test_reasoning_gym_task_errors_name_the_key() -> None:
         make_task("reasoning_gym", dataset="nope")
     with pytest.raises(DataError, match=r"data.reasoning_gym.options"):
         make_task("reasoning_gym", dataset="chain_sum", options={"foo": 1})
+
+
+# -- MixtureTask
+
+
+def _mixture(seed: int = 0) -> MixtureTask:
+    tasks = {"arithmetic": make_task("arithmetic", seed=seed, eval_size=3),
+             "humaneval": make_task("humaneval", seed=seed, eval_size=2)}
+    return make_task("mix", tasks=tasks, shares={"arithmetic": 3, "humaneval": 1}, seed=seed)
+
+
+def test_mixture_draws_by_share_and_tags_each_problem() -> None:
+    problems = _mixture().sample(400)
+    names = [p.task for p in problems]
+    assert set(names) == {"arithmetic", "humaneval"}
+    assert 0.68 < names.count("arithmetic") / len(names) < 0.82  # share 3 of 4
+    assert all(p.id.startswith("arith:") == (p.task == "arithmetic") for p in problems)
+    assert ids(_mixture().sample(50)) == ids(problems[:50])  # deterministic per seed
+    assert ids(_mixture(seed=1).sample(50)) != ids(problems[:50])
+
+
+def test_mixture_state_round_trip() -> None:
+    a = _mixture()
+    a.sample(7)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = ids(a.sample(20))
+    b = _mixture()
+    b.load_state_dict(state)
+    assert ids(b.sample(20)) == expected
+    with pytest.raises(DataError, match="mixes"):
+        make_task("mix", tasks={"arithmetic": make_task("arithmetic")},
+                  shares={"arithmetic": 1}).load_state_dict(state)
+
+
+def test_mixture_eval_interleaves_tasks() -> None:
+    """A prefix of the eval split (trainer.eval_size) covers every task."""
+    tasks = [p.task for p in _mixture().eval_problems()]
+    assert tasks == ["arithmetic", "humaneval"] * 2 + ["arithmetic"]
+
+
+def test_mixture_rejects_bad_shares() -> None:
+    with pytest.raises(DataError, match="positive"):
+        make_task("mix", tasks={"arithmetic": make_task("arithmetic")}, shares={"arithmetic": 0})
+    with pytest.raises(DataError, match="same, non-empty set"):
+        make_task("mix", tasks={"arithmetic": make_task("arithmetic")}, shares={"file": 1})
+
+
+def test_prompts_too_long_for_the_engine_are_dropped() -> None:
+    """An engine refuses a prompt that leaves no room for max_new_tokens; the trainer drops
+    such problems (and counts them) instead of failing the batch, and names the settings when
+    none fits."""
+    from rlsys.config import load_config
+    from rlsys.trainer import fitting_prompts
+
+    tok = make_tokenizer(CHATML)
+    cfg = load_config(["data.few_shot=false", "data.system_prompt=", "rollout.max_new_tokens=8",
+                       "rollout.max_model_len=24", "learner.max_tokens_per_microbatch=24"])
+    short, long = Problem("a", "What is", "1"), Problem("b", " ".join(["is"] * 40), "2")
+    problems, prompts, dropped = fitting_prompts(cfg, tok, [long, short, long])
+    assert [p.id for p in problems] == ["a"] and dropped == 2
+    assert prompts == [render_prompt("What is", "chat", tokenizer=tok, system_prompt="")]
+    with pytest.raises(DataError, match=r"all 2 prompts .* longer than rollout.max_model_len - "
+                                        r"rollout.max_new_tokens = 16 tokens"):
+        fitting_prompts(cfg, tok, [long, long])

@@ -61,17 +61,23 @@ def test_tiny_grpo_run(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_tiny_run_on_humaneval_with_the_code_reward(ray_cluster, tmp_path):
-    """The code path end to end: HumanEval prompts, sandboxed code reward, an update."""
+def test_tiny_run_mixing_arithmetic_and_humaneval(ray_cluster, tmp_path):
+    """Two tasks in one run, each with its own reward weights: arithmetic checked as math,
+    HumanEval by running the code in the sandbox; eval reports each task's accuracy."""
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "data.task=humaneval",
-                       "reward.weights={code_accuracy: 1.0, tag_count: 1.0}",
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "data.task=mix",
+                       "data.mix={arithmetic: 1, humaneval: 1}", "data.eval_size=4",
+                       "reward.per_task={humaneval: {accuracy: 1.0, tag_count: 1.0}}",
                        "rollout.max_model_len=1024", "learner.max_tokens_per_microbatch=16384",
-                       "trainer.steps=1", "trainer.eval_samples=0", "trainer.save_final=false"])
+                       "trainer.steps=1", "trainer.eval_size=4", "trainer.eval_samples=0",
+                       "trainer.save_final=false"])
     train(cfg)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1]
-    assert "reward/code_accuracy" in records[1] and "eval/code_accuracy" in records[1]
+    for key in ("reward/accuracy", "reward/format", "reward/tag_count", "eval/accuracy",
+                "eval/accuracy/arithmetic", "eval/accuracy/humaneval", "eval/tag_count"):
+        assert key in records[1], key
+    assert records[1]["reward_pool/errors"] == 0  # every code answer ran (or had no code)
     assert records[1]["weight_version"] in (0, 1)  # 0 only if no group carried a signal
 
 

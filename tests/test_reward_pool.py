@@ -132,3 +132,26 @@ def test_gives_up_after_max_retries(pool, monkeypatch):
     # The pool is usable again right away (the hung worker was replaced).
     monkeypatch.setattr(pool, "timeout_s", 20.0)
     _check_echo(pool.score(["r"] * 4, ["1", "2", "3", "4"]), ["1", "2", "3", "4"], set())
+
+
+def test_per_task_weights_replace_the_default_ones(pool, ray_cluster):
+    """A mixed-task run: each item is scored with its own task's weights."""
+    from actors.reward import RewardWorker
+
+    worker = RewardWorker({"accuracy": 1.0, "format": 1.0},
+                          per_task={"short": {"accuracy": 2.0}})
+    response = "<think>a</think><answer>4</answer>"
+    scores = worker.score([response, response, "4"], ["4", "4", "4"], ["long", "short", "short"])
+    assert scores[0] == {"total": 2.0, "accuracy": 1.0, "format": 1.0, "error": 0.0}
+    assert scores[1] == {"total": 2.0, "accuracy": 2.0 / 2.0, "error": 0.0}
+    assert scores[2] == {"total": 0.0, "accuracy": 0.0, "error": 0.0}
+    # The pool hands the task names along with each chunk.
+    mixed = RewardPool(1, {"echo": 1.0}, num_cpus=0.1, name_prefix=f"{PREFIX}-mixed",
+                       per_task={"double": {"echo": 2.0}}, parts=pool._parts)
+    try:
+        out = mixed.score(["r"] * 4, ["1", "2", "3", "4"], ["", "double", "", "double"])
+    finally:
+        mixed.shutdown()
+    assert [s["total"] for s in out] == [1.0, 4.0, 3.0, 8.0]
+    with pytest.raises(ValueError, match="task names"):
+        pool.score(["r"], ["1"], ["a", "b"])

@@ -68,7 +68,7 @@ def load_humaneval(path: str | Path | None = None) -> list[dict[str, str]]:
 
 
 def _to_problem(row: dict[str, str]) -> Problem:
-    gold = {k: row[k] for k in ("prompt", "test", "entry_point")}
+    gold = {"verifier": "code", **{k: row[k] for k in ("prompt", "test", "entry_point")}}
     return Problem(
         id=row["task_id"],
         question=f"{INSTRUCTION}\n\n```python\n{row['prompt'].lstrip()}```",
@@ -78,6 +78,7 @@ def _to_problem(row: dict[str, str]) -> Problem:
             "entry_point": row["entry_point"],
             "canonical_solution": row["canonical_solution"],
         },
+        task=HumanEvalTask.name,
     )
 
 

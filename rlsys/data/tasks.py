@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -30,14 +31,18 @@ logger = logging.getLogger(__name__)
 class Problem:
     """One problem: the untemplated question and its gold answer.
 
-    `meta` carries task-specific extras (e.g. other columns of a dataset row). The dataclass is
-    frozen so problems can be shared freely, but `meta` is a dict, so problems are not hashable.
+    `answer` is a math answer, or a JSON object naming the verifier that checks it (see
+    rlsys.rewards.verifiers). `task` names the task the problem came from: a mixed-task run
+    looks up its reward weights and reports its accuracy by it. `meta` carries task-specific
+    extras (e.g. other columns of a dataset row). The dataclass is frozen so problems can be
+    shared freely, but `meta` is a dict, so problems are not hashable.
     """
 
     id: str
     question: str
     answer: str
     meta: dict[str, Any] = field(default_factory=dict)
+    task: str = ""
 
 
 class DataError(ValueError):
@@ -294,6 +299,7 @@ class ArithmeticTask(Task):
             question=f"What is {expr}?",
             answer=str(self._evaluate(terms, ops)),
             meta={"expression": expr},
+            task=self.name,
         )
 
     def _hash(self, expr: str) -> int:
@@ -570,7 +576,7 @@ class FileTask(ProblemListTask):
         if isinstance(answer, list) and answer and all(isinstance(t, str) for t in answer):
             # A code problem: its answer is a list of assert statements, which the
             # code_accuracy reward runs after the model's code in the sandbox.
-            answer = json.dumps({"tests": answer})
+            answer = json.dumps({"verifier": "code", "tests": answer})
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
             raise _BadRow(
                 f"field {self.answer_key!r} must be a string, a number or a list of test "
@@ -582,7 +588,8 @@ class FileTask(ProblemListTask):
         meta = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key)}
         raw_id = row.get("id")
         problem_id = str(raw_id) if raw_id not in (None, "") else f"{path.name}:{loc}"
-        return Problem(id=problem_id, question=question, answer=str(answer).strip(), meta=meta)
+        return Problem(id=problem_id, question=question, answer=str(answer).strip(), meta=meta,
+                       task=self.name)
 
     def _field(self, row: dict[str, Any], name: str, key: str) -> Any:
         if name not in row or row[name] is None:
@@ -655,8 +662,11 @@ class ReasoningGymTask(Task):
         self._next = 0
 
     def _problem(self, pid: str, item: dict[str, Any]) -> Problem:
-        return Problem(id=f"{self.dataset}-{pid}", question=item["question"],
-                       answer=str(item["answer"]), meta={"dataset": self.dataset})
+        answer = str(item["answer"])
+        if item["metadata"].get("source_dataset") == "codeio":
+            answer = _codeio_gold(item)
+        return Problem(id=f"{self.dataset}-{pid}", question=item["question"], answer=answer,
+                       meta={"dataset": self.dataset}, task=self.name)
 
     def sample(self, n: int) -> list[Problem]:
         out: list[Problem] = []
@@ -676,6 +686,82 @@ class ReasoningGymTask(Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_state(state, ("next_index",))
         self._next = state["next_index"]
+
+
+# The line of reasoning-gym's codeio prompts after which the reference code follows.
+_CODEIO_TIP = "Tip: Here is a reference code snippet for this question."
+
+
+def _codeio_gold(item: dict[str, Any]) -> str:
+    """A codeio item's gold for the executing verifier: reasoning-gym's own answer is the one
+    input its generator drew, while any input giving the same output is right."""
+    from rlsys.rewards.codeio import codeio_gold
+
+    question, meta = item["question"], item["metadata"]
+    _, found, tail = question.partition(_CODEIO_TIP)
+    if not found:
+        raise DataError("reasoning_gym codeio: the prompt no longer carries the reference code "
+                        f"after {_CODEIO_TIP!r}; this reasoning-gym version is not supported")
+    code = tail.split("\n", 1)[1].strip()
+    mode = "output" if "Given the following input:" in question else "input"
+    return codeio_gold(mode, code, meta["input_data"], meta["output_data"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture
+
+
+class MixtureTask(Task):
+    """Several tasks in one run (R1's all-scenario RL): each drawn problem comes from a task
+    chosen at random with the given shares, and keeps that task's name in `Problem.task`, so the
+    reward pool applies that task's reward weights.
+
+    Draw i's task is a pure function of (seed, i), so the state is a draw counter plus each
+    component's own state. The held-out split is every component's split, in order.
+    """
+
+    name = "mix"
+
+    def __init__(self, tasks: dict[str, Task], shares: dict[str, float], seed: int = 0) -> None:
+        if not tasks or set(tasks) != set(shares):
+            raise DataError(f"mix task: tasks {sorted(tasks)} and shares {sorted(shares)} must "
+                            "name the same, non-empty set of tasks")
+        bad = {k: v for k, v in shares.items() if not (isinstance(v, int | float) and v > 0)}
+        if bad:
+            raise DataError(f"data.mix: shares must be positive numbers, got {bad}")
+        self.tasks, self.seed = dict(tasks), seed
+        self._names = list(tasks)
+        self._shares = [float(shares[n]) for n in self._names]
+        self._draws = 0
+
+    def _choose(self, i: int) -> str:
+        return random.Random(f"mix|{self.seed}|{i}").choices(self._names, self._shares)[0]
+
+    def sample(self, n: int) -> list[Problem]:
+        names = [self._choose(self._draws + i) for i in range(_check_n(n))]
+        self._draws += n
+        drawn = {name: iter(self.tasks[name].sample(names.count(name))) for name in self._names}
+        return [next(drawn[name]) for name in names]
+
+    def eval_problems(self) -> list[Problem]:
+        """Every component's held-out split, interleaved, so that a prefix (trainer.eval_size)
+        still covers every task."""
+        splits = [self.tasks[name].eval_problems() for name in self._names]
+        return [p for row in itertools.zip_longest(*splits) for p in row if p is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": self.name, "draws": self._draws,
+                "components": {name: t.state_dict() for name, t in self.tasks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state, ("draws",))
+        saved = state.get("components")
+        if not isinstance(saved, dict) or set(saved) != set(self.tasks):
+            raise DataError(f"mix task: state dict holds tasks {sorted(saved or {})}, this run "
+                            f"mixes {sorted(self.tasks)}")
+        for name, task in self.tasks.items():
+            task.load_state_dict(saved[name])
+        self._draws = state["draws"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,6 +784,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 register_task(ArithmeticTask)
 register_task(FileTask)
 register_task(ReasoningGymTask)
+register_task(MixtureTask)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

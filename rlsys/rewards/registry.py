@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 
 from rlsys.rewards.code import code_accuracy_reward
 from rlsys.rewards.language import language_consistency_reward
-from rlsys.rewards.rule_based import accuracy_reward, format_reward, tag_count_reward
+from rlsys.rewards.rule_based import format_reward, tag_count_reward
+from rlsys.rewards.verifiers import verified_accuracy
 
 RewardFn = Callable[[str, str], float]
 
@@ -31,7 +32,10 @@ def register_reward(name: str, fn: RewardFn) -> RewardFn:
     return fn
 
 
-register_reward("accuracy", accuracy_reward)
+# Math, code or code I/O, by what the gold answer names (rlsys.rewards.verifiers).
+register_reward("accuracy", verified_accuracy)
+
+
 def _format_part(response: str, gold: str) -> float:
     # Adapts format_reward to the (response, gold) signature; a named function, not a lambda,
     # so the registry's values pickle by reference.
