@@ -102,12 +102,19 @@ class LearnerGroup:
 
     def train_step(self, batch: dict[str, list]) -> dict[str, float]:
         """One GRPO update of the whole batch; returns the batch's metrics."""
+        return self._update("train_step", batch)
+
+    def sft_step(self, batch: dict[str, list]) -> dict[str, float]:
+        """One supervised (next-token) update on prompt/response pairs; the batch's metrics."""
+        return self._update("sft_step", batch)
+
+    def _update(self, method: str, batch: dict[str, list]) -> dict[str, float]:
         t0 = time.perf_counter()
         shards = shard_for_data_parallel(batch["prompt_ids"], batch["response_ids"], self.dp)
         refs = []
         for rank, worker in enumerate(self.workers):
             shard = shards[rank // self.tp]
-            refs.append(worker.train_step.remote(
+            refs.append(getattr(worker, method).remote(
                 {key: [values[i] for i in shard] for key, values in batch.items()}))
         per_rank = ray.get(refs)
         metrics = combine_rank_metrics(per_rank[:: self.tp])  # one report per dp index

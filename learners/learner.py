@@ -313,6 +313,48 @@ class Learner:
         })
         return metrics
 
+    def sft_step(self, batch: dict) -> dict[str, float]:
+        """One supervised update on this rank's shard: maximise the log-likelihood of the
+        response tokens given the prompt (the prompt itself carries no loss).
+
+            L = -(1 / N) * sum over every response token t of log pi(y_t | x, y_<t)
+
+        N counts the response tokens of the whole batch, over all dp ranks, so the update does
+        not depend on the micro-batch size or the parallel shape. Uses the same packed passes
+        as the GRPO update; the learner must be built with temperature 1.
+        """
+        t0 = time.perf_counter()
+        prompts, responses = batch["prompt_ids"], batch["response_ids"]
+        (num_tokens,) = self._global_sum([sum(len(r) for r in responses)])
+        loss_sum = nll_sum = 0.0
+        ent_sum = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in self._microbatches(prompts, responses):
+            if mb is None:
+                self._idle_pass(self.model, backward=True)
+                continue
+            logprobs, entropies = self._logprobs(self.model, mb)
+            loss = -logprobs.sum() / max(num_tokens, 1.0)
+            parallel.backward(loss, self.cfg.tp > 1)
+            loss_sum += float(loss.detach())
+            nll_sum -= float(logprobs.detach().sum())
+            ent_sum += float(entropies.detach().sum())
+        grad_norm = self._optimizer_step()
+        self.step += 1
+        tokens = float(sum(len(r) for r in responses))
+        return {
+            "loss": loss_sum,
+            "nll": nll_sum / tokens if tokens else 0.0,
+            "entropy": ent_sum / tokens if tokens else 0.0,
+            "tokens": tokens,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "learner_step": self.step,
+            "time/update_passes": time.perf_counter() - t0,
+            "seq_tokens": float(sum(len(p) + len(r) for p, r in zip(prompts, responses,
+                                                                     strict=True))),
+        }
+
     @staticmethod
     def _flat(per_seq: list[list[float]] | None, idx: list[int]) -> torch.Tensor:
         assert per_seq is not None

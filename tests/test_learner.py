@@ -110,6 +110,40 @@ def test_microbatch_split_gives_the_same_update(tiny_path):
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=1e-5)
 
 
+def test_sft_step_is_the_token_mean_nll_of_the_responses(tiny_path):
+    """The supervised update equals a plain forward pass's cross-entropy on the response
+    tokens only (prompts carry no loss), averaged over all response tokens of the batch."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    responses = [[1, 2], [3, 4, 5, 6], [7]]
+    learner = make_learner(tiny_path, kl_coef=0.0, max_tokens=10)
+    learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda s: 1.0)
+    assert len(pack_microbatches(prompts, responses, 10)) > 1
+    metrics = learner.sft_step({"prompt_ids": prompts, "response_ids": responses})
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    total = []
+    for p, r in zip(prompts, responses, strict=True):
+        logits = plain(torch.tensor([p + r])).logits[0]
+        total.append(torch.nn.functional.cross_entropy(
+            logits[len(p) - 1: -1], torch.tensor(r), reduction="sum"))
+    loss = torch.stack(total).sum() / sum(map(len, responses))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), learner.cfg.grad_clip)
+    assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+    assert metrics["nll"] == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert metrics["tokens"] == 7
+    with torch.no_grad():
+        for param in plain.parameters():
+            param -= param.grad
+    got = full_state(learner)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5)
+
+
 def test_masked_completions_contribute_no_gradient(tiny_path):
     """loss_mask=False (e.g. truncated completions) equals leaving the completion out."""
     prompts = [[5, 6, 7], [5, 6, 7], [8, 9]]
