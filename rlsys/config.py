@@ -62,7 +62,8 @@ class ReasoningGymConfig:
 
 @dataclass
 class DataConfig:
-    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | file | mix", "arithmetic")
+    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | champ | file | mix",
+                    "arithmetic")
     mix: dict[str, float] = doc("task=mix: the tasks mixed and their sampling shares, e.g. "
                                 "{arithmetic: 3, humaneval: 1}; each uses its settings here",
                                 factory=dict, replace=True)
@@ -188,6 +189,10 @@ class TrainerConfig:
                       "never")
     tensorboard: bool = doc("also write TensorBoard events", True)
     progress: bool = doc("show a progress bar", True)
+    reflection_words: list[str] = doc(
+        "phrases counted per completion as R1's 'aha' signal (response/reflections)",
+        factory=lambda: ["wait", "let me check", "verify", "double-check", "re-check",
+                         "hmm", "let me recheck"])
 
 
 @dataclass
@@ -197,6 +202,62 @@ class RayConfig:
     num_cpus: int | None = doc("logical CPUs of a new local cluster; None = Ray's count", None)
     temp_dir: str | None = doc("temp dir of a new local cluster (avoids stale sessions)", None)
     include_dashboard: bool = doc("start the dashboard with a new local cluster", False)
+
+
+@dataclass
+class SFTConfig:
+    data: str = doc("examples: arithmetic_cot (worked solutions written by code), a .jsonl "
+                    "file of {prompt, response} rows, or stage:NAME (a stage's dataset)",
+                    "arithmetic_cot")
+    num_examples: int = doc("data=arithmetic_cot: how many examples to generate", 300)
+    epochs: int = doc("passes over the examples", 1)
+    batch_size: int = doc("examples per optimizer step", 16)
+
+
+@dataclass
+class RejectionConfig:
+    num_prompts: int = doc("training prompts to sample from", 64)
+    samples: int = doc("completions per prompt (k)", 4)
+    temperature: float = doc("sampling temperature", 1.0)
+    keep_per_prompt: int = doc("most accepted completions kept per prompt", 1)
+    min_language: float = doc("least share of reasoning words in reward.language_target", 0.95)
+    min_tokens: int = doc("shortest completion kept, in tokens", 1)
+    merge: str | None = doc("a .jsonl of {prompt, response} rows (e.g. non-reasoning SFT "
+                            "data) appended to the dataset", None)
+
+
+@dataclass
+class StageConfig:
+    name: str = doc("the stage's name and folder; later stages refer to it", MISSING)
+    kind: str = doc("sft | grpo | rejection_sampling", MISSING)
+    model: str = doc("the model it starts from: base (model.path), an earlier stage's name, "
+                     "or a folder", "base")
+    overrides: list[str] = doc("key=value settings for this stage only", factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[StageConfig] = doc("stages run in order; empty = one GRPO run", factory=list)
+    only: str | None = doc("run just this stage (its inputs must be complete)", None)
+    eval: bool = doc("evaluate each model a stage makes (eval.* settings) into its stage.json",
+                     False)
+
+
+@dataclass
+class EvalConfig:
+    k: int = doc("samples per problem for pass@1 (their mean accuracy), pass@k and cons@k",
+                 8)
+    temperature: float = doc("sampling temperature of the k samples (DeepSeek-R1: 0.6)", 0.6)
+    top_p: float = doc("top-p of the k samples (DeepSeek-R1: 0.95)", 0.95)
+    greedy: bool = doc("also decode each problem greedily and report its accuracy", True)
+    size: int | None = doc("held-out problems evaluated (the split's first N); None = all "
+                           "data.eval_size of them", None)
+    output_dir: str | None = doc("where problems.jsonl and summary.json go; None = "
+                                 "outputs/eval-<model>-<task>-<time>", None)
+    overwrite: bool = doc("replace the results in an output_dir that already has a "
+                          "summary.json", False)
+    save_texts: bool = doc("also write the k sampled completions' texts to problems.jsonl",
+                           False)
 
 
 @dataclass
@@ -210,6 +271,11 @@ class Config:
     algorithm: AlgorithmConfig = doc("GRPO objective options", factory=AlgorithmConfig)
     trainer: TrainerConfig = doc("the training loop", factory=TrainerConfig)
     ray: RayConfig = doc("Ray cluster", factory=RayConfig)
+    sft: SFTConfig = doc("supervised fine-tuning stages", factory=SFTConfig)
+    rejection: RejectionConfig = doc("rejection-sampling stages", factory=RejectionConfig)
+    pipeline: PipelineConfig = doc("multi-stage recipes (R1, distillation)",
+                                   factory=PipelineConfig)
+    eval: EvalConfig = doc("the evaluation CLI (python -m rlsys.eval)", factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -470,10 +536,48 @@ def validate(cfg: Config) -> None:
     for name in cfg.reward.per_task:
         _require(name in run_tasks(cfg), f"reward.per_task.{name}", dict(cfg.reward.per_task[name]),
                  f"this run has no task {name!r} (its tasks: {', '.join(run_tasks(cfg))})")
+    _validate_eval(cfg)
+    _validate_pipeline(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _require(e.k >= 1, "eval.k", e.k, "must be >= 1")
+    _require(e.temperature > 0, "eval.temperature", e.temperature,
+             "sampling needs temperature > 0 (eval.greedy covers greedy decoding)")
+    _require(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+    _require(e.size is None or 1 <= e.size <= cfg.data.eval_size, "eval.size", e.size,
+             f"must be in [1, data.eval_size={cfg.data.eval_size}] or null")
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    p, s, rj = cfg.pipeline, cfg.sft, cfg.rejection
+    names: list[str] = []
+    for i, stage in enumerate(p.stages):
+        key = f"pipeline.stages[{i}]"
+        _require(stage.kind in ("sft", "grpo", "rejection_sampling"), f"{key}.kind", stage.kind,
+                 "sft, grpo or rejection_sampling")
+        _require(bool(stage.name) and "/" not in stage.name and stage.name not in names,
+                 f"{key}.name", stage.name, "a unique name without '/'")
+        _require(stage.model == "base" or stage.model in names or "/" in stage.model,
+                 f"{key}.model", stage.model,
+                 f"base, an earlier stage ({', '.join(names) or 'none'}) or a folder path")
+        names.append(stage.name)
+    _require(p.only is None or p.only in names, "pipeline.only", p.only,
+             f"one of the stages: {', '.join(names) or 'none'}")
+    _require(s.num_examples >= 1, "sft.num_examples", s.num_examples, "must be >= 1")
+    _require(s.epochs >= 1, "sft.epochs", s.epochs, "must be >= 1")
+    _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
+    _require(rj.num_prompts >= 1, "rejection.num_prompts", rj.num_prompts, "must be >= 1")
+    _require(rj.samples >= 1, "rejection.samples", rj.samples, "must be >= 1")
+    _require(rj.keep_per_prompt >= 1, "rejection.keep_per_prompt", rj.keep_per_prompt,
+             "must be >= 1")
+    _require(0 <= rj.min_language <= 1, "rejection.min_language", rj.min_language,
+             "must be in [0, 1]")
 
 
 #: Tasks a run (or a mix) can name; "mix" combines them.
-SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "file")
+SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "champ", "file")
 
 
 def run_tasks(cfg: Config) -> list[str]:

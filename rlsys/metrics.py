@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,12 @@ def mean_parts(scores: list[dict[str, float]]) -> dict[str, float]:
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
     return {key: sums[key] / counts[key] for key in sums}
+
+
+def reflection_count(text: str, phrases: Sequence[str]) -> int:
+    """How often `text` uses any of the reflection phrases ("wait", "let me check", ...), as
+    whole words, ignoring case: the "aha moment" signal R1-Zero reports rising during RL."""
+    if not phrases:
+        return 0
+    pattern = r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b"
+    return len(re.findall(pattern, text, flags=re.IGNORECASE))

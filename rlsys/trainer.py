@@ -38,9 +38,9 @@ from learners.group import LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.algo import group_advantages
-from rlsys.config import Config, ConfigError, to_yaml
+from rlsys.config import AlgorithmConfig, Config, ConfigError, to_yaml
 from rlsys.data import DataError, Problem, Task, make_task, render_prompt
-from rlsys.metrics import MetricsLogger, mean_parts
+from rlsys.metrics import MetricsLogger, mean_parts, reflection_count
 from rlsys.models import default_cache_dir, resolve_model
 from rlsys.rewards import make_language_reward
 from rlsys.rewards.length import overlong_penalty
@@ -91,32 +91,16 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         r, lc = cfg.rollout, cfg.learner
         t0 = time.perf_counter()
-        world = lc.tp * lc.dp
-        self.learner = LearnerGroup(
-            model_path, lc, cfg.algorithm, temperature=r.temperature,
-            max_response_len=r.max_new_tokens, seed=cfg.trainer.seed,
-            runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
-        self.rollout = RolloutPool(
-            model_path, r.num_workers,
-            worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
-                               max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
-                               tensor_parallel_size=r.tensor_parallel_size,
-                               max_num_batched_tokens=r.max_num_batched_tokens,
-                               gpu_memory_utilization=r.gpu_memory_utilization,
-                               num_threads=r.num_threads or None),
-            num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
-            env_vars=rollout_env_vars(str(out / ".vllm"), r.kv_cache_gb,
-                                      r.num_threads or os.cpu_count() or 1))
-        self.rewards = RewardPool(
-            cfg.reward.num_workers, dict(cfg.reward.weights), num_cpus=cfg.reward.num_cpus,
-            timeout_s=cfg.reward.timeout_s,
-            per_task={k: dict(v) for k, v in cfg.reward.per_task.items()},
-            parts={"language": make_language_reward(cfg.reward.language_target)})
+        self.learner = make_learner_group(cfg, model_path, cfg.algorithm,
+                                          temperature=r.temperature,
+                                          max_response_len=r.max_new_tokens)
+        self.rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
+        self.rewards = make_reward_pool(cfg)
         self.version = 0
         self._connect_weight_sync()
         log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
                  "%d learner worker(s) (tp=%d x dp=%d)", time.perf_counter() - t0,
-                 r.num_workers, cfg.reward.num_workers, world, lc.tp, lc.dp)
+                 r.num_workers, cfg.reward.num_workers, lc.tp * lc.dp, lc.tp, lc.dp)
         self.metrics = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -180,6 +164,9 @@ class GRPOTrainer:
             "data/skipped_overlong": timing["skipped"],
             "response/length_mean": statistics.fmean(lengths),
             "response/length_max": max(lengths),
+            "response/reflections": statistics.fmean(
+                reflection_count(s["text"], self.cfg.trainer.reflection_words)
+                for s in all_samples),
             "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
                                                         for s in all_samples),
             "time/gen": timing["gen"], "time/reward": timing["reward"],
@@ -363,14 +350,50 @@ def _single_task(cfg: Config, name: str) -> Task:
         return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
                          min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
                          eval_size=d.eval_size)
-    if name == "humaneval":
-        return make_task("humaneval", seed=cfg.trainer.seed, eval_size=d.eval_size)
+    if name in ("humaneval", "champ"):
+        return make_task(name, seed=cfg.trainer.seed, eval_size=d.eval_size)
     if name == "reasoning_gym":
         return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
                          eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
     return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
                      answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
                      skip_malformed=d.skip_malformed)
+
+
+def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig, *,
+                       temperature: float, max_response_len: int) -> LearnerGroup:
+    """`learner.tp` x `learner.dp` learner actors holding `model_path`, as configured."""
+    lc = cfg.learner
+    world = lc.tp * lc.dp
+    return LearnerGroup(
+        model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
+        seed=cfg.trainer.seed,
+        runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
+
+
+def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
+    """`rollout.num_workers` vLLM engines serving `model_path`, as configured."""
+    r = cfg.rollout
+    return RolloutPool(
+        model_path, r.num_workers,
+        worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
+                           max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
+                           tensor_parallel_size=r.tensor_parallel_size,
+                           max_num_batched_tokens=r.max_num_batched_tokens,
+                           gpu_memory_utilization=r.gpu_memory_utilization,
+                           num_threads=r.num_threads or None),
+        num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
+        env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
+                                  r.num_threads or os.cpu_count() or 1))
+
+
+def make_reward_pool(cfg: Config) -> RewardPool:
+    """`reward.num_workers` reward actors with the configured weights (per task, too)."""
+    rw = cfg.reward
+    return RewardPool(rw.num_workers, dict(rw.weights), num_cpus=rw.num_cpus,
+                      timeout_s=rw.timeout_s,
+                      per_task={k: dict(v) for k, v in rw.per_task.items()},
+                      parts={"language": make_language_reward(rw.language_target)})
 
 
 def check_model_fits(cfg: Config, model_path: str) -> None:

@@ -15,7 +15,8 @@ from rlsys.trainer import train
 STEP_KEYS = [
     "reward/total", "reward/accuracy", "reward/format", "advantage/abs_mean",
     "train/loss", "train/pg_loss", "train/kl", "train/clip_frac", "train/entropy",
-    "train/grad_norm", "train/logprob_gap", "response/length_mean", "time/gen", "time/reward",
+    "train/grad_norm", "train/logprob_gap", "response/length_mean", "response/reflections",
+    "time/gen", "time/reward",
     "groups/no_signal_frac", "groups/trained", "rollout/rounds",
     "time/update", "time/sync", "throughput/gen_tokens_per_s", "sync/bytes", "weight_version",
 ]

@@ -3,6 +3,7 @@
 Pure leaves: no Ray, no actors, no model.
 """
 
+from rlsys.data.champ import ChampTask, load_champ
 from rlsys.data.humaneval import HumanEvalTask, load_humaneval
 from rlsys.data.tasks import (
     TASKS,
@@ -31,6 +32,7 @@ __all__ = [
     "TASKS",
     "TEMPLATES",
     "ArithmeticTask",
+    "ChampTask",
     "DataError",
     "FileTask",
     "HumanEvalTask",
@@ -38,6 +40,7 @@ __all__ = [
     "Problem",
     "ReasoningGymTask",
     "Task",
+    "load_champ",
     "load_humaneval",
     "make_task",
     "register_task",

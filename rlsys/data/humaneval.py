@@ -7,14 +7,12 @@ Gold answers are the JSON test spec `rlsys.rewards.code.code_accuracy_reward` ex
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-from rlsys.data.tasks import DataError, Problem, ProblemListTask, register_task
+from rlsys.data.tasks import DataError, Problem, ProblemListTask, read_jsonl, register_task
 
 INSTRUCTION = (
     "Complete the following Python function. Put the full function inside a ```python code "
@@ -43,25 +41,13 @@ def humaneval_data_path() -> Path:
 def load_humaneval(path: str | Path | None = None) -> list[dict[str, str]]:
     """The HumanEval rows (dicts with task_id, prompt, canonical_solution, test, entry_point)."""
     path = Path(path) if path is not None else humaneval_data_path()
-    opener: Any = gzip.open if path.name.endswith(".gz") else open
     rows: list[dict[str, str]] = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"humaneval task: {path}:{lineno}: invalid JSON ({err.msg})"
-                    ) from None
-                missing = [k for k in _FIELDS if not isinstance(row.get(k), str)]
-                if missing:
-                    raise DataError(f"humaneval task: {path}:{lineno}: missing fields {missing}")
-                rows.append(row)
-    except (OSError, EOFError) as err:
-        raise DataError(f"humaneval task: cannot read {path}: {err}") from None
+    for lineno, row in read_jsonl(path, "humaneval task"):
+        missing = [k for k in _FIELDS if not isinstance(row, dict)
+                   or not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"humaneval task: {path}:{lineno}: missing fields {missing}")
+        rows.append(row)
     if not rows:
         raise DataError(f"humaneval task: {path}: no problems")
     return rows
@@ -112,12 +98,7 @@ class HumanEvalTask(ProblemListTask):
                 f"{where}eval_size: must be in [0, {len(problems)}) so that some HumanEval "
                 f"problems remain for training, got {eval_size}"
             )
-        order = list(range(len(problems)))
-        random.Random(f"humaneval-split|{split_seed}").shuffle(order)
-        held_out = set(order[:eval_size])
-        # Both splits keep the file's order, so listings read HumanEval/0, /3, ... in sequence.
-        self._eval = [p for i, p in enumerate(problems) if i in held_out]
-        self._train = [p for i, p in enumerate(problems) if i not in held_out]
+        self._hold_out(problems, eval_size, split_seed)
         self._start_sampler(seed)
 
     def _state_mismatch(self, state: dict[str, Any]) -> str:

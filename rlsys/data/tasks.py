@@ -114,12 +114,39 @@ _ENUMERATE_LIMIT = 100_000
 _MIN_HELD_OUT_FRACTION = 0.02
 
 
+def read_jsonl(path: Path, where: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) of each non-blank line of a .jsonl or .jsonl.gz file; an
+    unreadable file or a line that is not JSON raises DataError naming `where`, file and line."""
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: {path}:{lineno}: invalid JSON ({err.msg})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: cannot read {path}: {err}") from None
+
+
 class ProblemListTask(Task):
     """Training problems from a fixed list, drawn in a seeded order reshuffled every epoch.
 
     Subclasses fill `self._train` and `self._eval` and call `_start_sampler(seed)`; the state
     is (epoch, position in that epoch's permutation), so a restored sampler repeats exactly.
     """
+
+    def _hold_out(self, problems: list[Problem], eval_size: int, split_seed: int) -> None:
+        """Hold out `eval_size` problems chosen by a shuffle seeded with `split_seed` (not the
+        sampling seed, so runs with different seeds share an eval set); train on the rest.
+        Both splits keep the file's order, so listings read in sequence."""
+        order = list(range(len(problems)))
+        random.Random(f"{self.name}-split|{split_seed}").shuffle(order)
+        held_out = set(order[:eval_size])
+        self._eval = [p for i, p in enumerate(problems) if i in held_out]
+        self._train = [p for i, p in enumerate(problems) if i not in held_out]
 
     def _start_sampler(self, seed: int) -> None:
         self.seed = seed
