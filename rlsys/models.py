@@ -102,7 +102,14 @@ def resolve_model(path: str, cache_dir: str | os.PathLike[str]) -> pathlib.Path:
         return _cached_build(SMOLLM2, cache_dir, lambda out: convert_smollm2(out, gguf_path))
     if text == TINY:
         return _cached_build(TINY, cache_dir, build_tiny_model)
-    names = ", ".join(BUILTIN_MODELS)
+    if text.startswith(f"{SMOLLM2}:layers="):
+        layers = text.removeprefix(f"{SMOLLM2}:layers=")
+        if not layers.isdigit() or int(layers) < 1:
+            raise ModelError(f"model.path={text!r}: layers must be a positive integer")
+        full = resolve_model(SMOLLM2, cache_dir)
+        return _cached_build(f"{SMOLLM2}-{int(layers)}l", cache_dir,
+                             lambda out: truncate_layers(full, out, int(layers)))
+    names = ", ".join(BUILTIN_MODELS) + f", {SMOLLM2}:layers=N"
     if folder.is_dir():
         raise ModelError(
             f"model.path={text!r} is a folder without config.json; point it at a Hugging Face "
@@ -150,6 +157,23 @@ def _is_causal_lm_type(model_type: object) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Atomic, lock-protected cache
+
+
+def truncate_layers(source: pathlib.Path, out_dir: str | os.PathLike[str], layers: int) -> None:
+    """Save `source` with only its first `layers` decoder layers: a smaller student for
+    distillation that starts from the teacher's embeddings and lower layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    total = model.config.num_hidden_layers
+    if layers >= total:
+        raise ModelError(f"{source.name} has {total} layers; a truncated copy needs fewer")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
 
 
 def _cached_build(

@@ -52,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlsys.data import DataError
     from rlsys.models import ModelError
+    from rlsys.pipeline import run_pipeline
     from rlsys.trainer import train
 
     try:
-        train(cfg)
+        if cfg.pipeline.stages:
+            run_pipeline(cfg, args)
+        else:
+            train(cfg)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

