@@ -85,13 +85,15 @@ def default_cache_dir() -> pathlib.Path:
 # resolve_model
 
 
-def resolve_model(path: str, cache_dir: str | os.PathLike[str]) -> pathlib.Path:
+def resolve_model(path: str, cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
     """Turn ``model.path`` into a local HF causal-LM folder that transformers and vLLM can load.
 
     ``path`` is either a folder holding ``config.json`` or one of :data:`BUILTIN_MODELS`, which
-    are built on first use into ``cache_dir/<name>`` and reused afterwards. A folder wins over a
-    built-in name of the same spelling.
+    are built on first use into ``cache_dir/<name>`` (None: :func:`default_cache_dir`, as for
+    ``model.cache_dir: null``) and reused afterwards. A folder wins over a built-in name of the
+    same spelling.
     """
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     text = os.fspath(path)
     folder = pathlib.Path(text).expanduser()
     if (folder / "config.json").is_file():

@@ -41,7 +41,7 @@ from rlsys.algo import group_advantages
 from rlsys.config import AlgorithmConfig, Config, ConfigError, to_yaml
 from rlsys.data import DataError, Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger, mean_parts, reflection_count
-from rlsys.models import default_cache_dir, resolve_model
+from rlsys.models import resolve_model
 from rlsys.rewards import make_language_reward
 from rlsys.rewards.length import overlong_penalty
 
@@ -52,8 +52,7 @@ def train(cfg: Config) -> Path:
     """Run GRPO as configured; returns the output directory."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Model and data are checked before anything is written or started.
-    cache_dir = os.path.expanduser(cfg.model.cache_dir) if cfg.model.cache_dir else None
-    model_path = str(resolve_model(cfg.model.path, cache_dir or default_cache_dir()))
+    model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     check_model_fits(cfg, model_path)
     task = build_task(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

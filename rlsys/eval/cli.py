@@ -111,7 +111,7 @@ def evaluate(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from transformers import AutoTokenizer
 
-    from rlsys.models import default_cache_dir, resolve_model
+    from rlsys.models import resolve_model
     from rlsys.trainer import (
         build_task,
         check_model_fits,
@@ -122,9 +122,7 @@ def evaluate(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     )
 
     t_start = time.perf_counter()
-    cache_dir = cfg.model.cache_dir
-    model_path = str(resolve_model(cfg.model.path, Path(cache_dir).expanduser() if cache_dir
-                                   else default_cache_dir()))
+    model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     check_model_fits(cfg, model_path)
     task = build_task(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

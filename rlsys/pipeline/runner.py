@@ -62,9 +62,7 @@ def stage_configs(cfg: Config, args: list[str]) -> list[Config]:
 def resolve_model(stage: StageConfig, scfg: Config, done: dict[str, tuple[str, Path]]) -> str:
     """The folder a stage starts from."""
     if stage.model == "base":
-        cache = scfg.model.cache_dir
-        return str(models.resolve_model(scfg.model.path, Path(cache).expanduser() if cache
-                                        else models.default_cache_dir()))
+        return str(models.resolve_model(scfg.model.path, scfg.model.cache_dir))
     if stage.model in done:
         kind, folder = done[stage.model]
         if kind not in MODEL_STAGES:
@@ -79,6 +77,7 @@ def run_pipeline(cfg: Config, args: list[str]) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     root = Path(cfg.trainer.output_dir or "outputs/pipeline")
     stages, only = cfg.pipeline.stages, cfg.pipeline.only
+    only_index = [s.name for s in stages].index(only) if only is not None else None
     configs = stage_configs(cfg, args)
     done: dict[str, tuple[str, Path]] = {}  # stage name -> (kind, folder) of complete stages
     for i, (stage, scfg) in enumerate(zip(stages, configs, strict=True)):
@@ -88,8 +87,8 @@ def run_pipeline(cfg: Config, args: list[str]) -> Path:
             log.info("stage %s: complete (%s), skipped", stage.name, folder)
             done[stage.name] = (stage.kind, folder)
             continue
-        if only is not None and stage.name != only:
-            if stages.index(next(s for s in stages if s.name == only)) > i:
+        if only_index is not None and i != only_index:
+            if only_index > i:
                 raise ConfigError(f"pipeline.only={only}: it needs stage {stage.name}, which is "
                                   f"not complete in {root}")
             break
