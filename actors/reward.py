@@ -8,21 +8,30 @@ Robustness: a verifier that raises on one completion must not cost the whole bat
 worker that hangs or dies must not stall training. So `RewardWorker.score` turns a per-item
 exception into a zero reward marked `error`, and `RewardPool.score` puts a deadline on every
 chunk it hands out, kills and replaces a hung or dead worker, and re-runs its chunk elsewhere.
+
+Reward model: the `preference` part (R1's all-scenario RL, for prompts without a checkable
+answer) is not a function of (response, gold) but of (prompt, response), scored by a model. A
+worker whose weights (default or per task) use it loads the `reward.model` once, on first use
+(rlsys.rewards.model_scorer), and scores the items that need it in batches; the value then
+joins each item's parts and weighted total like any other part.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
 from rlsys.rewards import RewardFn, compute_reward
+from rlsys.rewards.registry import PREFERENCE
 
 logger = logging.getLogger(__name__)
 
@@ -38,30 +47,78 @@ class RewardWorker:
     registered ones: the language-consistency part for the configured target language, or in
     tests parts that raise or hang (functions defined locally are pickled by value, so the
     worker needs no importable module for them).
+
+    `model` holds the keyword arguments of rlsys.rewards.model_scorer.ModelScorer (path,
+    kind, ...): the reward model of the `preference` part, built on first use. None = no
+    reward model; an item whose weights use `preference` then gets error=1.
     """
 
     def __init__(self, weights: dict[str, float],
                  parts: Mapping[str, RewardFn] | None = None,
-                 per_task: Mapping[str, dict[str, float]] | None = None) -> None:
+                 per_task: Mapping[str, dict[str, float]] | None = None,
+                 model: Mapping[str, Any] | None = None) -> None:
         self.weights = dict(weights)
         self.parts = dict(parts or {})
         self.per_task = {task: dict(w) for task, w in (per_task or {}).items()}
+        self.model_options = dict(model) if model else None
+        self._scorer: Any = None  # a ModelScorer, built by `scorer()` on first use
+
+    def scorer(self) -> Any:
+        """The reward model, loaded on the first call. A model that cannot be loaded raises
+        (a configuration problem, not one item's): the caller's `score` call fails loudly."""
+        if self._scorer is None:
+            if self.model_options is None:
+                raise ValueError(f"the {PREFERENCE!r} reward part needs a reward model: set "
+                                 "reward.model.path")
+            from rlsys.rewards.model_scorer import ModelScorer
+
+            self._scorer = ModelScorer(**self.model_options)
+        return self._scorer
+
+    def _preferences(self, responses: list[str], prompts: list[str] | None,
+                     need: list[int]) -> dict[int, float | str | BaseException]:
+        """The `preference` value of items `need` (indices), or why an item has none."""
+        if not need:
+            return {}
+        if prompts is None:
+            return dict.fromkeys(need, f"the {PREFERENCE!r} reward part scores (prompt, "
+                                       "response) pairs: pass prompts= to RewardPool.score")
+        if self.model_options is None:
+            return dict.fromkeys(need, f"the {PREFERENCE!r} reward part needs a reward model: "
+                                       "set reward.model.path")
+        scorer = self.scorer()
+        try:
+            values = scorer.score([prompts[i] for i in need], [responses[i] for i in need])
+        except Exception as exc:  # a scoring bug costs these items, not the batch's other parts
+            return dict.fromkeys(need, exc)
+        return {i: v if math.isfinite(v) else f"the reward model scored {v}"
+                for i, v in zip(need, values, strict=True)}
 
     def score(self, responses: list[str], golds: list[str], tasks: list[str] | None = None,
-              offset: int = 0) -> list[dict[str, float]]:
+              offset: int = 0, prompts: list[str] | None = None) -> list[dict[str, float]]:
         """Rewards of each pair; an item whose verifier raises gets 0 everywhere and error=1.
 
         `tasks` names each item's task: its `per_task` weights replace the default ones.
         `offset` is the index of the first item in the caller's batch, only used in the log.
+        `prompts` (the question of each item) are needed by items whose weights use the
+        `preference` part; such an item without a prompt gets error=1.
         """
         out: list[dict[str, float]] = []
         failed: list[int] = []
         first_exc: BaseException | None = None
         tasks = tasks if tasks is not None else [""] * len(responses)
+        if prompts is not None and len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        need = [i for i, task in enumerate(tasks)
+                if PREFERENCE in self.per_task.get(task, self.weights)]
+        preference = self._preferences(responses, prompts, need)
         for i, (r, g, task) in enumerate(zip(responses, golds, tasks, strict=True)):
             weights = self.per_task.get(task, self.weights)
+            parts = self.parts
+            if i in preference:
+                parts = {**self.parts, PREFERENCE: _fixed(preference[i])}
             try:
-                score = compute_reward(r, g, weights, self.parts)
+                score = compute_reward(r, g, weights, parts)
             except Exception as exc:  # any verifier bug must only cost this one item
                 failed.append(offset + i)
                 first_exc = first_exc or exc
@@ -77,6 +134,19 @@ class RewardWorker:
 
     def in_main_thread(self) -> bool:
         return threading.current_thread() is threading.main_thread()
+
+
+def _fixed(value: float | str | BaseException) -> Callable[[str, str], float]:
+    """A reward part returning an already computed value, or raising why there is none (a
+    message, or the exception scoring raised: a fresh error per item, caused by it)."""
+    def part(response: str, gold: str) -> float:
+        if isinstance(value, str):
+            raise ValueError(value)
+        if isinstance(value, BaseException):
+            raise ValueError(f"the reward model failed: {value!r}") from value
+        return value
+
+    return part
 
 
 @dataclass
@@ -96,12 +166,16 @@ class RewardPool:
     worker times out or dies is re-submitted (preferably to a different worker) up to
     `max_retries` times; the failed worker is killed and replaced by a fresh actor of the same
     name, so the pool always has M workers.
+
+    `model` (ModelScorer's keyword arguments) is the reward model of the `preference` part;
+    each worker loads its own copy on first use, so `timeout_s` must cover that load.
     """
 
     def __init__(self, num_workers: int, weights: dict[str, float], *, num_cpus: float = 0.5,
                  timeout_s: float = 60.0, name_prefix: str = "reward", max_retries: int = 2,
                  parts: Mapping[str, RewardFn] | None = None,
-                 per_task: Mapping[str, dict[str, float]] | None = None) -> None:
+                 per_task: Mapping[str, dict[str, float]] | None = None,
+                 model: Mapping[str, Any] | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_retries < 0:
@@ -112,6 +186,7 @@ class RewardPool:
         self._weights = dict(weights)
         self._parts = dict(parts or {})
         self._per_task = {task: dict(w) for task, w in (per_task or {}).items()}
+        self._model = dict(model) if model else None
         self._actor_cls = ray.remote(RewardWorker)
         self._num_cpus = num_cpus
         # retries: chunk re-submissions; restarts: workers replaced; errors: items that raised.
@@ -125,7 +200,7 @@ class RewardPool:
             try:
                 opts = self._actor_cls.options(name=name, num_cpus=self._num_cpus,
                                                max_concurrency=1)
-                return opts.remote(self._weights, self._parts, self._per_task)
+                return opts.remote(self._weights, self._parts, self._per_task, self._model)
             except ValueError:  # name still held by the actor we just killed
                 if time.monotonic() > deadline:
                     raise
@@ -137,16 +212,19 @@ class RewardPool:
         self.workers[i] = self._spawn(i)
         self.stats["restarts"] += 1
 
-    def score(self, responses: list[str], golds: list[str],
-              tasks: list[str] | None = None) -> list[dict[str, float]]:
+    def score(self, responses: list[str], golds: list[str], tasks: list[str] | None = None,
+              prompts: list[str] | None = None) -> list[dict[str, float]]:
         """Rewards of every response, in order: {"total": ..., <part>: ..., "error": 0|1} each.
 
         `tasks` names each response's task, which selects its `per_task` reward weights.
+        `prompts` is each response's question, for the `preference` part (reward model).
         """
         tasks = tasks if tasks is not None else [""] * len(responses)
-        if not len(responses) == len(golds) == len(tasks):
-            raise ValueError(f"{len(responses)} responses, {len(golds)} gold answers and "
-                             f"{len(tasks)} task names")
+        if not len(responses) == len(golds) == len(tasks) or (
+                prompts is not None and len(prompts) != len(responses)):
+            raise ValueError(f"{len(responses)} responses, {len(golds)} gold answers, "
+                             f"{len(tasks)} task names and "
+                             f"{'no' if prompts is None else len(prompts)} prompts")
         n, k = len(responses), len(self.workers)
         bounds = [n * i // k for i in range(k + 1)]
         queue = [_Chunk(a, b) for a, b in itertools.pairwise(bounds) if b > a]
@@ -179,8 +257,9 @@ class RewardPool:
                 w = others[0] if others else idle.pop()
                 idle.discard(w)
                 part = slice(chunk.start, chunk.stop)
-                ref = self.workers[w].score.remote(responses[part], golds[part], tasks[part],
-                                                   chunk.start)
+                ref = self.workers[w].score.remote(
+                    responses[part], golds[part], tasks[part], chunk.start,
+                    None if prompts is None else prompts[part])
                 in_flight[ref] = (chunk, w, time.monotonic() + self.timeout_s)
             next_due = min(due for _, _, due in in_flight.values())
             ready, _ = ray.wait(list(in_flight), num_returns=1,

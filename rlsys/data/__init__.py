@@ -3,6 +3,7 @@
 Pure leaves: no Ray, no actors, no model.
 """
 
+from rlsys.data.asdiv import AsdivTask, load_asdiv
 from rlsys.data.champ import ChampTask, load_champ
 from rlsys.data.humaneval import HumanEvalTask, load_humaneval
 from rlsys.data.tasks import (
@@ -32,6 +33,7 @@ __all__ = [
     "TASKS",
     "TEMPLATES",
     "ArithmeticTask",
+    "AsdivTask",
     "ChampTask",
     "DataError",
     "FileTask",
@@ -40,6 +42,7 @@ __all__ = [
     "Problem",
     "ReasoningGymTask",
     "Task",
+    "load_asdiv",
     "load_champ",
     "load_humaneval",
     "make_task",

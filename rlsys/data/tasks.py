@@ -441,6 +441,8 @@ class FileTask(ProblemListTask):
     """
 
     name = "file"
+    #: Whether every row needs a gold answer (PromptsTask: no).
+    answer_required = True
 
     def __init__(
         self,
@@ -580,7 +582,8 @@ class FileTask(ProblemListTask):
         except Exception as err:  # pyarrow raises several types for corrupt or non-parquet files
             raise DataError(f"{where}: cannot read parquet file {path}: {err}") from None
         for column in (self.prompt_key, self.answer_key):
-            if column not in table.column_names:
+            if column not in table.column_names and (column == self.prompt_key
+                                                     or self.answer_required):
                 key = "prompt_key" if column == self.prompt_key else "answer_key"
                 raise DataError(
                     f"{where}: {path}: no column {column!r} (columns: {table.column_names}); "
@@ -599,7 +602,11 @@ class FileTask(ProblemListTask):
             raise _BadRow(
                 f"field {self.prompt_key!r} must be a string, got {type(question).__name__}"
             )
-        answer = self._field(row, self.answer_key, "answer_key")
+        if not self.answer_required and (
+                row.get(self.answer_key) is None or row.get(self.answer_key) == ""):
+            answer: Any = ""  # no gold answer: rule-based parts score 0, a reward model scores
+        else:
+            answer = self._field(row, self.answer_key, "answer_key")
         if isinstance(answer, list) and answer and all(isinstance(t, str) for t in answer):
             # A code problem: its answer is a list of assert statements, which the
             # code_accuracy reward runs after the model's code in the sandbox.
@@ -637,6 +644,20 @@ class FileTask(ProblemListTask):
                     "changed")
         return (f"file task: state dict position {state['position']} is past the "
                 f"{len(self._train)} training rows")
+
+
+class PromptsTask(FileTask):
+    """General prompts from a `.jsonl` or `.parquet` file, the gold answer optional.
+
+    For R1's all-scenario RL: prompts without a checkable answer (writing, open questions) are
+    rewarded by a reward model (the `preference` part, `reward.model`), e.g. in a mix with
+    `reward.per_task: {prompts: {preference: 1.0}}`. Rows are read as by FileTask, except that
+    a missing, null or empty `answer_key` field gives the gold answer "" (the rule-based parts
+    then score 0); a row that has one keeps it.
+    """
+
+    name = "prompts"
+    answer_required = False
 
 
 class _BadRow(Exception):
@@ -810,6 +831,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 register_task(ArithmeticTask)
 register_task(FileTask)
+register_task(PromptsTask)
 register_task(ReasoningGymTask)
 register_task(MixtureTask)
 

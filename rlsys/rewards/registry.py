@@ -2,7 +2,8 @@
 
 Every part is a function `(response, gold) -> float`. Later parts (language consistency, code
 execution) register themselves here with `register_reward`, and configs select and weight them
-by name.
+by name. One exception: `preference`, a reward model's score of (prompt, response), is
+registered by name only; the reward workers compute it (actors/reward.py).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ register_reward("tag_count", _tag_count_part)
 
 
 def _code_accuracy_part(response: str, gold: str) -> float:
-    # Gold is a JSON test spec (see rlsys.rewards.code); runs the code in the sandbox.
-    return code_accuracy_reward(response, gold)
+    # Gold is a JSON test spec (see rlsys.rewards.code); runs the code in the sandbox. No gold
+    # (a general prompt of the prompts task): nothing to run, 0.
+    return code_accuracy_reward(response, gold) if gold.strip() else 0.0
 
 
 register_reward("code_accuracy", _code_accuracy_part)
@@ -103,3 +105,18 @@ register_reward("code_accuracy", _code_accuracy_part)
 
 # English by default; other targets are built with make_language_reward(target).
 register_reward("language", language_consistency_reward)
+
+
+#: The reward-model part (R1's all-scenario RL: general prompts have no checkable answer).
+PREFERENCE = "preference"
+
+
+def _preference_part(response: str, gold: str) -> float:
+    # A score of (prompt, response) by the model of `reward.model`: the reward workers compute
+    # it in batches (actors/reward.py, rlsys.rewards.model_scorer) and pass the value in as a
+    # part. Registered so that weights may name it; it cannot be computed from these two.
+    raise ValueError(f"the {PREFERENCE!r} reward part is scored by a reward model "
+                     "(reward.model) in the reward workers, not from (response, gold)")
+
+
+register_reward(PREFERENCE, _preference_part)

@@ -45,5 +45,8 @@ def gold_verifier(gold: str) -> str:
 
 
 def verified_accuracy(response: str, gold: str) -> float:
-    """1.0 if the response is right by its gold's verifier (see the module docstring)."""
+    """1.0 if the response is right by its gold's verifier (see the module docstring); 0.0
+    without a gold answer (a general prompt of the prompts task, scored by other parts)."""
+    if not gold.strip():
+        return 0.0
     return VERIFIERS[gold_verifier(gold)](response, gold)
