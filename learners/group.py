@@ -121,6 +121,24 @@ class LearnerGroup:
         metrics["tokens_per_s"] = metrics.pop("seq_tokens") / (time.perf_counter() - t0)
         return metrics
 
+    def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                         reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of each response under the policy (or the reference model),
+        in the order given: sharded over the dp ranks like `train_step`, merged back."""
+        shards = shard_for_data_parallel(prompt_ids, response_ids, self.dp)
+        refs = []
+        for rank, worker in enumerate(self.workers):
+            shard = shards[rank // self.tp]
+            refs.append(worker.compute_logprobs.remote([prompt_ids[i] for i in shard],
+                                                       [response_ids[i] for i in shard],
+                                                       reference))
+        per_rank = ray.get(refs)
+        result: list[list[float]] = [[] for _ in response_ids]
+        for shard, logprobs in zip(shards, per_rank[:: self.tp], strict=True):
+            for i, lp in zip(shard, logprobs, strict=True):
+                result[i] = lp
+        return result
+
     def update_reference(self) -> None:
         self._all("update_reference")
 

@@ -9,7 +9,8 @@ Zero wasted passes: micro-batches are packed (learners/packing.py: each prompt o
 padding through the linear layers); with one update per batch (on-policy) the old log-probs
 equal the current ones, so the ratio is taken against a detached copy of the same forward pass
 instead of a second pass; the reference model is only built and run when
-`algorithm.kl_coef > 0`; and the (vocabulary-sized) output projection runs only on the
+`algorithm.kl_coef > 0` (and run once per batch, before the advantages, when
+`algorithm.kl_in_reward`); and the (vocabulary-sized) output projection runs only on the
 positions that predict response tokens, never on the rest of the prompt.
 """
 
@@ -31,7 +32,7 @@ from learners.packing import (
     pack_microbatches,
     register_packed_attention,
 )
-from rlsys.algo import grpo_loss
+from rlsys.algo import grpo_loss, rollout_is_weights
 from rlsys.config import AlgorithmConfig, LearnerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -215,9 +216,17 @@ class Learner:
         """One GRPO update on this rank's shard of a rollout batch.
 
         `batch` holds, per completion: "prompt_ids", "response_ids", "rollout_logprobs" (lists)
-        and "advantages" (floats), optionally "loss_mask" (bools). Returns this rank's metrics
+        and "advantages" (floats), optionally "loss_mask" (bools) and "ref_logprobs" (lists:
+        the reference model's, when the caller already has them). Returns this rank's metrics
         (see `combine_rank_metrics`), including the train-vs-rollout log-prob gap measured on
         the very forward pass that computes the loss.
+
+        With `algorithm.kl_in_reward` the KL is already in the advantages, so the loss has no
+        KL term (the "kl" metric is still reported when "ref_logprobs" come with the batch).
+        With `algorithm.rollout_is` the policy-gradient term of each token is weighted by the
+        truncated importance ratio pi_old / pi_rollout (`rlsys.algo.rollout_is_weights`), where
+        pi_old is the learner's pre-update policy: the detached log-probs of the same forward
+        pass with one update per batch, the recomputed ones otherwise.
         """
         t0 = time.perf_counter()
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
@@ -229,9 +238,10 @@ class Learner:
         rollout_lp = batch["rollout_logprobs"]
         updates = self.algo.updates_per_batch
 
-        ref_lp: list[list[float]] | None = None
-        if self.ref_model is not None:
+        ref_lp: list[list[float]] | None = batch.get("ref_logprobs")
+        if ref_lp is None and self.ref_model is not None and not self.algo.kl_in_reward:
             ref_lp = self.compute_logprobs(prompts, responses, reference=True)
+        kl_coef = 0.0 if self.algo.kl_in_reward else self.algo.kl_coef
         old_lp: list[list[float]] | None = None
         if updates > 1:
             # Several optimizer steps per batch: later steps need the pre-update policy.
@@ -271,18 +281,25 @@ class Learner:
                        if ref_lp is not None else None)
                 entropies = _to_padded(ent_flat, lens) if self.algo.entropy_coef > 0 else None
                 loss_mask = mask & in_loss[idx].to(dev)[:, None]
+                rollout_flat = self._flat(rollout_lp, idx)
+                is_weights, is_metrics = None, {}
+                if self.algo.rollout_is != "none":
+                    is_weights, is_metrics = rollout_is_weights(
+                        old.detach(), _to_padded(rollout_flat.to(dev), lens), loss_mask,
+                        self.algo.rollout_is, self.algo.rollout_is_cap)
                 loss, m = grpo_loss(
                     logprobs, old, advantages[idx].to(dev), loss_mask,
-                    ref_logprobs=ref, kl_coef=self.algo.kl_coef,
+                    ref_logprobs=ref, kl_coef=kl_coef,
                     kl_estimator=self.algo.kl_estimator, entropies=entropies,
                     entropy_coef=self.algo.entropy_coef, clip_low=self.algo.clip_low,
                     clip_high=self.algo.clip_high, dual_clip=self.algo.dual_clip,
-                    loss_agg=self.algo.loss_agg, **agg)
+                    loss_agg=self.algo.loss_agg, is_weights=is_weights, **agg)
                 parallel.backward(loss, self.cfg.tp > 1)
+                m.update(is_metrics)
 
                 with torch.no_grad():
                     tokens = float(len(lp_flat))
-                    gap = (lp_flat.detach().cpu() - self._flat(rollout_lp, idx)).abs()
+                    gap = (lp_flat.detach().cpu() - rollout_flat).abs()
                     m["logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
                     m["logprob_gap_max"] = float(gap.max()) if gap.numel() else 0.0
                     m["entropy"] = float(ent_flat.detach().mean())

@@ -14,13 +14,16 @@ import torch
 from rlsys.algo import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
+    ROLLOUT_IS_MODES,
     aggregate_loss,
     entropy_from_logits,
     group_advantages,
     grpo_loss,
     kl_penalty,
+    kl_shaped_rewards,
     masked_mean,
     policy_loss,
+    rollout_is_weights,
 )
 
 F64 = torch.float64
@@ -422,3 +425,176 @@ def test_aggregate_low_precision_values_reduce_in_fp32():
     out = aggregate_loss(values, mask, "seq-mean-token-sum")
     assert out.dtype == torch.float32
     assert out.item() == 1001.0
+
+
+# --------------------------------------------------------------------------- rollout IS (TIS)
+
+# log(pi_old / pi_rollout) per token: row 0 [ln 3, 0, ln .5], row 1 [ln 1.5, ln 1.2, padding].
+IS_OLD = t([[-1.0, -2.0, -3.0], [-0.5, -1.0, 9e9]])
+IS_ROLLOUT = IS_OLD - t([[math.log(3.0), 0.0, math.log(0.5)],
+                         [math.log(1.5), math.log(1.2), float("nan")]])
+IS_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+
+
+def test_rollout_is_token_weights_by_hand():
+    w, m = rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "token", cap=2.0)
+    # min(3, 2)=2, 1, .5 | 1.5, 1.2, padding -> 1 (whatever garbage it holds).
+    close(w, [[2.0, 1.0, 0.5], [1.5, 1.2, 1.0]])
+    close(m["rollout_is/mean"], (2.0 + 1.0 + 0.5 + 1.5 + 1.2) / 5)
+    close(m["rollout_is/clipped_frac"], 1 / 5)
+    assert not w.requires_grad
+    # A larger cap leaves the 3 alone.
+    w, m = rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "token", cap=5.0)
+    close(w[0, 0], 3.0)
+    assert m["rollout_is/clipped_frac"] == 0.0
+
+
+def test_rollout_is_sequence_weights_by_hand():
+    w, m = rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "sequence", cap=2.0)
+    # Row 0: 3 * 1 * .5 = 1.5 on every token; row 1: 1.5 * 1.2 = 1.8 (padding excluded).
+    close(w, [[1.5, 1.5, 1.5], [1.8, 1.8, 1.0]])
+    close(m["rollout_is/mean"], (3 * 1.5 + 2 * 1.8) / 5)
+    assert m["rollout_is/clipped_frac"] == 0.0
+    # Cap 1.6: row 1's product 1.8 is truncated, on both of its tokens.
+    w, m = rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "sequence", cap=1.6)
+    close(w, [[1.5, 1.5, 1.5], [1.6, 1.6, 1.0]])
+    close(m["rollout_is/clipped_frac"], 2 / 5)
+
+
+def test_rollout_is_long_sequence_does_not_overflow():
+    # 4000 tokens of log-ratio 0.5: exp(2000) is inf in float64; the weight is the cap.
+    old = torch.zeros(1, 4000, dtype=F64)
+    w, m = rollout_is_weights(old, old - 0.5, torch.ones(1, 4000), "sequence", cap=2.0)
+    assert torch.isfinite(w).all()
+    close(w, torch.full((1, 4000), 2.0, dtype=F64))
+    assert m["rollout_is/clipped_frac"] == 1.0
+    # And a hugely negative sum gives ~0, not NaN.
+    w, _ = rollout_is_weights(old, old + 0.5, torch.ones(1, 4000), "sequence", cap=2.0)
+    assert torch.isfinite(w).all() and (w >= 0).all() and w.max() < 1e-300
+
+
+def test_rollout_is_none_is_all_ones():
+    w, m = rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "none", cap=2.0)
+    close(w, torch.ones(2, 3, dtype=F64))
+    assert m == {"rollout_is/mean": 1.0, "rollout_is/clipped_frac": 0.0}
+    assert set(ROLLOUT_IS_MODES) == {"none", "token", "sequence"}
+
+
+def test_rollout_is_errors():
+    with pytest.raises(ValueError, match="allowed values: none, token, sequence"):
+        rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "seq")
+    with pytest.raises(ValueError, match="cap must be > 1"):
+        rollout_is_weights(IS_OLD, IS_ROLLOUT, IS_MASK, "token", cap=1.0)
+    with pytest.raises(ValueError, match="rollout_logprobs shape"):
+        rollout_is_weights(IS_OLD, IS_ROLLOUT[:, :2], IS_MASK)
+    lp, mask = _logprobs([RATIOS, RATIOS]), torch.ones(2, 4)
+    with pytest.raises(ValueError, match="is_weights must be"):
+        policy_loss(lp, OLD, t([1.0, -1.0]), mask, is_weights=t([1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_unit_is_weights_leave_the_loss_unchanged(mode):
+    logprobs, old, ref, adv, ent, mask = _random_batch(seed=3)
+    results = []
+    for weights in (None, torch.ones_like(old)):
+        lp = logprobs.clone().requires_grad_(True)
+        loss, m = grpo_loss(lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, entropies=ent,
+                            entropy_coef=0.01, loss_agg=mode, dual_clip=3.0, is_weights=weights)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, m))
+    close(results[0][0], results[1][0], atol=0.0)
+    close(results[0][1], results[1][1], atol=0.0)
+    assert results[0][2] == results[1][2]
+
+
+def test_is_weights_scale_the_policy_gradient_term_only():
+    adv = t([1.0, -1.0])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    # Per token: pg = [-1, -1.2, -0.5, -1.1 | 1, 1.5, 0.8, 1.1] (test_policy_loss_by_hand...).
+    weights = t([[2.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 3.0]])
+    lp = _logprobs([RATIOS, RATIOS])
+    loss, m = policy_loss(lp, OLD, adv, mask, is_weights=weights.requires_grad_(True))
+    # (-2 - 1.2 - 0.25 - 0 + 1 + 1.5 + 0.8 + 3.3) / 8 = 3.15 / 8
+    close(loss, 3.15 / 8)
+    close(m["ratio_mean"], 1.025)  # metrics are those of the unweighted ratios
+    loss.backward()
+    assert weights.grad is None  # detached
+    # The unweighted gradient [[-.125, 0, -.0625, -.1375], [.125, .1875, 0, .1375]] times w.
+    close(lp.grad, [[-0.25, 0.0, -0.03125, 0.0], [0.125, 0.1875, 0.0, 0.4125]])
+
+    # A constant weight c scales the whole policy-gradient loss and its gradient by c, and
+    # per-sequence [B] weights broadcast over the tokens; the KL term is not weighted.
+    ref = OLD - 0.3
+    base = _logprobs([RATIOS, RATIOS])
+    _, m_plain = grpo_loss(base, OLD, adv, mask, ref_logprobs=ref, kl_coef=0.5)
+    scaled_lp = _logprobs([RATIOS, RATIOS])
+    scaled, m_scaled = grpo_loss(scaled_lp, OLD, adv, mask, ref_logprobs=ref, kl_coef=0.5,
+                                 is_weights=t([1.7, 1.7]))
+    close(m_scaled["pg_loss"], 1.7 * m_plain["pg_loss"])
+    close(m_scaled["kl"], m_plain["kl"])
+    close(scaled, 1.7 * m_plain["pg_loss"] + 0.5 * m_plain["kl"])
+    pg_only_lp = _logprobs([RATIOS, RATIOS])
+    pg, _ = policy_loss(pg_only_lp, OLD, adv, mask)
+    pg.backward()
+    kl_only_lp = _logprobs([RATIOS, RATIOS])
+    (0.5 * aggregate_loss(kl_penalty(kl_only_lp, ref), mask)).backward()
+    scaled.backward()
+    close(scaled_lp.grad, 1.7 * pg_only_lp.grad + kl_only_lp.grad)
+
+
+def test_is_weights_padding_garbage_is_ignored():
+    adv = t([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weights = t([[2.0, 1.0, 0.5, float("nan")], [1.0, 3.0, float("inf"), 1e30]])
+    lp = _logprobs([RATIOS, RATIOS])
+    loss, _ = policy_loss(lp, OLD, adv, mask, is_weights=weights)
+    # Valid tokens: 2*-1, -1.2, .5*-.5 | 1, 3*1.5 -> 2.05 / 5
+    close(loss, 2.05 / 5)
+    loss.backward()
+    assert torch.isfinite(lp.grad).all()
+
+
+# --------------------------------------------------------------------------- KL in the reward
+
+
+def test_kl_shaped_rewards_by_hand():
+    rewards = t([1.0, 0.0, 0.5])
+    logprobs = t([[-1.0, -2.0, -0.5], [-1.0, -1.0, 7e7], [-0.2, -0.2, -0.2]])
+    ref = t([[-1.5, -1.0, -0.5], [-2.0, -1.0, float("nan")], [-0.2, -0.2, -0.2]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    # k1 = logp - ref: row 0 [0.5, -1, 0] -> -0.5; row 1 [1, 0] (padding out) -> 1; row 2 -> 0.
+    shaped, penalty = kl_shaped_rewards(rewards, logprobs, ref, mask, kl_coef=0.1)
+    close(penalty, [-0.05, 0.1, 0.0])
+    close(shaped, [1.05, -0.1, 0.5])
+    # k3 = e^x - x - 1 with x = ref - logp: row 0 [e^-.5 - .5, e - 2, 0]; row 1 [e^-1, 0].
+    _, penalty = kl_shaped_rewards(rewards, logprobs, ref, mask, kl_coef=0.1, estimator="k3")
+    close(penalty, [0.1 * (math.exp(-0.5) - 0.5 + math.e - 2.0), 0.1 * math.exp(-1.0), 0.0])
+    # kl_coef 0 leaves the rewards as they are.
+    shaped, penalty = kl_shaped_rewards(rewards, logprobs, ref, mask, kl_coef=0.0)
+    close(shaped, rewards)
+    close(penalty, [0.0, 0.0, 0.0])
+
+
+def test_kl_shaped_rewards_feed_the_group_advantages():
+    # Equal task rewards carry no signal; the KL penalty breaks the tie in favour of the
+    # completion closer to the reference (its sequence log-ratio is 0 vs 2).
+    rewards = t([1.0, 1.0])
+    logprobs = t([[-1.0, -1.0], [-0.0, -0.0]])
+    ref = t([[-1.0, -1.0], [-1.0, -1.0]])
+    shaped, penalty = kl_shaped_rewards(rewards, logprobs, ref, torch.ones(2, 2), kl_coef=0.5)
+    close(penalty, [0.0, 1.0])
+    close(shaped, [1.0, 0.0])
+    adv = group_advantages(shaped, group_size=2, eps=0.0)
+    close(adv, [0.7071067811865476, -0.7071067811865476])
+
+
+def test_kl_shaped_rewards_errors():
+    lp = t([[0.0, 0.0]])
+    with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+        kl_shaped_rewards(t([1.0]), lp, lp, torch.ones(1, 2), kl_coef=-0.1)
+    with pytest.raises(ValueError, match="rewards must be"):
+        kl_shaped_rewards(t([1.0, 2.0]), lp, lp, torch.ones(1, 2), kl_coef=0.1)
+    with pytest.raises(ValueError, match="ref_logprobs shape"):
+        kl_shaped_rewards(t([1.0]), lp, t([[0.0]]), torch.ones(1, 2), kl_coef=0.1)
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_shaped_rewards(t([1.0]), lp, lp, torch.ones(1, 2), kl_coef=0.1, estimator="kl")

@@ -101,3 +101,29 @@ def test_tiny_run_with_a_parallel_learner_group(ray_cluster, tmp_path, shape):
 
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.num_attention_heads == 4
+
+
+@pytest.mark.timeout(300)
+def test_tiny_run_with_kl_in_reward_and_rollout_is(ray_cluster, tmp_path):
+    """algorithm.kl_in_reward with a dp=2 learner group (the reference log-probs come back
+    from two shards, merged in order) and sequence-level truncated IS."""
+    out = tmp_path / "run"
+    train(load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.dp=2",
+                       "algorithm.kl_in_reward=true", "algorithm.kl_coef=0.05",
+                       "algorithm.rollout_is=sequence", "trainer.steps=1",
+                       "trainer.eval_size=0", "trainer.save_final=false"]))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    step = records[1]
+    assert step["groups/trained"] >= 1 and step["weight_version"] == 1
+    for key in ("reward/kl_penalty", "train/kl", "train/loss", "train/pg_loss",
+                "train/rollout_is/mean", "train/rollout_is/clipped_frac"):
+        assert math.isfinite(step[key]), (key, step.get(key))
+    # Step 1 samples from the reference weights themselves (fp32 engine and learner): the
+    # penalty and the KL are ~0, which they would not be with log-probs of the wrong
+    # completions, and so are the IS corrections; the loss has no KL term.
+    assert abs(step["reward/kl_penalty"]) < 1e-3, step["reward/kl_penalty"]
+    assert step["train/kl"] < 1e-4, step["train/kl"]
+    assert step["train/rollout_is/mean"] == pytest.approx(1.0, abs=1e-2)
+    assert step["train/rollout_is/clipped_frac"] == 0.0
+    assert step["train/loss"] == pytest.approx(step["train/pg_loss"], abs=1e-6)

@@ -189,3 +189,79 @@ def test_checkpoint_restores_weights_optimizer_and_step(tiny_path, tmp_path):
     assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
     for key, value in full_state(restored).items():
         torch.testing.assert_close(value, after_want[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_rollout_is_weights_scale_the_policy_gradient(tiny_path, mode):
+    """Truncated IS: the update's policy-gradient term is weighted by
+    min(pi_old / pi_rollout, cap), with pi_old the learner's own (pre-update) log-probs."""
+    prompts, responses = [[5, 6, 7]] * 2, [[10, 11, 12], [20, 21]]
+    advantages = [1.0, -1.0]
+    results = {}
+    # The engine's log-probs shifted per token by log(c): w = c on every token ("token"), or
+    # c^len truncated at the cap ("sequence").
+    for name, algo, shift in [("plain", {}, 0.0), ("same", {"rollout_is": mode}, 0.0),
+                              ("scaled", {"rollout_is": mode, "rollout_is_cap": 10.0}, 1.5),
+                              ("capped", {"rollout_is": mode}, 3.0)]:
+        learner = make_learner(tiny_path, kl_coef=0.0, **algo)
+        lp = learner.compute_logprobs(prompts, responses)
+        rollout = [[x - math.log(shift) if shift else x for x in row] for row in lp]
+        results[name] = learner.train_step({"prompt_ids": prompts, "response_ids": responses,
+                                            "rollout_logprobs": rollout,
+                                            "advantages": advantages})
+    assert "rollout_is/mean" not in results["plain"]
+    # Rollout == learner log-probs: weights 1, the plain update.
+    assert results["same"]["rollout_is/mean"] == pytest.approx(1.0, abs=1e-5)
+    assert results["same"]["rollout_is/clipped_frac"] == 0.0
+    assert results["same"]["pg_loss"] == pytest.approx(results["plain"]["pg_loss"], rel=1e-5)
+    assert results["same"]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-5)
+    if mode == "token":  # 1.5 on every token: loss and gradient x 1.5; 3 is capped at 2
+        scaled, capped = 1.5, 2.0
+    else:  # 1.5^3 = 3.375 and 1.5^2 = 2.25 below the cap of 10; 27 and 9 capped at 2
+        scaled, capped = None, 2.0
+    if scaled is not None:
+        assert results["scaled"]["rollout_is/mean"] == pytest.approx(scaled, rel=1e-5)
+        assert results["scaled"]["pg_loss"] == pytest.approx(
+            scaled * results["plain"]["pg_loss"], rel=1e-4)
+        assert results["scaled"]["grad_norm"] == pytest.approx(
+            scaled * results["plain"]["grad_norm"], rel=1e-4)
+    else:
+        assert results["scaled"]["rollout_is/mean"] == pytest.approx(
+            (3 * 1.5**3 + 2 * 1.5**2) / 5, rel=1e-5)
+    assert results["scaled"]["rollout_is/clipped_frac"] == 0.0
+    assert results["capped"]["rollout_is/mean"] == pytest.approx(capped, rel=1e-5)
+    assert results["capped"]["rollout_is/clipped_frac"] == 1.0
+    assert results["capped"]["pg_loss"] == pytest.approx(
+        capped * results["plain"]["pg_loss"], rel=1e-4)
+    assert results["capped"]["grad_norm"] == pytest.approx(
+        capped * results["plain"]["grad_norm"], rel=1e-4)
+
+
+def test_kl_in_reward_takes_the_kl_out_of_the_loss(tiny_path):
+    """algorithm.kl_in_reward: the learner keeps a reference model (for the reward's KL) but
+    its update has no KL term, i.e. equals a kl_coef=0 update on the same advantages; reference
+    log-probs handed in with the batch are only reported as the "kl" metric."""
+    prompts, responses = [[5, 6, 7]] * 2 + [[8, 9]], [[10, 11, 12], [20, 21], [3]]
+    advantages = [1.0, -1.0, 0.5]
+    states, metrics = [], []
+    for algo in ({"kl_coef": 0.0}, {"kl_coef": 0.5, "kl_in_reward": True}):
+        learner = make_learner(tiny_path, **algo)
+        learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+        learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda s: 1.0)
+        batch = {"prompt_ids": prompts, "response_ids": responses, "advantages": advantages,
+                 "rollout_logprobs": learner.compute_logprobs(prompts, responses)}
+        metrics.append(learner.train_step(batch))
+        states.append(full_state(learner))
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)
+    assert "kl" not in metrics[1]  # no reference pass in the update
+    assert metrics[1]["loss"] == pytest.approx(metrics[1]["pg_loss"])
+
+    # The reference model moved away: the update's loss still carries no KL, the metric shows it.
+    ref = learner.compute_logprobs(prompts, responses, reference=True)
+    now = learner.compute_logprobs(prompts, responses)
+    m = learner.train_step({"prompt_ids": prompts, "response_ids": responses,
+                            "advantages": advantages, "rollout_logprobs": now,
+                            "ref_logprobs": ref})
+    assert m["kl"] > 1e-4
+    assert m["loss"] == pytest.approx(m["pg_loss"])

@@ -7,10 +7,15 @@ and on GPU inside the learners. Shapes follow one convention: ``[B, T]`` for per
 
 References: DeepSeekMath (Shao et al., 2024) for GRPO, DeepSeek-R1 (2025) for the objective as
 used there, DAPO (Yu et al., 2025) for clip-higher and token-level aggregation, Dr. GRPO
-(Liu et al., 2025) for the unnormalised advantage and the constant length normaliser.
+(Liu et al., 2025) for the unnormalised advantage and the constant length normaliser, Yao et
+al. (2025, "Your efficient RL framework secretly brings you off-policy RL training") for
+truncated importance sampling against the rollout engine's mismatch, and Ouyang et al. (2022,
+InstructGPT) / Ziegler et al. (2019) for the KL penalty folded into the reward.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -18,13 +23,16 @@ from torch import Tensor
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "ROLLOUT_IS_MODES",
     "aggregate_loss",
     "entropy_from_logits",
     "group_advantages",
     "grpo_loss",
     "kl_penalty",
+    "kl_shaped_rewards",
     "masked_mean",
     "policy_loss",
+    "rollout_is_weights",
 ]
 
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
@@ -34,6 +42,7 @@ LOSS_AGG_MODES: tuple[str, ...] = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
 )
+ROLLOUT_IS_MODES: tuple[str, ...] = ("none", "token", "sequence")
 
 # exp(20) ~ 4.9e8 is finite in fp32 and bf16 and far beyond any KL value a healthy run
 # produces; without a clamp a single garbage position (e.g. padding, or a token the reference
@@ -114,6 +123,47 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def kl_shaped_rewards(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """KL penalty folded into the reward (as in PPO-RLHF / InstructGPT) instead of the loss.
+
+    For completion i with response tokens t (``mask``) and ``kl_it = kl_penalty(logprobs,
+    ref_logprobs, estimator)_it``::
+
+        penalty_i = kl_coef * sum_t mask_it * kl_it
+        r'_i      = r_i - penalty_i
+
+    The shaped rewards then go through ``group_advantages`` like any reward, so within a group
+    the completions that drifted further from the reference get lower advantages, and the loss
+    carries no KL term. With the default ``k1`` the sum is ``log pi(o_i | q) - log pi_ref(o_i |
+    q)``, the sampled completion's log-ratio: an unbiased estimate of the sequence-level
+    KL(pi || pi_ref), the per-token ``kl`` penalty of PPO-RLHF. It is a sum, not a mean, over
+    tokens, so it is the KL of the whole completion. ``logprobs`` are those of the sampling
+    policy. ``rewards`` is ``[B]``, the rest ``[B, T]``; returns ``(r', penalty)``, both ``[B]``
+    and without gradient.
+    """
+    if kl_coef < 0.0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
+    _check_token_shapes(logprobs, ref_logprobs, "ref_logprobs")
+    if rewards.shape != logprobs.shape[:1]:
+        raise ValueError(
+            f"rewards must be [B] = [{logprobs.shape[0]}], got shape {tuple(rewards.shape)}"
+        )
+    with torch.no_grad():
+        kl, _ = _masked_values(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+        dtype = torch.promote_types(rewards.dtype, kl.dtype)
+        penalty = kl_coef * kl.sum(dim=1).to(dtype)
+        return rewards.to(dtype) - penalty, penalty
 
 
 def _masked_values(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,6 +259,65 @@ def _check_token_shapes(logprobs: Tensor, other: Tensor, name: str) -> None:
         )
 
 
+def rollout_is_weights(
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    mode: str = "token",
+    cap: float = 2.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance-sampling (TIS) weights for the rollout engine's policy mismatch.
+
+    The engine (vLLM) samples from pi_rollout, which differs from the learner's pre-update
+    policy pi_old by numerics (kernels, precision) and, when rollouts are stale, by weights.
+    With ``log_rho_t = old_logprobs_t - rollout_logprobs_t`` (= log pi_old / pi_rollout of the
+    sampled token) and the cap ``C``::
+
+        "token"     w_t = min(exp(log_rho_t), C)
+        "sequence"  w_t = min(exp(sum_s mask_s * log_rho_s), C)   every token of the sequence
+        "none"      w_t = 1
+
+    ``w_t`` multiplies the per-token policy-gradient loss (``policy_loss(is_weights=...)``), so
+    that the gradient estimated from pi_rollout's samples is that of pi_old; truncating from
+    above only bounds its variance (bias for bounded variance, as in the paper and verl). The
+    weights are detached, ``[B, T]`` like the inputs, and 1 at padding; they are computed as
+    ``exp(min(log_rho, log C))``, so a long sequence's sum cannot overflow.
+
+    Metrics (python floats over masked tokens): ``rollout_is/mean`` (mean weight) and
+    ``rollout_is/clipped_frac`` (share of tokens whose weight is at the cap).
+    """
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(
+            f"unknown rollout_is mode {mode!r}; allowed values: {', '.join(ROLLOUT_IS_MODES)}"
+        )
+    if not cap > 1.0:
+        raise ValueError(f"cap must be > 1, got {cap}")
+    if old_logprobs.dim() != 2:
+        raise ValueError(
+            f"old_logprobs must be 2-D [B, T], got shape {tuple(old_logprobs.shape)}"
+        )
+    _check_token_shapes(old_logprobs, rollout_logprobs, "rollout_logprobs")
+    _check_token_shapes(old_logprobs, mask, "mask")
+    with torch.no_grad():
+        valid = mask != 0
+        dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
+        log_rho = torch.where(valid, old_logprobs.to(dtype) - rollout_logprobs.to(dtype),
+                              torch.zeros((), dtype=dtype, device=old_logprobs.device))
+        if mode == "sequence":
+            log_rho = log_rho.sum(dim=1, keepdim=True).expand_as(log_rho)
+        elif mode == "none":
+            log_rho = torch.zeros_like(log_rho)
+        log_cap = math.log(cap)
+        at_cap = valid & (log_rho >= log_cap)
+        weights = torch.where(at_cap, cap, torch.exp(log_rho.clamp(max=log_cap)))
+        weights = torch.where(valid, weights, 1.0)
+        metrics = {
+            "rollout_is/mean": masked_mean(weights, mask).item(),
+            "rollout_is/clipped_frac": masked_mean(at_cap.to(dtype), mask).item(),
+        }
+    return weights, metrics
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -218,6 +327,7 @@ def policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     loss_agg: str = "token-mean",
+    is_weights: Tensor | None = None,
     **agg_kwargs: Normaliser | None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate policy-gradient loss (PPO/GRPO), aggregated by ``aggregate_loss``.
@@ -226,9 +336,11 @@ def policy_loss(
 
         loss = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
         loss = min(loss, -dual_clip * A)          for A < 0, when dual_clip = c > 1
+        loss = w * loss                           with is_weights w (detached), when given
 
     ``clip_high > clip_low`` is DAPO's clip-higher. ``advantages`` is per sequence ``[B]``
-    (broadcast over T) or per token ``[B, T]``. Only ``logprobs`` should carry gradient.
+    (broadcast over T) or per token ``[B, T]``, and so is ``is_weights`` (e.g. the truncated
+    importance weights of ``rollout_is_weights``). Only ``logprobs`` should carry gradient.
 
     Metrics (python floats over masked tokens, no grad): ``clip_frac`` (share of tokens where the
     clipped term is the active minimum), ``ratio_mean``, ``ratio_max``, and ``dual_clip_frac``
@@ -264,6 +376,16 @@ def policy_loss(
         cap = -dual_clip * advantages
         dual_active = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_active, cap.expand_as(per_token), per_token)
+    if is_weights is not None:
+        if is_weights.dim() == 1 and is_weights.shape[0] == logprobs.shape[0]:
+            is_weights = is_weights.unsqueeze(1)
+        elif is_weights.shape != logprobs.shape:
+            raise ValueError(
+                f"is_weights must be [B] or [B, T] matching logprobs {tuple(logprobs.shape)}, "
+                f"got {tuple(is_weights.shape)}"
+            )
+        # Padding is replaced by 1 so that garbage there cannot reach the loss as NaN.
+        per_token = per_token * torch.where(valid, is_weights.detach().to(per_token.dtype), 1.0)
 
     loss = aggregate_loss(per_token, mask, loss_agg, **agg_kwargs)
 
@@ -310,6 +432,7 @@ def grpo_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     loss_agg: str = "token-mean",
+    is_weights: Tensor | None = None,
     **agg_kwargs: Normaliser | None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO objective of DeepSeekMath / DeepSeek-R1, negated into a loss.
@@ -329,6 +452,10 @@ def grpo_loss(
     where every term uses the same ``loss_agg`` mode and normalisers (``agg_kwargs``), so
     micro-batch sums stay exact. The paper's 1/G 1/|o_i| is ``"seq-mean-token-mean"``.
     ``entropies`` is a per-token ``[B, T]`` entropy (e.g. from ``entropy_from_logits``).
+    ``is_weights`` (``[B]`` or ``[B, T]``, detached; e.g. ``rollout_is_weights``) multiplies the
+    per-token policy-gradient term only, not the KL or entropy terms::
+
+        policy_loss = agg(w_t * pg_loss_t)
 
     Metrics: those of ``policy_loss`` plus ``pg_loss``, ``loss``, ``kl`` (when
     ``ref_logprobs`` is given) and ``entropy`` (when ``entropies`` is given).
@@ -347,6 +474,7 @@ def grpo_loss(
         clip_high=clip_high,
         dual_clip=dual_clip,
         loss_agg=loss_agg,
+        is_weights=is_weights,
         **agg_kwargs,
     )
     loss = pg_loss
