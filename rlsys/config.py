@@ -62,8 +62,8 @@ class ReasoningGymConfig:
 
 @dataclass
 class DataConfig:
-    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | champ | file | mix",
-                    "arithmetic")
+    task: str = doc("task name: arithmetic | reasoning_gym | humaneval | champ | asdiv | file | "
+                    "prompts (general prompts, answer optional) | mix", "arithmetic")
     mix: dict[str, float] = doc("task=mix: the tasks mixed and their sampling shares, e.g. "
                                 "{arithmetic: 3, humaneval: 1}; each uses its settings here",
                                 factory=dict, replace=True)
@@ -71,6 +71,11 @@ class DataConfig:
     reasoning_gym: ReasoningGymConfig = doc("settings of the reasoning_gym task",
                                             factory=ReasoningGymConfig)
     path: str | None = doc("training file (.jsonl or .parquet) for task=file", None)
+    prompts_path: str | None = doc(
+        "task=prompts: .jsonl/.parquet of general prompts (prompt_key; answer_key optional, "
+        "missing = no gold, rule-based parts score 0) for R1's all-scenario RL, rewarded by "
+        "the reward model, e.g. data.mix={file: 1, prompts: 1} with reward.per_task={prompts: "
+        "{preference: 1.0}}; None = data.path (and data.eval_path)", None)
     eval_path: str | None = doc("held-out file for task=file; default: hold out eval_size rows",
                                 None)
     prompt_key: str = doc("field holding the question in data files", "prompt")
@@ -107,10 +112,31 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    path: str | None = doc("reward model of the 'preference' part: an HF folder or a built-in "
+                           "causal LM name (smollm2-135m-instruct, tiny-random; kind=judge); "
+                           "None = off. Each reward worker loads it on first use", None)
+    kind: str = doc("classifier (AutoModelForSequenceClassification: sigmoid of the label's "
+                    "logit) | judge (AutoModelForCausalLM: P(Yes) after a judge question)",
+                    "classifier")
+    label: int = doc("kind=classifier: the output scored (0 for 1-output reward models)", 0)
+    normalize: str = doc("kind=classifier: sigmoid (in (0, 1)) | softmax (over the outputs) | "
+                         "none (the raw logit)", "sigmoid")
+    judge_template: str | None = doc("kind=judge: the question, with {prompt} and {response}; "
+                                     "None = 'Is the response helpful and correct? Answer Yes "
+                                     "or No.' after both", None)
+    max_length: int = doc("most tokens per scored pair; the response's end is cut first", 1024)
+    batch_size: int = doc("pairs per forward pass", 8)
+    dtype: str = doc("float32 | bfloat16", "float32")
+    device: str = doc("cpu | cuda[:N] (reward workers reserve no Ray GPU: it is shared)", "cpu")
+
+
+@dataclass
 class RewardConfig:
     num_workers: int = doc("number of RewardWorker actors", 1)
     weights: dict[str, float] = doc("reward parts and their weights in the total (replaced "
-                                    "as a whole when set)",
+                                    "as a whole when set); 'preference' is the reward "
+                                    "model's score (reward.model)",
                                     factory=lambda: {"accuracy": 1.0, "format": 1.0},
                                     replace=True)
     per_task: dict[str, dict[str, float]] = doc(
@@ -125,6 +151,10 @@ class RewardConfig:
                          "mask (no loss, DAPO's overlong filtering)", "keep")
     timeout_s: float = doc("seconds a reward call may take before it is retried", 60.0)
     num_cpus: float = doc("Ray CPUs reserved per reward worker", 0.5)
+    model: RewardModelConfig = doc("the reward model of the 'preference' part (R1's "
+                                   "all-scenario RL); it runs on reward.num_cpus threads (1 "
+                                   "below 1): raise that for a reward model",
+                                   factory=RewardModelConfig)
 
 
 @dataclass
@@ -156,7 +186,15 @@ class AlgorithmConfig:
                                   None)
     kl_coef: float = doc("beta: weight of KL(pi || pi_ref) in the loss; 0 = no reference model",
                          0.001)
-    kl_estimator: str = doc("KL estimator: k1 | k2 | k3 (the paper's)", "k3")
+    kl_estimator: str = doc("KL estimator of the loss term: k1 | k2 | k3 (the paper's)", "k3")
+    kl_in_reward: bool = doc("put the KL in the reward instead of the loss (PPO-RLHF): each "
+                             "reward becomes r - kl_coef * sum_t k1_t, with k1_t = log pi/pi_ref "
+                             "of the sampled token, before the group advantages", False)
+    rollout_is: str = doc("truncated importance sampling for the learner/engine mismatch: "
+                          "none | token | sequence; the policy-gradient loss is weighted by "
+                          "min(pi_old/pi_rollout, rollout_is_cap) per token, or by the "
+                          "truncated product over each sequence", "none")
+    rollout_is_cap: float = doc("C, the truncation of the rollout importance weight (> 1)", 2.0)
     entropy_coef: float = doc("weight of an entropy bonus; 0 = off", 0.0)
     loss_agg: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                         "seq-mean-token-sum-norm", "token-mean")
@@ -176,7 +214,9 @@ class TrainerConfig:
     seed: int = doc("seed for data sampling, engines and the learner", 0)
     eval_every: int = doc("evaluate on the held-out split every N steps; 0 = only at the end",
                           10)
-    eval_size: int = doc("held-out problems per evaluation (<= data.eval_size)", 100)
+    eval_size: int = doc("held-out problems per evaluation (<= data.eval_size); 0 = no "
+                         "evaluation during training (e.g. a pipeline stage, which rlsys.eval "
+                         "evaluates afterwards)", 100)
     eval_samples: int = doc("k samples per problem for pass@1 at eval temperature; 0 = greedy "
                             "only", 0)
     eval_temperature: float = doc("sampling temperature for pass@1", 0.6)
@@ -222,6 +262,8 @@ class RejectionConfig:
     keep_per_prompt: int = doc("most accepted completions kept per prompt", 1)
     min_language: float = doc("least share of reasoning words in reward.language_target", 0.95)
     min_tokens: int = doc("shortest completion kept, in tokens", 1)
+    chunk_prompts: int = doc("prompts sampled and scored at a time; each finished chunk is "
+                             "saved, so an interrupted stage continues after it", 32)
     merge: str | None = doc("a .jsonl of {prompt, response} rows (e.g. non-reasoning SFT "
                             "data) appended to the dataset", None)
 
@@ -446,7 +488,7 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and consistency checks that types alone cannot express."""
-    from rlsys.algo import LOSS_AGG_MODES
+    from rlsys.algo import LOSS_AGG_MODES, ROLLOUT_IS_MODES
 
     r, a, lr, t, d = cfg.rollout, cfg.algorithm, cfg.learner, cfg.trainer, cfg.data
     _require(r.group_size >= 2, "rollout.group_size", r.group_size,
@@ -489,6 +531,12 @@ def validate(cfg: Config) -> None:
              "one of k1, k2, k3")
     _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
              f"one of {', '.join(LOSS_AGG_MODES)}")
+    _require(a.rollout_is in ROLLOUT_IS_MODES, "algorithm.rollout_is", a.rollout_is,
+             f"one of {', '.join(ROLLOUT_IS_MODES)}")
+    _require(a.rollout_is_cap > 1, "algorithm.rollout_is_cap", a.rollout_is_cap,
+             "must be > 1")
+    _require(not a.kl_in_reward or a.kl_coef > 0, "algorithm.kl_in_reward", a.kl_in_reward,
+             "needs algorithm.kl_coef > 0, the weight of the KL penalty in the reward")
     _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
     rw = cfg.reward
     _require(0 <= rw.overlong_buffer <= r.max_new_tokens, "reward.overlong_buffer",
@@ -510,14 +558,17 @@ def validate(cfg: Config) -> None:
         _require(share > 0, f"data.mix.{name}", share, "a sampling share must be > 0")
     _require("file" not in run_tasks(cfg) or bool(d.path), "data.path", d.path,
              "the file task needs a data file")
+    _require("prompts" not in run_tasks(cfg) or bool(d.prompts_path or d.path),
+             "data.prompts_path", d.prompts_path, "the prompts task needs a data file "
+             "(data.prompts_path, or data.path)")
     _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,
              "a problem needs >= 2 operands")
     _require(set(d.arithmetic.ops) <= {"+", "-", "*"} and bool(d.arithmetic.ops),
              "data.arithmetic.ops", d.arithmetic.ops, "a non-empty list of + - *")
     _require(d.arithmetic.min_value <= d.arithmetic.max_value, "data.arithmetic.max_value",
              d.arithmetic.max_value, "must be >= data.arithmetic.min_value")
-    _require(1 <= t.eval_size <= d.eval_size, "trainer.eval_size", t.eval_size,
-             f"must be in [1, data.eval_size={d.eval_size}]")
+    _require(0 <= t.eval_size <= d.eval_size, "trainer.eval_size", t.eval_size,
+             f"must be in [0, data.eval_size={d.eval_size}]")
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0")
     _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every,
              "must be >= 0")
@@ -536,8 +587,37 @@ def validate(cfg: Config) -> None:
     for name in cfg.reward.per_task:
         _require(name in run_tasks(cfg), f"reward.per_task.{name}", dict(cfg.reward.per_task[name]),
                  f"this run has no task {name!r} (its tasks: {', '.join(run_tasks(cfg))})")
+    _validate_reward_model(cfg)
     _validate_eval(cfg)
     _validate_pipeline(cfg)
+
+
+def _validate_reward_model(cfg: Config) -> None:
+    from rlsys.models import BUILTIN_MODELS
+    from rlsys.rewards.model_scorer import KINDS, NORMALIZE
+    from rlsys.rewards.registry import PREFERENCE
+
+    rw, m = cfg.reward, cfg.reward.model
+    for key, weights in [("reward.weights", rw.weights),
+                         *((f"reward.per_task.{k}", v) for k, v in rw.per_task.items())]:
+        _require(PREFERENCE not in weights or m.path is not None, "reward.model.path", m.path,
+                 f"{key} uses the {PREFERENCE!r} part, which needs a reward model: set "
+                 "reward.model.path")
+    _require(m.kind in KINDS, "reward.model.kind", m.kind, " or ".join(KINDS))
+    _require(m.normalize in NORMALIZE, "reward.model.normalize", m.normalize,
+             ", ".join(NORMALIZE))
+    _require(m.dtype in ("float32", "bfloat16"), "reward.model.dtype", m.dtype,
+             "float32 or bfloat16")
+    _require(m.device == "cpu" or m.device.startswith("cuda"), "reward.model.device", m.device,
+             "cpu or cuda[:N]")
+    _require(m.label >= 0, "reward.model.label", m.label, "must be >= 0")
+    _require(m.max_length >= 8, "reward.model.max_length", m.max_length, "must be >= 8")
+    _require(m.batch_size >= 1, "reward.model.batch_size", m.batch_size, "must be >= 1")
+    _require(m.judge_template is None or "{response}" in m.judge_template,
+             "reward.model.judge_template", m.judge_template, "must contain {response}")
+    builtin = m.path in BUILTIN_MODELS or str(m.path).startswith(f"{BUILTIN_MODELS[0]}:")
+    _require(not (builtin and m.kind == "classifier"), "reward.model.kind", m.kind,
+             f"reward.model.path={m.path} is a causal LM: use kind=judge")
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -570,6 +650,7 @@ def _validate_pipeline(cfg: Config) -> None:
     _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
     _require(rj.num_prompts >= 1, "rejection.num_prompts", rj.num_prompts, "must be >= 1")
     _require(rj.samples >= 1, "rejection.samples", rj.samples, "must be >= 1")
+    _require(rj.chunk_prompts >= 1, "rejection.chunk_prompts", rj.chunk_prompts, "must be >= 1")
     _require(rj.keep_per_prompt >= 1, "rejection.keep_per_prompt", rj.keep_per_prompt,
              "must be >= 1")
     _require(0 <= rj.min_language <= 1, "rejection.min_language", rj.min_language,
@@ -577,7 +658,7 @@ def _validate_pipeline(cfg: Config) -> None:
 
 
 #: Tasks a run (or a mix) can name; "mix" combines them.
-SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "champ", "file")
+SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "champ", "asdiv", "file", "prompts")
 
 
 def run_tasks(cfg: Config) -> list[str]:

@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # train() has already stopped every actor (and the local Ray cluster it started).
-        print("interrupted: actors stopped; metrics so far are in "
-              f"{cfg.trainer.output_dir}/metrics.jsonl", file=sys.stderr)
+        where = (f"rerun it with trainer.output_dir={cfg.trainer.output_dir} to resume"
+                 if cfg.pipeline.stages else
+                 f"metrics so far are in {cfg.trainer.output_dir}/metrics.jsonl")
+        print(f"interrupted: actors stopped; {where}", file=sys.stderr)
         return 130
     return 0
 

@@ -5,8 +5,10 @@ For each step:
     2. the rollout pool (vLLM engines) samples G completions per prompt, with log-probs
     3. the reward pool scores every completion (accuracy, format, ...); with dynamic sampling,
        groups whose rewards are all equal are dropped and more prompts are drawn
-    4. advantages are normalised within each group of G (rlsys.algo.group_advantages)
+    4. advantages are normalised within each group of G (rlsys.algo.group_advantages); with
+       `algorithm.kl_in_reward` each reward first pays the KL to the reference model
     5. the learner applies the clipped-ratio GRPO update with a KL penalty to the reference
+       (in the loss unless it went into the reward)
     6. the learner broadcasts its new weights to every engine, which confirm the version
 Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples),
 and every N steps a resumable checkpoint is written (rlsys/checkpoint.py).
@@ -22,6 +24,7 @@ import os
 import random
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +40,7 @@ from actors.rollout import RolloutPool, rollout_env_vars
 from learners.group import LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
-from rlsys.algo import group_advantages
+from rlsys.algo import group_advantages, kl_shaped_rewards
 from rlsys.config import AlgorithmConfig, Config, ConfigError, to_yaml
 from rlsys.data import DataError, Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger, mean_parts, reflection_count
@@ -58,7 +61,7 @@ def train(cfg: Config) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_renders(cfg, tokenizer, task)
     out, resume_from = prepare_output_dir(cfg)
-    with ray_session(cfg), stop_on_sigterm():
+    with ray_session(cfg):
         trainer = GRPOTrainer(cfg, model_path, tokenizer, task, out)
         try:
             trainer.fit(trainer.restore(resume_from) if resume_from else 0)
@@ -134,15 +137,18 @@ class GRPOTrainer:
         rewards = torch.tensor([sc["total"] for g in groups for sc in g.scores])
         t_update = t_sync = time.perf_counter()
         learner_stats: dict[str, float] = {}
+        kl_stats: dict[str, float] = {}
         sync = {"bytes": 0.0, "seconds": 0.0}
         if groups:  # dynamic sampling can come back empty-handed: then there is nothing to learn
-            advantages = group_advantages(rewards, r.group_size, normalize_std=a.normalize_std)
             batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
                      "response_ids": [s["token_ids"] for s in samples],
                      "rollout_logprobs": [s["logprobs"] for s in samples],
-                     "advantages": advantages.tolist(),
                      "loss_mask": [not (self.cfg.reward.truncated == "mask"
                                         and s["finish_reason"] == "length") for s in samples]}
+            if a.kl_in_reward:
+                rewards, batch["ref_logprobs"], kl_stats = self.kl_in_reward(batch, rewards)
+            advantages = group_advantages(rewards, r.group_size, normalize_std=a.normalize_std)
+            batch["advantages"] = advantages.tolist()
             learner_stats = self.learner.train_step(batch)
             if a.ref_update_every and step % a.ref_update_every == 0:
                 self.learner.update_reference()
@@ -176,6 +182,7 @@ class GRPOTrainer:
             "weight_version": self.version,
         }
         stats |= {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
+        stats |= kl_stats
         if learner_stats:
             stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
                       "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],
@@ -223,6 +230,24 @@ class GRPOTrainer:
 
     # --- the parts ----------------------------------------------------------------------------
 
+    def kl_in_reward(self, batch: dict[str, list], rewards: torch.Tensor
+                     ) -> tuple[torch.Tensor, list[list[float]], dict[str, float]]:
+        """`algorithm.kl_in_reward`: each reward minus kl_coef * sum_t k1_t (see
+        `rlsys.algo.kl_shaped_rewards`), k1_t = log pi - log pi_ref of each sampled token.
+
+        log pi is the engine's log-prob, that of the distribution the token was sampled from;
+        log pi_ref takes one reference pass of the learner group. Returns the shaped rewards,
+        the reference log-probs (the learner reports its KL from them without a second pass)
+        and `reward/kl_penalty`, the mean penalty of the batch.
+        """
+        ref = self.learner.compute_logprobs(batch["prompt_ids"], batch["response_ids"],
+                                            reference=True)
+        lens = torch.tensor([len(lp) for lp in ref])
+        mask = torch.arange(int(lens.max()))[None, :] < lens[:, None]
+        shaped, penalty = kl_shaped_rewards(rewards, _padded(batch["rollout_logprobs"]),
+                                            _padded(ref), mask, self.cfg.algorithm.kl_coef)
+        return shaped, ref, {"reward/kl_penalty": float(penalty.mean())}
+
     def fitting(self, problems: list[Problem]) -> tuple[list[Problem], list[str], int]:
         return fitting_prompts(self.cfg, self.tokenizer, problems)
 
@@ -236,7 +261,8 @@ class GRPOTrainer:
         prefix = self.cfg.data.response_prefix
         golds = [p.answer for p in problems for _ in range(n)]
         tasks = [p.task for p in problems for _ in range(n)]
-        scores = self.rewards.score([prefix + s["text"] for s in samples], golds, tasks)
+        scores = self.rewards.score([prefix + s["text"] for s in samples], golds, tasks,
+                                    prompts=[p.question for p in problems for _ in range(n)])
         for sample, score in zip(samples, scores, strict=True):
             if rw.overlong_buffer:
                 score["overlong"] = overlong_penalty(len(sample["token_ids"]), max_tokens,
@@ -289,6 +315,8 @@ class GRPOTrainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out accuracy: greedy, and pass@1 over k samples (the paper's protocol)."""
         t, r = self.cfg.trainer, self.cfg.rollout
+        if t.eval_size == 0:
+            return {}
         t0 = time.perf_counter()
         problems, prompts, skipped = self.fitting(self.task.eval_problems()[: t.eval_size])
         greedy = self.rollout.generate(prompts, n=1, temperature=0.0,
@@ -349,11 +377,17 @@ def _single_task(cfg: Config, name: str) -> Task:
         return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
                          min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
                          eval_size=d.eval_size)
-    if name in ("humaneval", "champ"):
+    if name in ("humaneval", "champ", "asdiv"):
         return make_task(name, seed=cfg.trainer.seed, eval_size=d.eval_size)
     if name == "reasoning_gym":
         return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
                          eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
+    if name == "prompts":
+        return make_task("prompts", path=d.prompts_path or d.path,
+                         eval_path=None if d.prompts_path else d.eval_path,
+                         prompt_key=d.prompt_key, answer_key=d.answer_key,
+                         eval_size=d.eval_size, seed=cfg.trainer.seed,
+                         skip_malformed=d.skip_malformed)
     return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
                      answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
                      skip_malformed=d.skip_malformed)
@@ -392,7 +426,19 @@ def make_reward_pool(cfg: Config) -> RewardPool:
     return RewardPool(rw.num_workers, dict(rw.weights), num_cpus=rw.num_cpus,
                       timeout_s=rw.timeout_s,
                       per_task={k: dict(v) for k, v in rw.per_task.items()},
-                      parts={"language": make_language_reward(rw.language_target)})
+                      parts={"language": make_language_reward(rw.language_target)},
+                      model=reward_model_options(cfg))
+
+
+def reward_model_options(cfg: Config) -> dict | None:
+    """ModelScorer's keyword arguments from `reward.model`; None when it is off."""
+    m = cfg.reward.model
+    if m.path is None:
+        return None
+    return dict(path=m.path, kind=m.kind, label=m.label, normalize=m.normalize,
+                judge_template=m.judge_template, max_length=m.max_length,
+                batch_size=m.batch_size, dtype=m.dtype, device=m.device,
+                cache_dir=cfg.model.cache_dir)
 
 
 def check_model_fits(cfg: Config, model_path: str) -> None:
@@ -457,7 +503,9 @@ def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
     resume_from = checkpoint.latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
     if resume_from is not None:
         step = checkpoint.read_trainer_state(resume_from)["step"]
-        if step >= cfg.trainer.steps:
+        # A run stopped between its last checkpoint and its export still has the export to do.
+        exported = not cfg.trainer.save_final or (out / "final").is_dir()
+        if step >= cfg.trainer.steps and exported:
             raise ConfigError(f"trainer.output_dir={out}: its latest checkpoint is step {step}; "
                               f"trainer.steps={cfg.trainer.steps} leaves nothing to resume")
         checkpoint.truncate_metrics(out / "metrics.jsonl", step)
@@ -473,10 +521,16 @@ def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
 
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
-    """Join $RAY_ADDRESS / ray.address if given, else start (and later stop) a local cluster."""
+    """Join $RAY_ADDRESS / ray.address if given, else start (and later stop) a local cluster.
+
+    Inside it SIGTERM (`ray job stop`, a preemption) raises KeyboardInterrupt, so it takes the
+    same clean-up path as Ctrl-C. The handler is installed after `ray.init`, which installs
+    its own (one that aborts the process).
+    """
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        yield
+        with stop_on_sigterm():
+            yield
         return
     if address:
         ray.init(address=address)
@@ -490,15 +544,19 @@ def ray_session(cfg: Config) -> Iterator[None]:
         ray.init(address="local", num_cpus=num_cpus, _temp_dir=cfg.ray.temp_dir,
                  include_dashboard=cfg.ray.include_dashboard)
     try:
-        yield
+        with stop_on_sigterm():
+            yield
     finally:
         ray.shutdown()
 
 
 @contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM (e.g. `ray job stop`, preemption) into KeyboardInterrupt, so that the same
-    clean-up path as Ctrl-C runs."""
+    """Turn SIGTERM into KeyboardInterrupt (only the main thread can install a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -507,6 +565,12 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _padded(rows: list[list[float]]) -> torch.Tensor:
+    """Ragged per-token rows as a zero-padded [len(rows), longest] tensor."""
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(row, dtype=torch.float32)
+                                            for row in rows], batch_first=True)
 
 
 def _threads_env(num_threads: int) -> dict:

@@ -45,6 +45,11 @@ def test_r1_zero_has_the_papers_settings():
     (["trainer.steps=abc"], "bad value for 'trainer.steps'"),
     (["rollout.group_size=1"], "bad value for 'rollout.group_size': 1 (GRPO compares"),
     (["algorithm.loss_agg=mean"], "bad value for 'algorithm.loss_agg'"),
+    (["algorithm.rollout_is=seq"], "bad value for 'algorithm.rollout_is': 'seq' (one of none, "
+                                   "token, sequence)"),
+    (["algorithm.rollout_is_cap=1.0"], "bad value for 'algorithm.rollout_is_cap': 1.0 (must be"),
+    (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0"],
+     "bad value for 'algorithm.kl_in_reward': True (needs algorithm.kl_coef > 0"),
     (["reward.weights.acc=1"], "unknown reward part 'acc'"),
     (["data.task=file"], "bad value for 'data.path'"),
     (["data.task=mix"], "bad value for 'data.mix': {} (data.task=mix needs the tasks"),

@@ -118,7 +118,6 @@ def evaluate(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
         check_prompt_renders,
         fitting_prompts,
         ray_session,
-        stop_on_sigterm,
     )
 
     t_start = time.perf_counter()
@@ -135,7 +134,7 @@ def evaluate(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
              cfg.model.path, len(problems), cfg.data.task, skipped, out)
 
     timings: dict[str, float] = {}
-    with ray_session(cfg), stop_on_sigterm():
+    with ray_session(cfg):
         greedy, sampled, greedy_scores, sampled_scores = _generate_and_score(
             cfg, model_path, out, prompts, problems, timings)
     records = build_records(cfg, problems, greedy, greedy_scores, sampled, sampled_scores)
@@ -185,7 +184,8 @@ def _generate_and_score(cfg: Config, model_path: str, out: Path, prompts: list[s
         t0 = time.perf_counter()
         scores = rewards.score([prefix + s["text"] for s in samples],
                                [p.answer for p in problems for _ in range(n)],
-                               [p.task for p in problems for _ in range(n)])
+                               [p.task for p in problems for _ in range(n)],
+                               prompts=[p.question for p in problems for _ in range(n)])
         timings["reward_s"] = timings.get("reward_s", 0.0) + time.perf_counter() - t0
         return scores
 

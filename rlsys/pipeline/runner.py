@@ -4,8 +4,10 @@ sampling -> SFT -> all-scenario RL) and distillation (a teacher's samples -> a s
 `pipeline.stages` lists the stages. Each runs with the run's config plus its own `overrides`,
 starts from `model` (the base model, an earlier stage's result, or a folder), and writes into
 `<output_dir>/NN-<name>/`, which gets a `stage.json` marker when the stage is complete.
-Rerunning the same command skips complete stages; an interrupted GRPO stage with a complete
-checkpoint resumes from it, any other interrupted stage starts over in a clean folder.
+Rerunning the same command skips complete stages and resumes the interrupted one: a GRPO or
+SFT stage from its latest complete checkpoint (`trainer.checkpoint_every`), rejection sampling
+after its last saved chunk of prompts, a stage whose model was made but not yet evaluated at
+its evaluation. An interrupted stage with nothing to resume from starts over in a clean folder.
 `pipeline.only=NAME` runs one stage, whose inputs must already be complete. With
 `pipeline.eval`, each model a stage makes is evaluated on the held-out split (rlsys.eval) and
 the figures are kept in its `stage.json`.
@@ -24,11 +26,13 @@ from rlsys import checkpoint, models
 from rlsys.config import Config, ConfigError, StageConfig, load_config
 from rlsys.eval.cli import evaluate
 from rlsys.pipeline.stages import run_rejection_sampling, run_sft, sft_examples
-from rlsys.trainer import train
+from rlsys.trainer import ray_session, train
 
 log = logging.getLogger(__name__)
 
 MARKER = "stage.json"
+#: Written when a stage's own work is done, before its evaluation: a rerun only evaluates.
+TRAINED = "trained.json"
 #: Stage kinds whose result is a model (a `final/` HF folder) that later stages can start from.
 MODEL_STAGES = ("sft", "grpo")
 
@@ -39,7 +43,10 @@ def stage_dir(root: Path, index: int, stage: StageConfig) -> Path:
 
 def read_marker(folder: Path) -> dict | None:
     """The completion record of a stage folder, or None if the stage is not complete."""
-    path = folder / MARKER
+    return _read_json(folder / MARKER)
+
+
+def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -76,9 +83,17 @@ def run_pipeline(cfg: Config, args: list[str]) -> Path:
     """Run (or continue) the stages of `cfg.pipeline`; returns the run's output folder."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     root = Path(cfg.trainer.output_dir or "outputs/pipeline")
+    configs = stage_configs(cfg, args)
+    # One Ray cluster for all stages (each still starts its own actors): starting a cluster
+    # costs ~10 s, twice a stage with its evaluation.
+    with ray_session(cfg):
+        _run_stages(cfg, configs, root)
+    return root
+
+
+def _run_stages(cfg: Config, configs: list[Config], root: Path) -> None:
     stages, only = cfg.pipeline.stages, cfg.pipeline.only
     only_index = [s.name for s in stages].index(only) if only is not None else None
-    configs = stage_configs(cfg, args)
     done: dict[str, tuple[str, Path]] = {}  # stage name -> (kind, folder) of complete stages
     for i, (stage, scfg) in enumerate(zip(stages, configs, strict=True)):
         folder = stage_dir(root, i, stage)
@@ -93,25 +108,34 @@ def run_pipeline(cfg: Config, args: list[str]) -> Path:
                                   f"not complete in {root}")
             break
         model = resolve_model(stage, scfg, done)
-        t0 = time.time()
-        log.info("stage %s (%s) from %s -> %s", stage.name, stage.kind, model, folder)
-        _run_stage(stage, scfg, model, folder, {n: f for n, (_, f) in done.items()})
-        record = {"name": stage.name, "kind": stage.kind, "model": model,
-                  "seconds": round(time.time() - t0, 1), "finished": time.time()}
+        record = _read_json(folder / TRAINED)
+        if record is None:
+            t0 = time.time()
+            log.info("stage %s (%s) from %s -> %s", stage.name, stage.kind, model, folder)
+            _run_stage(stage, scfg, model, folder, {n: f for n, (_, f) in done.items()})
+            record = {"name": stage.name, "kind": stage.kind, "model": model,
+                      "seconds": round(time.time() - t0, 1), "finished": time.time()}
+            (folder / TRAINED).write_text(json.dumps(record, indent=2))
         if cfg.pipeline.eval and stage.kind in MODEL_STAGES:
-            record["eval"] = evaluate_stage(scfg, folder)
+            record["eval"] = evaluate_stage(cfg, scfg, folder)
         (folder / MARKER).write_text(json.dumps(record, indent=2))
         done[stage.name] = (stage.kind, folder)
         if only is not None:
             break
-    return root
 
 
-def evaluate_stage(scfg: Config, folder: Path) -> dict:
-    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model, with
-    the stage's own task and prompt settings; the files go to `<stage>/eval/`."""
+def evaluate_stage(cfg: Config, scfg: Config, folder: Path) -> dict:
+    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model; the
+    files go to `<stage>/eval/`.
+
+    Every stage is evaluated on the run's own task and seed (`data.*`, `trainer.seed`), not on
+    what its overrides train on (a task mix, another model's settings), so that the figures of
+    all stages are one comparable column.
+    """
     ecfg = dataclasses.replace(
-        scfg, model=dataclasses.replace(scfg.model, path=str(folder / "final")),
+        scfg, data=cfg.data,
+        model=dataclasses.replace(scfg.model, path=str(folder / "final")),
+        trainer=dataclasses.replace(scfg.trainer, seed=cfg.trainer.seed),
         eval=dataclasses.replace(scfg.eval, output_dir=str(folder / "eval"), overwrite=True))
     summary = evaluate(ecfg)
     return {k: v for k, v in summary.items() if k not in ("versions", "command", "config")}
@@ -119,8 +143,8 @@ def evaluate_stage(scfg: Config, folder: Path) -> dict:
 
 def _run_stage(stage: StageConfig, scfg: Config, model: str, folder: Path,
                outputs: dict[str, Path]) -> None:
-    resume = (stage.kind == "grpo" and folder.exists()
-              and checkpoint.latest_checkpoint(folder) is not None)
+    resume = folder.exists() and (checkpoint.latest_checkpoint(folder) is not None
+                                  or any(folder.glob("samples/chunk_*.json")))
     if folder.exists() and not resume:
         log.info("stage %s: an earlier attempt stopped before it finished; starting over",
                  stage.name)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlsys import checkpoint
 from rlsys.config import Config
 from rlsys.data import Problem
 from rlsys.data.sft import (
@@ -84,43 +85,67 @@ def encode_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase,
 
 
 def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample]) -> Path:
-    """Fine-tune `model_path` on the examples for `sft.epochs`; returns the HF folder."""
+    """Fine-tune `model_path` on the examples for `sft.epochs`; returns the HF folder.
+
+    Every `trainer.checkpoint_every` steps the learner state is checkpointed like a GRPO
+    run's; with `trainer.resume=auto` an interrupted stage continues after its latest complete
+    checkpoint. Batches are a function of (seed, epoch, step), so the resumed stage trains on
+    exactly the batches the uninterrupted one would have.
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts, responses, dropped = encode_examples(cfg, tokenizer, examples)
     if not prompts:
         raise ValueError(f"sft: none of the {len(examples)} examples fits "
                          f"rollout.max_model_len={cfg.rollout.max_model_len} tokens")
-    s = cfg.sft
+    s, t = cfg.sft, cfg.trainer
     steps_per_epoch = -(-len(prompts) // s.batch_size)
+    total = s.epochs * steps_per_epoch
+    resume_from = checkpoint.latest_checkpoint(out) if t.resume == "auto" else None
     log.info("sft: %d examples (%d too long), %d epoch(s) of %d steps", len(prompts), dropped,
              s.epochs, steps_per_epoch)
-    metrics = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard)
     with ray_session(cfg):
         # No reference model (KL 0) and temperature 1: the plain likelihood of the data.
         group = make_learner_group(cfg, model_path,
                                    dataclasses.replace(cfg.algorithm, kl_coef=0.0),
                                    temperature=1.0, max_response_len=max(map(len, responses)))
+        metrics = None
         try:
-            step = 0
-            for epoch in range(s.epochs):
-                order = list(range(len(prompts)))
-                random.Random(f"sft|{cfg.trainer.seed}|{epoch}").shuffle(order)
-                for start in range(0, len(order), s.batch_size):
-                    idx = order[start:start + s.batch_size]
-                    t0 = time.perf_counter()
-                    m = group.sft_step({"prompt_ids": [prompts[i] for i in idx],
-                                        "response_ids": [responses[i] for i in idx]})
-                    step += 1
-                    metrics.log(step, {"epoch": epoch, "sft/examples": len(idx),
-                                       "time/step": time.perf_counter() - t0,
-                                       **{f"sft/{k}": v for k, v in m.items()}})
-                    log.info("sft step %d/%d: nll %.4f", step, s.epochs * steps_per_epoch,
-                             m["nll"])
+            start = 0
+            if resume_from is not None:
+                group.load_checkpoint(str(resume_from / checkpoint.LEARNER_DIR))
+                start = int(checkpoint.read_trainer_state(resume_from)["step"])
+                checkpoint.truncate_metrics(out / "metrics.jsonl", start)
+                log.info("sft: resumed from %s (step %d of %d)", resume_from, start, total)
+            metrics = MetricsLogger(out, tensorboard=t.tensorboard)
+            for step in range(start + 1, total + 1):
+                epoch, batch = divmod(step - 1, steps_per_epoch)
+                idx = epoch_order(len(prompts), t.seed, epoch)[
+                    batch * s.batch_size:(batch + 1) * s.batch_size]
+                t0 = time.perf_counter()
+                m = group.sft_step({"prompt_ids": [prompts[i] for i in idx],
+                                    "response_ids": [responses[i] for i in idx]})
+                metrics.log(step, {"epoch": epoch, "sft/examples": len(idx),
+                                   "time/step": time.perf_counter() - t0,
+                                   **{f"sft/{k}": v for k, v in m.items()}})
+                log.info("sft step %d/%d: nll %.4f", step, total, m["nll"])
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                    tmp = checkpoint.begin(out, step)
+                    group.save_checkpoint(str(tmp / checkpoint.LEARNER_DIR))
+                    checkpoint.commit(tmp, step, {"epoch": epoch}, keep=t.keep_checkpoints)
             final = group.save_pretrained(str(out / "final"))
         finally:
             group.shutdown()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
     return Path(final)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order examples are visited in during one SFT epoch (a function of seed and epoch
+    alone, so a resumed stage sees the same batches)."""
+    order = list(range(n))
+    random.Random(f"sft|{seed}|{epoch}").shuffle(order)
+    return order
 
 
 def sft_examples(cfg: Config, stage_outputs: dict[str, Path]) -> list[SFTExample]:
@@ -137,48 +162,79 @@ def sft_examples(cfg: Config, stage_outputs: dict[str, Path]) -> list[SFTExample
 
 
 def run_rejection_sampling(cfg: Config, model_path: str, out: Path) -> Path:
-    """Sample, score, filter and write the SFT dataset (`out/dataset.jsonl`); returns `out`."""
+    """Sample, score, filter and write the SFT dataset (`out/dataset.jsonl`); returns `out`.
+
+    Prompts are sampled and scored `rejection.chunk_prompts` at a time, and each finished
+    chunk is written to `out/samples/`; an interrupted stage rerun with `trainer.resume=auto`
+    keeps those and generates only the rest. Prompt i is sampled with seed `trainer.seed + i`
+    whichever chunk or run it falls in, so the dataset does not depend on the interruption.
+    """
     rj, r = cfg.rejection, cfg.rollout
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = build_task(cfg)
     problems, prompts, skipped = fitting_prompts(cfg, tokenizer, task.sample(rj.num_prompts))
     prefix = cfg.data.response_prefix
+    chunks = [(start, min(start + rj.chunk_prompts, len(prompts)))
+              for start in range(0, len(prompts), rj.chunk_prompts)]
+    folder = out / "samples"
+    folder.mkdir(exist_ok=True)
+    done = {start: _read_chunk(folder, start) for start, _ in chunks} if (
+        cfg.trainer.resume == "auto") else {}
+    todo = [(a, b) for a, b in chunks if done.get(a) is None]
+    if len(todo) < len(chunks):
+        log.info("rejection sampling: %d of %d chunks already sampled, %d to go",
+                 len(chunks) - len(todo), len(chunks), len(todo))
     t0 = time.perf_counter()
-    with ray_session(cfg):
-        rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
-        rewards = make_reward_pool(cfg)
-        try:
-            samples = rollout.generate(prompts, n=rj.samples, temperature=rj.temperature,
-                                       top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                       seed=cfg.trainer.seed)
-            texts = [prefix + s["text"] for s in samples]
-            scores = rewards.score(texts, [p.answer for p in problems for _ in range(rj.samples)],
-                                   [p.task for p in problems for _ in range(rj.samples)])
-        finally:
-            rollout.shutdown()
-            rewards.shutdown()
+    if todo:
+        with ray_session(cfg):
+            rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
+            rewards = make_reward_pool(cfg)
+            try:
+                for start, end in todo:
+                    samples = rollout.generate(prompts[start:end], n=rj.samples,
+                                               temperature=rj.temperature, top_p=r.top_p,
+                                               max_tokens=r.max_new_tokens,
+                                               seed=cfg.trainer.seed + start)
+                    texts = [prefix + x["text"] for x in samples]
+                    chunk = problems[start:end]
+                    each = [p for p in chunk for _ in range(rj.samples)]
+                    scores = rewards.score(texts, [p.answer for p in each],
+                                           [p.task for p in each],
+                                           prompts=[p.question for p in each])
+                    done[start] = [{"text": text, "num_tokens": len(x["token_ids"]),
+                                    "truncated": x["finish_reason"] == "length",
+                                    "rewards": score}
+                                   for text, x, score in zip(texts, samples, scores, strict=True)]
+                    _write_chunk(folder, start, done[start])
+                    log.info("rejection sampling: prompts %d-%d of %d sampled", start + 1,
+                             end, len(prompts))
+            finally:
+                rollout.shutdown()
+                rewards.shutdown()
+    samples = [x for start, _ in chunks for x in done[start]]
     reasons: Counter[str] = Counter()
     kept: list[SFTExample] = []
     for i, problem in enumerate(problems):
         accepted = 0
         for j in range(rj.samples):
             k = i * rj.samples + j
+            x = samples[k]
             reason = rejection_reason(
-                texts[k], scores[k], target=cfg.reward.language_target,
-                min_language=rj.min_language, num_tokens=len(samples[k]["token_ids"]),
-                min_tokens=rj.min_tokens, truncated=samples[k]["finish_reason"] == "length")
+                x["text"], x["rewards"], target=cfg.reward.language_target,
+                min_language=rj.min_language, num_tokens=x["num_tokens"],
+                min_tokens=rj.min_tokens, truncated=x["truncated"])
             if reason is None and accepted >= rj.keep_per_prompt:
                 reason = "enough_for_prompt"
             reasons[reason or "kept"] += 1
             if reason is None:
                 accepted += 1
-                kept.append(example_from(problem, texts[k], sample_index=j,
-                                         source="rejection_sampling",
-                                         rewards={key: v for key, v in scores[k].items()}))
+                kept.append(example_from(problem, x["text"], sample_index=j,
+                                         source="rejection_sampling", rewards=x["rewards"]))
     unique = dedupe(kept)
     merged = read_examples(rj.merge, key="rejection.merge") if rj.merge else []
     count = write_examples(out / DATASET, unique + merged)
     stats = {"prompts": len(problems), "skipped_overlong": skipped, "samples": len(samples),
+             "chunks": len(chunks), "chunks_reused": len(chunks) - len(todo),
              "kept": len(unique), "duplicates": len(kept) - len(unique), "merged": len(merged),
              "written": count, "acceptance": len(kept) / max(len(samples), 1),
              "reasons": dict(reasons), "seconds": time.perf_counter() - t0}
@@ -189,3 +245,19 @@ def run_rejection_sampling(cfg: Config, model_path: str, out: Path) -> Path:
         raise ValueError(f"rejection sampling kept none of {len(samples)} samples "
                          f"({dict(reasons)}); a later SFT stage would have no data")
     return out
+
+
+def _chunk_path(folder: Path, start: int) -> Path:
+    return folder / f"chunk_{start:06d}.json"
+
+
+def _write_chunk(folder: Path, start: int, rows: list[dict]) -> None:
+    # Renamed into place once whole: a chunk file that exists is a complete chunk.
+    tmp = _chunk_path(folder, start).with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows))
+    tmp.replace(_chunk_path(folder, start))
+
+
+def _read_chunk(folder: Path, start: int) -> list[dict] | None:
+    path = _chunk_path(folder, start)
+    return json.loads(path.read_text()) if path.is_file() else None
