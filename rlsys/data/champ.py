@@ -19,9 +19,8 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Any
 
-from rlsys.data.tasks import DataError, Problem, ProblemListTask, register_task
+from rlsys.data.tasks import BenchmarkTask, DataError, Problem, register_task
 
 _EQUIVALENT_RE = re.compile(r"^(.*?),? or (?:equivalently|an equivalent form such as) (.+)$")
 _NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")
@@ -88,35 +87,13 @@ def load_champ(path: str | Path | None = None) -> list[Problem]:
 
 
 @register_task
-class ChampTask(ProblemListTask):
+class ChampTask(BenchmarkTask):
     """CHAMP problems with math answers, for evaluation (and, with what is left, training).
 
-    Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (so runs
-    with different seeds share it), in the dataset's order; an `eval_size` of at least the
-    number of problems holds out all of them, which is how the benchmark is usually run, and
-    then there is nothing to train on.
+    The held-out split and sampling are BenchmarkTask's.
     """
 
     name = "champ"
 
-    def __init__(self, seed: int = 0, eval_size: int = 100, split_seed: int = 0,
-                 path: str | None = None) -> None:
-        for key, value in (("eval_size", eval_size), ("seed", seed), ("split_seed", split_seed)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise DataError(f"data.{key}: must be an int, got {value!r}")
-        if eval_size < 0:
-            raise DataError(f"data.eval_size: must be >= 0, got {eval_size}")
-        problems = load_champ(path)
-        self._hold_out(problems, eval_size, split_seed)
-        self._start_sampler(seed)
-
-    def sample(self, n: int) -> list[Problem]:
-        if n and not self._train:
-            raise DataError(f"champ task: data.eval_size={len(self._eval)} holds out every "
-                            "problem, so none is left to train on; lower data.eval_size")
-        return super().sample(n)
-
-    def _state_mismatch(self, state: dict[str, Any]) -> str:
-        return (f"champ task: state dict (num_train={state['num_train']}, position="
-                f"{state['position']}) does not match this split's {len(self._train)} training "
-                "problems; eval_size or the data changed")
+    def load(self, path: str | None) -> list[Problem]:
+        return load_champ(path)

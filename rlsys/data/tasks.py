@@ -198,6 +198,42 @@ class ProblemListTask(Task):
                 f"{state['position']}) does not match the {len(self._train)} training problems")
 
 
+class BenchmarkTask(ProblemListTask):
+    """A published benchmark's fixed problems (CHAMP, ASDiv), for evaluation and, with what is
+    left, training. Subclasses name the task and `load` its problems.
+
+    Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (so runs
+    with different seeds share it), in the data's order; the rest are the training problems. An
+    `eval_size` of at least the number of problems holds out all of them, which is how the
+    benchmark is usually run, and then there is nothing to train on.
+    """
+
+    def __init__(self, seed: int = 0, eval_size: int = 100, split_seed: int = 0,
+                 path: str | None = None) -> None:
+        for key, value in (("eval_size", eval_size), ("seed", seed), ("split_seed", split_seed)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DataError(f"data.{key}: must be an int, got {value!r}")
+        if eval_size < 0:
+            raise DataError(f"data.eval_size: must be >= 0, got {eval_size}")
+        self._hold_out(self.load(path), eval_size, split_seed)
+        self._start_sampler(seed)
+
+    def load(self, path: str | None) -> list[Problem]:
+        """The benchmark's problems, from `path` or the installed package's data file."""
+        raise NotImplementedError
+
+    def sample(self, n: int) -> list[Problem]:
+        if n and not self._train:
+            raise DataError(f"{self.name} task: data.eval_size={len(self._eval)} holds out every "
+                            "problem, so none is left to train on; lower data.eval_size")
+        return super().sample(n)
+
+    def _state_mismatch(self, state: dict[str, Any]) -> str:
+        return (f"{self.name} task: state dict (num_train={state['num_train']}, position="
+                f"{state['position']}) does not match this split's {len(self._train)} training "
+                "problems; eval_size or the data changed")
+
+
 class ArithmeticTask(Task):
     """Procedurally generated integer arithmetic, e.g. "What is 23 + 17?" -> "40".
 
