@@ -251,6 +251,19 @@ def aggregate_loss(
     return weighted.sum() / (seqs * length)
 
 
+def _per_sequence_or_token(values: Tensor, logprobs: Tensor, name: str) -> Tensor:
+    """`values` given per sequence [B] (as a [B, 1] column that broadcasts over tokens) or per
+    token [B, T] like `logprobs`; any other shape is an error naming `name`."""
+    if values.dim() == 1 and values.shape[0] == logprobs.shape[0]:
+        return values.unsqueeze(1)
+    if values.shape != logprobs.shape:
+        raise ValueError(
+            f"{name} must be [B] or [B, T] matching logprobs {tuple(logprobs.shape)}, "
+            f"got {tuple(values.shape)}"
+        )
+    return values
+
+
 def _check_token_shapes(logprobs: Tensor, other: Tensor, name: str) -> None:
     if other.shape != logprobs.shape:
         raise ValueError(
@@ -350,13 +363,7 @@ def policy_loss(
         raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
     _check_token_shapes(logprobs, old_logprobs, "old_logprobs")
     _check_token_shapes(logprobs, mask, "mask")
-    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
-        advantages = advantages.unsqueeze(1)
-    elif advantages.shape != logprobs.shape:
-        raise ValueError(
-            f"advantages must be [B] or [B, T] matching logprobs {tuple(logprobs.shape)}, "
-            f"got {tuple(advantages.shape)}"
-        )
+    advantages = _per_sequence_or_token(advantages, logprobs, "advantages")
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
     if clip_high < 0.0:
@@ -377,13 +384,7 @@ def policy_loss(
         dual_active = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_active, cap.expand_as(per_token), per_token)
     if is_weights is not None:
-        if is_weights.dim() == 1 and is_weights.shape[0] == logprobs.shape[0]:
-            is_weights = is_weights.unsqueeze(1)
-        elif is_weights.shape != logprobs.shape:
-            raise ValueError(
-                f"is_weights must be [B] or [B, T] matching logprobs {tuple(logprobs.shape)}, "
-                f"got {tuple(is_weights.shape)}"
-            )
+        is_weights = _per_sequence_or_token(is_weights, logprobs, "is_weights")
         # Padding is replaced by 1 so that garbage there cannot reach the loss as NaN.
         per_token = per_token * torch.where(valid, is_weights.detach().to(per_token.dtype), 1.0)
 
