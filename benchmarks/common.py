@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import tempfile
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -32,3 +34,14 @@ def versions(*names: str) -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
     return found
+
+
+@contextlib.contextmanager
+def run_dir(argv: list[str], prefix: str) -> Iterator[list[str]]:
+    """`argv` with a `trainer.output_dir`: the caller's if it names one (kept), else a
+    temporary one removed afterwards (a pipeline run holds GBs of checkpoints and models)."""
+    if any(a.startswith("trainer.output_dir=") for a in argv):
+        yield argv
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield [*argv, f"trainer.output_dir={Path(tmp) / 'run'}"]

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, versions
+from benchmarks.common import RESULTS, machine, run_dir, versions
 from rlsys.config import load_config, to_dict
 from rlsys.pipeline import run_pipeline
 from rlsys.pipeline.runner import read_marker, stage_dir
 
 
 def main(argv: list[str]) -> dict:
-    if not any(a.startswith("trainer.output_dir=") for a in argv):
-        argv = [*argv, f"trainer.output_dir={Path(tempfile.mkdtemp(prefix='r1-smol-')) / 'run'}"]
-    args = ["conf=r1_smol", *argv]
+    with run_dir(argv, "r1-smol-") as args:
+        return _run(["conf=r1_smol", *args])
+
+
+def _run(args: list[str]) -> dict:
     cfg = load_config(args)
     start = time.time()
     root = run_pipeline(cfg, args)

@@ -12,19 +12,22 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, versions
-from rlsys.config import load_config, to_dict
+from benchmarks.common import RESULTS, machine, run_dir, versions
+from rlsys.config import Config, load_config, to_dict
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
 
 def main(argv: list[str]) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="smol-learning-")) / "run"
-    cfg = load_config(["conf=smol", f"trainer.output_dir={out}", *argv])
+    with run_dir(argv, "smol-learning-") as args:
+        return _run(load_config(["conf=smol", *args]))
+
+
+def _run(cfg: Config) -> dict:
+    out = Path(cfg.trainer.output_dir)
     start = time.time()
     train(cfg)
     records = read_metrics(out / "metrics.jsonl")
