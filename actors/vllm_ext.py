@@ -17,7 +17,12 @@ import time
 
 import torch
 
-from learners.weight_sync import WeightManifest, init_weight_sync_group, receive_weights
+from learners.weight_sync import (
+    WeightManifest,
+    close_weight_sync_group,
+    init_weight_sync_group,
+    receive_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,15 @@ class WeightSyncExtension:
         self._weight_version = getattr(self, "_weight_version", 0)
         _quiet_expected_reload_warnings()
         return group_rank
+
+    def close_weight_sync(self) -> None:
+        """Leave the weight-sync group (before the pool re-forms it at another size).
+
+        The weights and their version stay: the engine keeps serving them until the next
+        `receive_weights` over the new group.
+        """
+        close_weight_sync_group(getattr(self, "_weight_sync_group", None))
+        self._weight_sync_group = None
 
     def receive_weights(self, manifest: WeightManifest, bucket_bytes: int, version: int) -> int:
         """Receive one broadcast and load it into the running model; returns `version`.

@@ -61,6 +61,16 @@ def _rendezvous_address() -> tuple[str, int]:
     return addr, weight_sync.find_free_port(addr)
 
 
+class LearnerFailed(RuntimeError):
+    """A learner rank's actor died (its process was killed, its node lost): the update it was
+    part of cannot complete, and the group's state is gone with it."""
+
+    def __init__(self, rank: int, name: str, cause: BaseException) -> None:
+        first_line = (str(cause).splitlines() or [type(cause).__name__])[0]
+        super().__init__(f"learner rank {rank} ({name}) died: {first_line}")
+        self.rank, self.name = rank, name
+
+
 class LearnerGroup:
     """tp x dp learner actors; every method runs on all of them (the methods are collective)."""
 
@@ -97,8 +107,29 @@ class LearnerGroup:
     def rank0(self) -> ray.actor.ActorHandle:
         return self.workers[0]
 
+    @property
+    def names(self) -> list[str]:
+        return [f"learner-dp{rank // self.tp}-tp{rank % self.tp}"
+                for rank in range(len(self.workers))]
+
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return self._gather([getattr(w, method).remote(*args) for w in self.workers])
+
+    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Every rank's result; `LearnerFailed` as soon as one rank's actor has died.
+
+        Waiting on all refs at once would not do: the live ranks block in a collective with
+        the dead one and only give up when the process group times out, many minutes later.
+        """
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                rank = refs.index(ready[0])
+                raise LearnerFailed(rank, self.names[rank], exc) from None
+        return ray.get(refs)
 
     def train_step(self, batch: dict[str, list]) -> dict[str, float]:
         """One GRPO update of the whole batch; returns the batch's metrics."""
@@ -116,7 +147,7 @@ class LearnerGroup:
             shard = shards[rank // self.tp]
             refs.append(getattr(worker, method).remote(
                 {key: [values[i] for i in shard] for key, values in batch.items()}))
-        per_rank = ray.get(refs)
+        per_rank = self._gather(refs)
         metrics = combine_rank_metrics(per_rank[:: self.tp])  # one report per dp index
         metrics["tokens_per_s"] = metrics.pop("seq_tokens") / (time.perf_counter() - t0)
         return metrics
@@ -132,7 +163,7 @@ class LearnerGroup:
             refs.append(worker.compute_logprobs.remote([prompt_ids[i] for i in shard],
                                                        [response_ids[i] for i in shard],
                                                        reference))
-        per_rank = ray.get(refs)
+        per_rank = self._gather(refs)
         result: list[list[float]] = [[] for _ in response_ids]
         for shard, logprobs in zip(shards, per_rank[:: self.tp], strict=True):
             for i, lp in zip(shard, logprobs, strict=True):
@@ -164,6 +195,10 @@ class LearnerGroup:
         """Refs to wait on together with the engines' (the group forms when all have joined)."""
         return [self.rank0.init_weight_sync.remote(master_addr, master_port, world_size,
                                                    backend)]
+
+    def close_weight_sync(self) -> list[ray.ObjectRef]:
+        """Refs to wait on together with the engines' (every member leaves the group)."""
+        return [self.rank0.close_weight_sync.remote()]
 
     def broadcast_weights(self, manifest: weight_sync.WeightManifest,
                           bucket_bytes: int) -> list[ray.ObjectRef]:

@@ -419,6 +419,12 @@ class Learner:
                 backend, master_addr, master_port, rank=0, world_size=world_size)
         return self.rank
 
+    def close_weight_sync(self) -> None:
+        """Leave the weight-sync group, before joining one of another size (engines added or
+        removed); see `weight_sync.close_weight_sync_group`."""
+        weight_sync.close_weight_sync_group(self.sync_group)
+        self.sync_group = None
+
     @torch.no_grad()
     def broadcast_weights(self, manifest: weight_sync.WeightManifest,
                           bucket_bytes: int) -> dict[str, float]:

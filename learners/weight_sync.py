@@ -92,6 +92,23 @@ def init_weight_sync_group(
     return group
 
 
+def close_weight_sync_group(group: ProcessGroup | None) -> None:
+    """Release a group from `init_weight_sync_group`, so its members can form a new one.
+
+    Its world size is fixed, so adding or removing an engine means every member drops the old
+    group and joins a new one. Dropping the reference is enough for gloo (its sockets close with
+    the object), but NOT for NCCL: since torch 2.4 the communicator's destructor only warns and
+    leaks it (GPU memory, proxy threads) unless the group was shut down, and the group is not
+    registered with torch.distributed, so `destroy_process_group` cannot do it for us.
+    `ProcessGroup.shutdown()` is what `destroy_process_group` calls; it releases an NCCL
+    communicator gracefully and is a no-op for gloo, so one call serves both backends. It
+    waits for the group's outstanding work: call it on every member at about the same time
+    (some NCCL versions treat the teardown as collective), between broadcasts.
+    """
+    if group is not None:
+        group.shutdown()
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     """`"bfloat16"` → `torch.bfloat16`; rejects names that are not torch dtypes."""
     dtype = getattr(torch, name.removeprefix("torch."), None)

@@ -106,6 +106,10 @@ class RolloutConfig:
     max_num_batched_tokens: int | None = doc("engine token budget per step; None = vLLM's", None)
     max_sampling_rounds: int = doc("with algorithm.dynamic_sampling: most generation rounds "
                                    "per step", 4)
+    max_staleness: int = doc("0 = on-policy (each step samples with the current weights); "
+                             "k > 0 = engines sample the next k steps' prompts while the "
+                             "learner trains, with weights at most k versions old (pair with "
+                             "algorithm.rollout_is)", 0)
     num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
     num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
@@ -228,6 +232,14 @@ class TrainerConfig:
     resume: str = doc("never | auto: continue from output_dir's latest complete checkpoint",
                       "never")
     tensorboard: bool = doc("also write TensorBoard events", True)
+    dashboard_metrics: bool = doc("export step metrics as Ray gauges (rlsys_<key>, tagged "
+                                  "run=<output dir name>) for the Ray dashboard / Prometheus",
+                                  True)
+    wandb_project: str | None = doc("also log to this Weights & Biases project (needs the "
+                                    "wandb extra); None = off", None)
+    wandb_entity: str | None = doc("W&B entity (team or user); None = your default", None)
+    wandb_mode: str = doc("online | offline (write locally, `wandb sync` later) | disabled",
+                          "online")
     progress: bool = doc("show a progress bar", True)
     reflection_words: list[str] = doc(
         "phrases counted per completion as R1's 'aha' signal (response/reflections)",
@@ -242,6 +254,9 @@ class RayConfig:
     num_cpus: int | None = doc("logical CPUs of a new local cluster; None = Ray's count", None)
     temp_dir: str | None = doc("temp dir of a new local cluster (avoids stale sessions)", None)
     include_dashboard: bool = doc("start the dashboard with a new local cluster", False)
+    namespace: str = doc("Ray namespace of the run's named actors, among them the "
+                         "'controller' that python -m rlsys.scale --namespace talks to; one "
+                         "live run per namespace", "rlsys")
 
 
 @dataclass
@@ -505,6 +520,7 @@ def validate(cfg: Config) -> None:
                        ("trainer.steps", t.steps),
                        ("data.eval_size", d.eval_size)]:
         _require(value >= 1, key, value, "must be >= 1")
+    _require(r.max_staleness >= 0, "rollout.max_staleness", r.max_staleness, "must be >= 0")
     _require(r.temperature > 0, "rollout.temperature", r.temperature,
              "sampling needs temperature > 0")
     _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
@@ -588,6 +604,7 @@ def validate(cfg: Config) -> None:
         _require(name in run_tasks(cfg), f"reward.per_task.{name}", dict(cfg.reward.per_task[name]),
                  f"this run has no task {name!r} (its tasks: {', '.join(run_tasks(cfg))})")
     _validate_reward_model(cfg)
+    _validate_logging(cfg)
     _validate_eval(cfg)
     _validate_pipeline(cfg)
 
@@ -618,6 +635,17 @@ def _validate_reward_model(cfg: Config) -> None:
     builtin = m.path in BUILTIN_MODELS or str(m.path).startswith(f"{BUILTIN_MODELS[0]}:")
     _require(not (builtin and m.kind == "classifier"), "reward.model.kind", m.kind,
              f"reward.model.path={m.path} is a causal LM: use kind=judge")
+
+
+def _validate_logging(cfg: Config) -> None:
+    import importlib.util
+
+    t = cfg.trainer
+    _require(t.wandb_mode in ("online", "offline", "disabled"), "trainer.wandb_mode",
+             t.wandb_mode, "online, offline or disabled")
+    _require(t.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+             "trainer.wandb_project", t.wandb_project,
+             "the wandb package is not installed: pip install 'rlsys[wandb]'")
 
 
 def _validate_eval(cfg: Config) -> None:

@@ -1,7 +1,15 @@
-"""Per-step metrics: one JSON line per step in `<output_dir>/metrics.jsonl`, and TensorBoard."""
+"""Per-step metrics and where they go.
+
+Always: one JSON line per step in `<output_dir>/metrics.jsonl` (the record `rlsys.report` and
+the resume logic read). Optionally: TensorBoard events, Weights & Biases (`trainer.wandb_project`,
+needs the `wandb` extra) and the Ray dashboard: every numeric step metric becomes a
+`ray.util.metrics` gauge `rlsys_<key>` tagged with the run's name, which Ray exports to
+Prometheus (the dashboard's Metrics view, `ray_rlsys_*` series) from the node's metrics port.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -12,31 +20,87 @@ from typing import Any
 
 
 class MetricsLogger:
-    """Appends `{"step": s, "time": t, **metrics}` lines; mirrors scalars to TensorBoard."""
+    """Appends `{"step": s, "time": t, **metrics}` lines and mirrors scalars to the sinks."""
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, *,
+                 wandb: dict[str, Any] | None = None, dashboard: bool = False,
+                 run_name: str | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_name = run_name or Path(output_dir).resolve().name
         self._file = self.path.open("a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        self._wandb = _start_wandb(wandb, self.run_name, Path(output_dir)) if wandb else None
+        self._dashboard = DashboardGauges(self.run_name) if dashboard else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        scalars = {k: float(v) for k, v in clean.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if self._dashboard is not None:
+            self._dashboard.set(scalars | {"step": float(step)})
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class DashboardGauges:
+    """Step metrics as Ray gauges, `rlsys_<key>` with "/" and other non-[a-z0-9_] characters
+    turned into "_", tagged `run=<run name>` so that runs sharing a cluster stay apart.
+
+    Gauges are created on first use: the set of keys depends on the configuration (per-task
+    accuracies, reward parts). Must be used inside a connected Ray driver or actor.
+    """
+
+    def __init__(self, run_name: str) -> None:
+        self.tags = {"run": run_name}
+        self._gauges: dict[str, Any] = {}
+
+    def set(self, values: dict[str, float]) -> None:
+        from ray.util.metrics import Gauge
+
+        for key, value in values.items():
+            if not math.isfinite(value):
+                continue
+            name = gauge_name(key)
+            if name not in self._gauges:
+                self._gauges[name] = Gauge(name, description=f"rlsys step metric {key}",
+                                           tag_keys=("run",))
+            self._gauges[name].set(value, tags=self.tags)
+
+
+def gauge_name(key: str) -> str:
+    """The Prometheus-safe gauge name of a metric key: "eval/pass@1" -> "rlsys_eval_pass_1"."""
+    return "rlsys_" + re.sub(r"[^a-z0-9_]+", "_", key.lower()).strip("_")
+
+
+def _start_wandb(options: dict[str, Any], run_name: str, output_dir: Path) -> Any:
+    """A W&B run (`options`: project, and optionally entity, mode, config)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("trainer.wandb_project is set but the wandb package is missing: "
+                          "pip install 'rlsys[wandb]' (or unset trainer.wandb_project)") from None
+    # One W&B run per output directory: a resumed run continues its W&B run.
+    run_id = hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(project=options["project"], entity=options.get("entity"),
+                      mode=options.get("mode"), name=run_name, config=options.get("config"),
+                      dir=str(output_dir), id=run_id, resume="allow")
 
 
 def _jsonable(value: Any) -> Any:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlsys.data import DataError
     from rlsys.models import ModelError
     from rlsys.pipeline import run_pipeline
-    from rlsys.trainer import train
+    from rlsys.trainer import RunStopped, train
 
     try:
         if cfg.pipeline.stages:
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # train() has already stopped every actor (and the local Ray cluster it started).
         where = (f"rerun it with trainer.output_dir={cfg.trainer.output_dir} to resume"

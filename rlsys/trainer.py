@@ -10,6 +10,9 @@ For each step:
     5. the learner applies the clipped-ratio GRPO update with a KL penalty to the reference
        (in the loss unless it went into the reward)
     6. the learner broadcasts its new weights to every engine, which confirm the version
+With `rollout.max_staleness` = k > 0 (asynchronous rollouts) the engines sample the next k
+steps' first rounds during steps 4-5, with weights up to k versions old; truncated importance
+sampling (`algorithm.rollout_is`) corrects for the gap.
 Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples),
 and every N steps a resumable checkpoint is written (rlsys/checkpoint.py).
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.
@@ -26,6 +29,7 @@ import signal
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,13 +39,14 @@ import ray
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from actors.controller import start_controller, stop_controller
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
-from learners.group import LearnerGroup
+from learners.group import LearnerFailed, LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.algo import group_advantages, kl_shaped_rewards
-from rlsys.config import AlgorithmConfig, Config, ConfigError, to_yaml
+from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml
 from rlsys.data import DataError, Problem, Task, make_task, render_prompt
 from rlsys.metrics import MetricsLogger, mean_parts, reflection_count
 from rlsys.models import resolve_model
@@ -65,9 +70,22 @@ def train(cfg: Config) -> Path:
         trainer = GRPOTrainer(cfg, model_path, tokenizer, task, out)
         try:
             trainer.fit(trainer.restore(resume_from) if resume_from else 0)
+        except LearnerFailed as exc:
+            raise RunStopped(exc, out) from None
         finally:
             trainer.shutdown()
     return out
+
+
+class RunStopped(RuntimeError):
+    """A failure the run cannot continue through, with where to resume from."""
+
+    def __init__(self, cause: BaseException, out: Path) -> None:
+        last = checkpoint.latest_checkpoint(out)
+        where = (f"the last complete checkpoint is {last}; rerun with trainer.resume=auto and "
+                 f"trainer.output_dir={out} to continue from it" if last else
+                 "no checkpoint was written yet (trainer.checkpoint_every)")
+        super().__init__(f"{cause}; the run stopped: {where}")
 
 
 @dataclass
@@ -84,6 +102,17 @@ class Group:
         return len({s["total"] for s in self.scores}) > 1
 
 
+@dataclass
+class SubmittedRound:
+    """A sampling round the engines were started on: its problems and the result refs."""
+
+    step: int
+    problems: list[Problem]
+    refs: list[ray.ObjectRef]
+    skipped: int  # prompts drawn but dropped for not fitting the context
+    task_state: dict  # the sampler before these problems were drawn (what a checkpoint keeps)
+
+
 class GRPOTrainer:
     """Owns the actor pools and runs `fit()`: the loop in the module docstring."""
 
@@ -92,18 +121,31 @@ class GRPOTrainer:
         self.cfg, self.task, self.out = cfg, task, out
         self.tokenizer = tokenizer
         r, lc = cfg.rollout, cfg.learner
-        t0 = time.perf_counter()
-        self.learner = make_learner_group(cfg, model_path, cfg.algorithm,
-                                          temperature=r.temperature,
-                                          max_response_len=r.max_new_tokens)
-        self.rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
-        self.rewards = make_reward_pool(cfg)
-        self.version = 0
-        self._connect_weight_sync()
-        log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
-                 "%d learner worker(s) (tp=%d x dp=%d)", time.perf_counter() - t0,
-                 r.num_workers, cfg.reward.num_workers, lc.tp * lc.dp, lc.tp, lc.dp)
-        self.metrics = MetricsLogger(out, tensorboard=cfg.trainer.tensorboard)
+        # First, so that a second run in the same Ray namespace stops before starting actors;
+        # `python -m rlsys.scale` reaches the run through it (see apply_scaling).
+        self.controller = start_controller(r.num_workers)
+        try:
+            t0 = time.perf_counter()
+            self.learner = make_learner_group(cfg, model_path, cfg.algorithm,
+                                              temperature=r.temperature,
+                                              max_response_len=r.max_new_tokens)
+            self.rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
+            self.rewards = make_reward_pool(cfg)
+            self.version = 0
+            self.pending: deque[SubmittedRound] = deque()  # rounds sampled ahead (staleness)
+            self._connect_weight_sync()
+            log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
+                     "%d learner worker(s) (tp=%d x dp=%d)", time.perf_counter() - t0,
+                     r.num_workers, cfg.reward.num_workers, lc.tp * lc.dp, lc.tp, lc.dp)
+            self.metrics = make_metrics_logger(cfg, out)
+        except BaseException:
+            # In a shared Ray session (pipeline stages, tests) the actors, and the controller's
+            # name, would otherwise outlive the failed run.
+            self.shutdown()
+            raise
+        if r.max_staleness and cfg.algorithm.rollout_is == "none":
+            log.warning("rollout.max_staleness=%d trains on samples from older weights without "
+                        "a correction; consider algorithm.rollout_is=token", r.max_staleness)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -115,6 +157,7 @@ class GRPOTrainer:
         bar = _progress(t.steps, enabled=t.progress)
         bar.update(start_step)
         for step in range(start_step + 1, t.steps + 1):
+            self.apply_scaling(step)
             stats = self.train_step(step)
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 stats |= self.evaluate(step)
@@ -133,9 +176,12 @@ class GRPOTrainer:
         r, a = self.cfg.rollout, self.cfg.algorithm
         t0 = time.perf_counter()
         groups, drawn, timing = self.sample_groups(step)
+        if r.max_staleness:
+            self.prefetch(step)
         samples = [s for g in groups for s in g.samples]
         rewards = torch.tensor([sc["total"] for g in groups for sc in g.scores])
         t_update = t_sync = time.perf_counter()
+        trained_version = self.version
         learner_stats: dict[str, float] = {}
         kl_stats: dict[str, float] = {}
         sync = {"bytes": 0.0, "seconds": 0.0}
@@ -174,15 +220,25 @@ class GRPOTrainer:
                 for s in all_samples),
             "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
                                                         for s in all_samples),
-            "time/gen": timing["gen"], "time/reward": timing["reward"],
-            "time/update": t_update - t0 - timing["gen"] - timing["reward"],
+            "time/gen": timing["gen"], "time/gen_wait": timing["gen_wait"],
+            "time/reward": timing["reward"],
+            "time/update": t_update - t0 - timing["gen_wait"] - timing["reward"],
             "time/sync": t_sync - t_update, "time/step": t_sync - t0,
-            "throughput/gen_tokens_per_s": sum(lengths) / timing["gen"],
+            "throughput/gen_tokens_per_s": sum(lengths) / max(timing["gen"], 1e-9),
+            "rollout/queue_depth": len(self.pending),
+            "rollout/engines": len(self.rollout.workers),
+            "rollout/prompts": len(drawn), "rollout/samples": len(all_samples),
             "sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"],
+            "time/sync_wait": sync.get("wait_s", 0.0),
             "weight_version": self.version,
         }
         stats |= {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
         stats |= kl_stats
+        if samples:
+            # Versions behind the policy that trained on them (0 = on-policy).
+            staleness = [trained_version - s["weight_version"] for s in samples]
+            stats |= {"rollout/staleness_mean": statistics.fmean(staleness),
+                      "rollout/staleness_max": max(staleness)}
         if learner_stats:
             stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
                       "time/ref_and_old_logprobs": learner_stats["time/ref_and_old_logprobs"],
@@ -197,36 +253,63 @@ class GRPOTrainer:
         pass for no gradient, and more prompts are drawn until B groups carry a signal or
         `rollout.max_sampling_rounds` is reached. Generation is cheap next to the update on
         this kind of machine, so trading extra rollouts for informative updates pays.
+        With `rollout.max_staleness` > 0 the first round was submitted steps ahead
+        (`prefetch`); later rounds sample with the current weights.
         """
         r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
         kept: list[Group] = []
         drawn: list[Group] = []
-        timing = {"gen": 0.0, "reward": 0.0, "rounds": 0, "skipped": 0}
+        timing = {"gen": 0.0, "gen_wait": 0.0, "reward": 0.0, "rounds": 0, "skipped": 0}
         while len(kept) < r.prompts_per_step and timing["rounds"] < r.max_sampling_rounds:
-            need = r.prompts_per_step - len(kept)
-            # Later rounds draw extra prompts, in proportion to how many groups were dropped.
-            keep_rate = max(len(kept) / len(drawn), 0.25) if drawn else 1.0
-            problems, prompts, skipped = self.fitting(
-                self.task.sample(min(r.prompts_per_step, math.ceil(need / keep_rate))))
-            timing["skipped"] += skipped
+            if timing["rounds"] == 0 and self.pending and self.pending[0].step == step:
+                batch = self.pending.popleft()
+            else:
+                need = r.prompts_per_step - len(kept)
+                # Later rounds draw extra prompts, in proportion to how many groups were dropped.
+                keep_rate = max(len(kept) / len(drawn), 0.25) if drawn else 1.0
+                batch = self.submit_round(step, timing["rounds"],
+                                          min(r.prompts_per_step, math.ceil(need / keep_rate)))
+            timing["skipped"] += batch.skipped
             t0 = time.perf_counter()
-            samples = self.rollout.generate(prompts, n=r.group_size,
-                                            temperature=r.temperature, top_p=r.top_p,
-                                            max_tokens=r.max_new_tokens,
-                                            seed=self.request_seed(step, timing["rounds"]))
+            samples, gen_seconds = self.rollout.collect(batch.refs)
             t1 = time.perf_counter()
-            scores = self.score(problems, samples, r.group_size)
-            timing["gen"] += t1 - t0
+            scores = self.score(batch.problems, samples, r.group_size)
+            timing["gen"] += gen_seconds
+            timing["gen_wait"] += t1 - t0
             timing["reward"] += time.perf_counter() - t1
             timing["rounds"] += 1
             n = r.group_size
             new = [Group(p, samples[i * n:(i + 1) * n], scores[i * n:(i + 1) * n])
-                   for i, p in enumerate(problems)]
+                   for i, p in enumerate(batch.problems)]
             drawn += new
             kept += [g for g in new if g.has_signal or not dynamic]
             if not dynamic:
                 break
         return kept[: r.prompts_per_step], drawn, timing
+
+    def submit_round(self, step: int, round_: int, count: int) -> SubmittedRound:
+        """Draw `count` prompts and start the engines on G completions of each."""
+        r = self.cfg.rollout
+        task_state = self.task.state_dict()
+        problems, prompts, skipped = self.fitting(self.task.sample(count))
+        refs = self.rollout.submit(prompts, n=r.group_size, temperature=r.temperature,
+                                   top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                   seed=self.request_seed(step, round_))
+        return SubmittedRound(step, problems, refs, skipped, task_state)
+
+    def prefetch(self, step: int) -> None:
+        """`rollout.max_staleness` = k > 0: submit the first rounds of steps step+1..step+k
+        now, so that the engines sample them while the learner trains on step's batch.
+
+        Engines take calls in order, so the weight update that ends this step reaches each
+        engine after these batches, never inside one: a batch is sampled by one set of weights,
+        at most k versions older than the policy that trains on it (each sample records its
+        version; `rollout/staleness_*` logs the gap).
+        """
+        last = self.pending[-1].step if self.pending else step
+        for ahead in range(last + 1, min(step + self.cfg.rollout.max_staleness,
+                                         self.cfg.trainer.steps) + 1):
+            self.pending.append(self.submit_round(ahead, 0, self.cfg.rollout.prompts_per_step))
 
     # --- the parts ----------------------------------------------------------------------------
 
@@ -280,8 +363,11 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         tmp = checkpoint.begin(self.out, step)
         self.learner.save_checkpoint(str(tmp / checkpoint.LEARNER_DIR))
+        # Rounds sampled ahead are not kept: the sampler is saved as it was before they were
+        # drawn, so a resumed run draws the same prompts and samples them again.
+        task_state = self.pending[0].task_state if self.pending else self.task.state_dict()
         path = checkpoint.commit(tmp, step, {"weight_version": self.version,
-                                             "task": self.task.state_dict()},
+                                             "task": task_state},
                                  keep=self.cfg.trainer.keep_checkpoints)
         log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
         return path
@@ -297,9 +383,16 @@ class GRPOTrainer:
         return int(state["step"])
 
     def broadcast_weights(self) -> dict[str, float]:
-        """Learner → every engine over the weight-sync group; engines confirm the version."""
+        """Learner → every engine over the weight-sync group; engines confirm the version.
+
+        Batches sampled ahead finish first: the engines would take the update only after them
+        anyway, and a broadcast left waiting that long could time out its process group.
+        """
+        t0 = time.perf_counter()
+        in_flight = [ref for batch in self.pending for ref in batch.refs]
+        ray.wait(in_flight, num_returns=len(in_flight), fetch_local=False)
         self.version += 1
-        return self._send_weights()
+        return self._send_weights() | {"wait_s": time.perf_counter() - t0}
 
     def _send_weights(self) -> dict[str, float]:
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
@@ -350,10 +443,65 @@ class GRPOTrainer:
         ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])
         self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
 
+    def _close_weight_sync(self) -> None:
+        """Every member leaves the weight-sync group at once (NCCL may tear down collectively).
+
+        Engines run their calls in order, so this also waits for whatever they were given.
+        """
+        ray.get([*self.learner.close_weight_sync(), *self.rollout.close_weight_sync()])
+
+    def apply_scaling(self, step: int = 0) -> None:
+        """Bring the rollout engines to the number asked for with `python -m rlsys.scale`.
+
+        Runs between steps, when no weights are in flight. The weight-sync group has a fixed
+        world size, so any change re-forms it: every member leaves, all join a new group on a
+        fresh port, and the current weights go to every engine, so that a new one serves the
+        current policy before it gets a prompt. New engines start in the background: until
+        one answers, training goes on with the engines there are (a Ray autoscaler may take
+        minutes to add a node). Engines finish the calls they were given (rounds sampled
+        ahead with rollout.max_staleness too) before leaving the group or being removed.
+        """
+        pool = self.rollout
+        desired = ray.get(self.controller.desired_rollout_workers.remote())
+        planned = len(pool.workers) + len(pool.starting)
+        if desired > planned:
+            log.info("scaling: starting %d rollout engine(s) for %d requested",
+                     desired - planned, desired)
+            pool.add_workers(desired - planned)
+        elif desired < planned and pool.cancel_starting(planned - desired):
+            log.info("scaling: stopped rollout engine(s) still starting, %d requested", desired)
+        ready, errors = pool.take_ready()
+        if errors:
+            log.error("scaling: %d new rollout engine(s) failed to start (not retried; ask "
+                      "again with python -m rlsys.scale): %s", len(errors), errors[0])
+            self.controller.request_rollout_workers.remote(len(pool.workers)
+                                                           + len(pool.starting))
+        excess = max(0, len(pool.workers) - desired)
+        if ready or excess:
+            t0 = time.perf_counter()
+            self._close_weight_sync()
+            removed = pool.remove_workers(excess)
+            self._connect_weight_sync()
+            self._send_weights()
+            versions = pool.weight_versions()
+            if any(v != self.version for v in versions):
+                raise RuntimeError(f"after scaling, engines report weight versions {versions}, "
+                                   f"expected {self.version}")
+            log.info("scaling: %d rollout engine(s) from step %d (added %s, removed %s); "
+                     "weights v%d sent in %.1fs", len(pool.workers), step,
+                     [info["name"] for info in ready], removed, self.version,
+                     time.perf_counter() - t0)
+        self.controller.report.remote({"rollout_workers": len(pool.workers),
+                                       "pending_rollout_workers": len(pool.starting),
+                                       "weight_version": self.version, "step": step})
+
     def shutdown(self) -> None:
         for close in (getattr(self, "metrics", None) and self.metrics.close,
-                      self.rollout.shutdown, self.rewards.shutdown,
-                      getattr(self, "learner", None) and self.learner.shutdown):
+                      getattr(self, "rollout", None) and self.rollout.shutdown,
+                      getattr(self, "rewards", None) and self.rewards.shutdown,
+                      getattr(self, "learner", None) and self.learner.shutdown,
+                      getattr(self, "controller", None)
+                      and (lambda: stop_controller(self.controller))):
             if close:
                 try:
                     close()
@@ -418,6 +566,16 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
         num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
         env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
                                   r.num_threads or os.cpu_count() or 1))
+
+
+def make_metrics_logger(cfg: Config, out: Path) -> MetricsLogger:
+    """metrics.jsonl plus the configured sinks: TensorBoard, W&B, Ray dashboard gauges."""
+    t = cfg.trainer
+    wandb = None if t.wandb_project is None else {
+        "project": t.wandb_project, "entity": t.wandb_entity, "mode": t.wandb_mode,
+        "config": to_dict(cfg)}
+    return MetricsLogger(out, tensorboard=t.tensorboard, wandb=wandb,
+                         dashboard=t.dashboard_metrics and ray.is_initialized())
 
 
 def make_reward_pool(cfg: Config) -> RewardPool:
@@ -533,7 +691,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
             yield
         return
     if address:
-        ray.init(address=address)
+        ray.init(address=address, namespace=cfg.ray.namespace)
     else:
         # Rollout, reward and learner phases take turns on the cores, so the local cluster
         # offers at least as many logical CPUs as the actors reserve together.
@@ -542,7 +700,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
                   + cfg.reward.num_workers * cfg.reward.num_cpus)
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
         ray.init(address="local", num_cpus=num_cpus, _temp_dir=cfg.ray.temp_dir,
-                 include_dashboard=cfg.ray.include_dashboard)
+                 include_dashboard=cfg.ray.include_dashboard, namespace=cfg.ray.namespace)
     try:
         with stop_on_sigterm():
             yield

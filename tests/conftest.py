@@ -36,3 +36,30 @@ def ray_cluster():
              log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics(ray_cluster):
+    """`scrape(pattern)`: lines of the session cluster's Prometheus export that match."""
+    return scrape_ray_metrics
+
+
+def scrape_ray_metrics(pattern: str, timeout_s: float = 45.0) -> list[str]:
+    """Lines of the node's Prometheus export (the metrics port Ray serves for the dashboard)
+    that match `pattern`, polled until some appear: Ray exports every ~10 s."""
+    import re
+    import time
+    import urllib.request
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        found = [line for line in body.splitlines()
+                 if not line.startswith("#") and re.search(pattern, line)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(2)

@@ -63,6 +63,9 @@ def test_r1_zero_has_the_papers_settings():
       "reward.per_task={humaneval: {acc: 1}}"], "bad value for 'reward.per_task.humaneval': "
                                                 "unknown reward part 'acc'"),
     (["trainer.steps"], "expected key=value"),
+    (["rollout.max_staleness=-1"], "bad value for 'rollout.max_staleness': -1 (must be >= 0)"),
+    (["trainer.wandb_mode=cloud"], "bad value for 'trainer.wandb_mode': 'cloud' (online, "
+                                   "offline or disabled)"),
 ])
 def test_errors_name_the_problem(args, message):
     with pytest.raises(ConfigError) as info:

@@ -23,7 +23,7 @@ STEP_KEYS = [
 
 
 @pytest.mark.timeout(600)
-def test_tiny_grpo_run(ray_cluster, tmp_path):
+def test_tiny_grpo_run(ray_cluster, ray_metrics, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(["conf=tiny", f"trainer.output_dir={out}"])
     train(cfg)
@@ -42,6 +42,9 @@ def test_tiny_grpo_run(ray_cluster, tmp_path):
         assert 1 <= record["rollout/rounds"] <= cfg.rollout.max_sampling_rounds
     assert "eval/accuracy" in records[-1] and "eval/pass@1" in records[-1]
     assert records[1]["sync/bytes"] > 0
+    # On-policy by default: every trained sample came from the weights that trained on it.
+    assert all(r["rollout/staleness_max"] == 0 and r["rollout/queue_depth"] == 0
+               for r in records[1:])
     # Engine and learner both run the tiny model in fp32: the log-probs the engine sampled with
     # must equal the learner's (step 2 also checks the weights the engine received at step 1).
     for record in records[1:]:
@@ -58,6 +61,15 @@ def test_tiny_grpo_run(ray_cluster, tmp_path):
     moved = [not torch.equal(a, b) for a, b in zip(final.parameters(), start.parameters(),
                                                    strict=True)]
     assert any(moved)
+
+    # The Ray dashboard's metrics export carries the run's step metrics as gauges.
+    run = f'run="{out.name}"'
+    for gauge in ("ray_rlsys_reward_total", "ray_rlsys_weight_version",
+                  "ray_rlsys_time_sync", "ray_rlsys_rollout_staleness_mean"):
+        lines = ray_metrics(rf"^{gauge}{{.*{run}")
+        assert lines, f"{gauge} is not exported"
+    # The export lags up to a report interval behind; the last step's version arrives.
+    assert ray_metrics(rf"^ray_rlsys_weight_version{{.*{run}.*}} 2(\.0)?$")
     assert (out / "config.yaml").is_file()
 
 
@@ -127,3 +139,35 @@ def test_tiny_run_with_kl_in_reward_and_rollout_is(ray_cluster, tmp_path):
     assert step["train/rollout_is/mean"] == pytest.approx(1.0, abs=1e-2)
     assert step["train/rollout_is/clipped_frac"] == 0.0
     assert step["train/loss"] == pytest.approx(step["train/pg_loss"], abs=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_tiny_run_with_asynchronous_rollouts(ray_cluster, tmp_path):
+    """rollout.max_staleness=1: step s+1's prompts are sampled while step s trains, with the
+    weights of version s-1; the checkpoint keeps the sampler from before that draw."""
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.max_staleness=1",
+                       "algorithm.rollout_is=token", "algorithm.dynamic_sampling=false",
+                       "trainer.steps=3", "trainer.checkpoint_every=2",
+                       "trainer.keep_checkpoints=2", "trainer.eval_size=0",
+                       "trainer.save_final=false"])
+    train(cfg)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    steps = records[1:]
+    # Step 1 is sampled before any update; steps 2 and 3 one version behind (never more).
+    assert [r["rollout/staleness_max"] for r in steps] == [0, 1, 1]
+    assert [r["rollout/staleness_mean"] for r in steps] == [0, 1, 1]
+    assert [r["rollout/queue_depth"] for r in steps] == [1, 1, 0]
+    assert [r["weight_version"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["groups/trained"] == cfg.rollout.prompts_per_step
+        assert math.isfinite(r["train/rollout_is/mean"]) and r["time/gen"] > 0
+    # The step-2 checkpoint was written with step 3's prompts already drawn; it keeps the
+    # sampler as it was before that draw, so a resume samples those prompts again.
+    from rlsys import checkpoint
+
+    b = cfg.rollout.prompts_per_step
+    for step in (2, 3):
+        state = checkpoint.read_trainer_state(out / "checkpoints" / f"step_{step:06d}")
+        assert state["task"]["next_index"] == step * b, (step, state["task"])

@@ -73,12 +73,31 @@ def test_generate_returns_n_completions_per_prompt_in_order(pool) -> None:
     results = pool.generate(prompts, n=3, temperature=1.0, max_tokens=6)
     assert len(results) == len(prompts) * 3
     for index, result in enumerate(results):
-        assert set(result) == {"prompt_ids", "token_ids", "logprobs", "text", "finish_reason"}
+        assert set(result) == {"prompt_ids", "token_ids", "logprobs", "text", "finish_reason",
+                               "weight_version"}
+        assert result["weight_version"] == 0
         assert result["prompt_ids"] == results[index - index % 3]["prompt_ids"]
         assert 0 < len(result["token_ids"]) == len(result["logprobs"]) <= 6
         assert all(lp <= 0 for lp in result["logprobs"])
         assert result["finish_reason"] in ("length", "stop")
     assert len({tuple(r["prompt_ids"]) for r in results}) == len(prompts)
+
+
+def test_submit_then_collect_returns_samples_and_engine_seconds(pool) -> None:
+    refs = pool.submit(["one two three"], n=2, temperature=1.0, max_tokens=5, seed=3)
+    samples, seconds = pool.collect(refs)
+    assert len(samples) == 2 and seconds > 0
+    assert samples == pool.generate(["one two three"], n=2, temperature=1.0, max_tokens=5,
+                                    seed=3)
+
+
+def test_engine_exports_its_speed_to_the_dashboard(pool, ray_metrics) -> None:
+    pool.generate(["a b c"], n=2, temperature=1.0, max_tokens=4)
+    engine = f'engine="{pool.info[0]["name"]}"'
+    (speed,) = ray_metrics(rf"^ray_rlsys_engine_tokens_per_s{{.*{engine}")
+    assert float(speed.rsplit(" ", 1)[1]) > 0
+    assert ray_metrics(rf"^ray_rlsys_engine_generated_tokens(_total)?{{.*{engine}")
+    assert ray_metrics(rf"^ray_rlsys_engine_weight_version{{.*{engine}")
 
 
 def test_seeded_samples_survive_batches_beyond_the_token_budget(pool) -> None:

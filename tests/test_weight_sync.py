@@ -8,6 +8,7 @@ import torch
 from learners.weight_sync import (
     broadcast_weights,
     build_manifest,
+    close_weight_sync_group,
     find_free_port,
     init_weight_sync_group,
     plan_buckets,
@@ -102,3 +103,59 @@ def test_broadcast_rejects_tensors_that_do_not_match_the_manifest() -> None:
         broadcast_weights(group, [("a", torch.zeros(2)), ("b", torch.zeros(2))], manifest, 0)
     with pytest.raises(ValueError, match="wire dtype"):
         broadcast_weights(group, [("a", torch.zeros(2))], manifest, 0, dtype=torch.bfloat16)
+
+
+def test_group_re_forms_at_another_world_size(ray_cluster) -> None:
+    """What adding an engine does: every member closes the fixed-size group, then all (the
+    old member and the new one) join a group of the new size on a fresh port, and both
+    receive the next broadcast exactly."""
+    ray = ray_cluster
+
+    class Member:  # defined here so Ray ships it by value
+        def __init__(self) -> None:
+            self.group = None
+
+        def join(self, port: int, rank: int, world: int) -> int:
+            self.group = init_weight_sync_group("gloo", "127.0.0.1", port, rank, world,
+                                                timeout_s=60)
+            return self.group.size()
+
+        def receive(self, manifest) -> dict[str, torch.Tensor]:
+            return {name: t.clone() for name, t in receive_weights(self.group, manifest, 256)}
+
+        def close(self) -> None:
+            close_weight_sync_group(self.group)
+            self.group = None
+
+    remote = ray.remote(num_cpus=0)(Member)
+    state = _state_dict()
+    manifest = build_manifest(state.items())
+
+    def form(members: list) -> object:
+        port = find_free_port()
+        joined = [m.join.remote(port, rank, len(members) + 1)
+                  for rank, m in enumerate(members, start=1)]
+        group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, len(members) + 1,
+                                       timeout_s=60)
+        assert ray.get(joined, timeout=60) == [len(members) + 1] * len(members)
+        return group
+
+    def send(group: object, members: list) -> None:
+        got = [m.receive.remote(manifest) for m in members]
+        broadcast_weights(group, state.items(), manifest, 256)
+        for by_name in ray.get(got, timeout=60):
+            assert all(torch.equal(by_name[name], state[name]) for name in state)
+
+    first = remote.remote()
+    group = form([first])
+    send(group, [first])
+    ray.get(first.close.remote())
+    close_weight_sync_group(group)
+    second = remote.remote()
+    for members in ([first, second], [first]):  # grow to 2 receivers, then shrink back
+        group = form(members)
+        send(group, members)
+        ray.get([m.close.remote() for m in members])
+        close_weight_sync_group(group)
+    for member in (first, second):
+        ray.kill(member)

@@ -35,11 +35,11 @@ from rlsys.data.sft import (
     rejection_reason,
     write_examples,
 )
-from rlsys.metrics import MetricsLogger
 from rlsys.trainer import (
     build_task,
     fitting_prompts,
     make_learner_group,
+    make_metrics_logger,
     make_reward_pool,
     make_rollout_pool,
     ray_session,
@@ -116,7 +116,7 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
                 start = int(checkpoint.read_trainer_state(resume_from)["step"])
                 checkpoint.truncate_metrics(out / "metrics.jsonl", start)
                 log.info("sft: resumed from %s (step %d of %d)", resume_from, start, total)
-            metrics = MetricsLogger(out, tensorboard=t.tensorboard)
+            metrics = make_metrics_logger(cfg, out)
             for step in range(start + 1, total + 1):
                 epoch, batch = divmod(step - 1, steps_per_epoch)
                 idx = epoch_order(len(prompts), t.seed, epoch)[
