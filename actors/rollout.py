@@ -10,6 +10,11 @@ log-prob is taken from the distribution it was actually sampled from: log softma
 after top-k/top-p masking (`vllm/v1/sample/sampler.py: Sampler.forward`). The learner scales
 its logits by the same temperature, so with top_p = 1 (as in training) the two agree up to
 numerics, and the train-vs-rollout gap and importance ratios compare like with like.
+
+Failures: a batch is split into chunks, one per engine; a chunk whose engine died is run again
+on a live engine with the same prompts and seeds (so with the same samples), and the pool drops
+the dead engine and names it in `lost`, for the trainer to re-form the weight-sync group and
+start a replacement. Scaling (`add_workers`, `remove_workers`) changes `workers` between steps.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 EXTENSION_CLS = "actors.vllm_ext.WeightSyncExtension"
@@ -215,6 +222,30 @@ class RolloutWorker:
         return self._weight_version
 
 
+#: How many times a chunk is re-run after its engine died before the batch gives up.
+_MAX_REDISPATCH = 3
+
+
+class EnginesLost(RuntimeError):
+    """No rollout engine is left to run a batch on."""
+
+
+@dataclass
+class Chunk:
+    """Consecutive prompts of one generate call, given to one engine."""
+
+    prompts: list[str]
+    n: int
+    seed: int | None
+    sampling: dict[str, Any]
+    worker: Any = None
+    ref: Any = None
+
+    def run_on(self, worker: Any) -> Chunk:
+        ref = worker.generate.remote(self.prompts, self.n, seed=self.seed, **self.sampling)
+        return replace(self, worker=worker, ref=ref)
+
+
 class RolloutPool:
     """N named rollout actors; splits prompts across them and keeps the original order."""
 
@@ -243,6 +274,9 @@ class RolloutPool:
         self._next_index = 0
         # Engines started by `add_workers` that have not joined `workers` yet: (handle, ping).
         self.starting: list[tuple[Any, Any]] = []
+        # Names of engines found dead and dropped from `workers`, until the caller clears it
+        # (after re-forming the weight-sync group without them).
+        self.lost: list[str] = []
         self.workers = [self._start_worker() for _ in range(num_workers)]
         self.info = ray.get([worker.ping.remote() for worker in self.workers])
 
@@ -266,7 +300,8 @@ class RolloutPool:
     def generate(self, prompts: list[str], n: int, seed: int | None = None,
                  **sampling: Any) -> list[dict[str, Any]]:
         """Like `RolloutWorker.generate`'s samples, over contiguous, balanced chunks run
-        concurrently. Prompt i gets seed `seed + i` whichever engine serves it."""
+        concurrently. Prompt i gets seed `seed + i` whichever engine serves it (so a chunk
+        re-run elsewhere after its engine died yields the same samples)."""
         samples = self.collect(self.submit(prompts, n, seed=seed, **sampling))[0]
         # The chunks follow the engines of the moment (scaling changes them between steps);
         # a lost or doubled chunk would shift every later group onto the wrong prompt.
@@ -276,31 +311,85 @@ class RolloutPool:
         return samples
 
     def submit(self, prompts: list[str], n: int, seed: int | None = None,
-               **sampling: Any) -> list[Any]:
-        """Start `generate` without waiting: the ObjectRefs of its chunks, for `collect`.
+               **sampling: Any) -> list[Chunk]:
+        """Start `generate` without waiting: its chunks, one per engine, for `collect`.
 
         Engines serve calls in order, so a weight update submitted later reaches an engine
         after this batch, never in the middle of it (what asynchronous rollouts rely on).
         """
         base, extra = divmod(len(prompts), len(self.workers))
-        refs, start = [], 0
+        chunks, start = [], 0
         for index, worker in enumerate(self.workers):
             size = base + (1 if index < extra else 0)
             if size:
-                refs.append(worker.generate.remote(
-                    prompts[start:start + size], n,
-                    seed=None if seed is None else seed + start, **sampling))
+                chunk = Chunk(prompts[start:start + size], n,
+                              None if seed is None else seed + start, sampling)
+                chunks.append(chunk.run_on(worker))
             start += size
-        return refs
+        return chunks
 
-    def collect(self, refs: list[Any]) -> tuple[list[dict[str, Any]], float]:
+    def collect(self, chunks: list[Chunk], recover: Callable[[], None] | None = None
+                ) -> tuple[list[dict[str, Any]], float]:
         """The samples of a `submit`, in prompt order, and the generation seconds of its
-        slowest engine (the batch's generation time, however long the caller waited)."""
+        slowest engine (the batch's generation time, however long the caller waited).
+
+        A chunk whose engine died is run again on a live engine (same prompts and seeds, so
+        the same samples); the dead engine leaves `workers` and its name goes to `lost`, for
+        the caller to re-form the weight-sync group without it. If no engine is left,
+        `recover()` must bring one up serving the current weights (EnginesLost without it).
+        """
         import ray
 
-        chunks = ray.get(refs)
-        return ([item for samples, _ in chunks for item in samples],
-                max((seconds for _, seconds in chunks), default=0.0))
+        results: dict[int, tuple[list[dict[str, Any]], float]] = {}
+        todo = list(range(len(chunks)))
+        for _attempt in range(_MAX_REDISPATCH + 1):
+            failed = []
+            for i in todo:
+                try:
+                    results[i] = ray.get(chunks[i].ref)
+                except ray.exceptions.RayActorError:
+                    failed.append(i)
+            if not failed:
+                break
+            self._forget([chunks[i].worker for i in failed])
+            if not self.workers:
+                if recover is None:
+                    raise EnginesLost("every rollout engine died")
+                recover()
+            for k, i in enumerate(failed):
+                chunks[i] = chunks[i].run_on(self.workers[k % len(self.workers)])
+            todo = failed
+        else:
+            raise EnginesLost(f"rollout chunks still failing after {_MAX_REDISPATCH} "
+                              "re-dispatches")
+        ordered = [results[i] for i in range(len(chunks))]
+        return ([item for samples, _ in ordered for item in samples],
+                max((seconds for _, seconds in ordered), default=0.0))
+
+    def reap(self) -> list[str]:
+        """Find engines that died while idle (a ping fails at once): forget them like
+        `collect` does; the names of all engines lost so far and not yet handled."""
+        import ray
+
+        dead = []
+        for worker in list(self.workers):
+            try:
+                ray.get(worker.ping.remote())
+            except ray.exceptions.RayActorError:
+                dead.append(worker)
+        self._forget(dead)
+        return list(self.lost)
+
+    def _forget(self, dead: list[Any]) -> None:
+        import ray
+
+        for worker in dict.fromkeys(dead):  # a worker may have failed several chunks
+            if worker not in self.workers:
+                continue
+            index = self.workers.index(worker)
+            self.lost.append(self.info[index]["name"])
+            del self.workers[index], self.info[index]
+            ray.kill(worker, no_restart=True)
 
     def init_weight_sync(self, master_addr: str, master_port: int, backend: str) -> list[Any]:
         """Start every engine joining the group; returns ObjectRefs.

@@ -12,7 +12,9 @@ For each step:
     6. the learner broadcasts its new weights to every engine, which confirm the version
 With `rollout.max_staleness` = k > 0 (asynchronous rollouts) the engines sample the next k
 steps' first rounds during steps 4-5, with weights up to k versions old; truncated importance
-sampling (`algorithm.rollout_is`) corrects for the gap.
+sampling (`algorithm.rollout_is`) corrects for the gap. Between steps the engines are brought to
+the count `python -m rlsys.scale` asked for (`apply_scaling`); an engine that dies mid-step has
+its prompts re-run on another and is replaced.
 Every K steps the held-out split is evaluated (greedy accuracy, and pass@1 over k samples),
 and every N steps a resumable checkpoint is written (rlsys/checkpoint.py).
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.
@@ -41,7 +43,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.controller import start_controller, stop_controller
 from actors.reward import RewardPool
-from actors.rollout import RolloutPool, rollout_env_vars
+from actors.rollout import Chunk, EnginesLost, RolloutPool, rollout_env_vars
 from learners.group import LearnerFailed, LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
@@ -108,7 +110,7 @@ class SubmittedRound:
 
     step: int
     problems: list[Problem]
-    refs: list[ray.ObjectRef]
+    chunks: list[Chunk]
     skipped: int  # prompts drawn but dropped for not fitting the context
     task_state: dict  # the sampler before these problems were drawn (what a checkpoint keeps)
 
@@ -132,6 +134,7 @@ class GRPOTrainer:
             self.rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
             self.rewards = make_reward_pool(cfg)
             self.version = 0
+            self.engine_restarts = 0  # engines lost (and replaced) so far
             self.pending: deque[SubmittedRound] = deque()  # rounds sampled ahead (staleness)
             self._connect_weight_sync()
             log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
@@ -227,6 +230,7 @@ class GRPOTrainer:
             "throughput/gen_tokens_per_s": sum(lengths) / max(timing["gen"], 1e-9),
             "rollout/queue_depth": len(self.pending),
             "rollout/engines": len(self.rollout.workers),
+            "rollout/engine_restarts": self.engine_restarts,
             "rollout/prompts": len(drawn), "rollout/samples": len(all_samples),
             "sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"],
             "time/sync_wait": sync.get("wait_s", 0.0),
@@ -271,7 +275,8 @@ class GRPOTrainer:
                                           min(r.prompts_per_step, math.ceil(need / keep_rate)))
             timing["skipped"] += batch.skipped
             t0 = time.perf_counter()
-            samples, gen_seconds = self.rollout.collect(batch.refs)
+            samples, gen_seconds = self.rollout.collect(batch.chunks,
+                                                        recover=self._replace_all_engines)
             t1 = time.perf_counter()
             scores = self.score(batch.problems, samples, r.group_size)
             timing["gen"] += gen_seconds
@@ -292,10 +297,10 @@ class GRPOTrainer:
         r = self.cfg.rollout
         task_state = self.task.state_dict()
         problems, prompts, skipped = self.fitting(self.task.sample(count))
-        refs = self.rollout.submit(prompts, n=r.group_size, temperature=r.temperature,
-                                   top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                   seed=self.request_seed(step, round_))
-        return SubmittedRound(step, problems, refs, skipped, task_state)
+        chunks = self.rollout.submit(prompts, n=r.group_size, temperature=r.temperature,
+                                     top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                     seed=self.request_seed(step, round_))
+        return SubmittedRound(step, problems, chunks, skipped, task_state)
 
     def prefetch(self, step: int) -> None:
         """`rollout.max_staleness` = k > 0: submit the first rounds of steps step+1..step+k
@@ -389,8 +394,10 @@ class GRPOTrainer:
         anyway, and a broadcast left waiting that long could time out its process group.
         """
         t0 = time.perf_counter()
-        in_flight = [ref for batch in self.pending for ref in batch.refs]
+        in_flight = [chunk.ref for batch in self.pending for chunk in batch.chunks]
         ray.wait(in_flight, num_returns=len(in_flight), fetch_local=False)
+        if self.rollout.reap():  # engines that died this step must leave the group first
+            self._drop_lost_engines()
         self.version += 1
         return self._send_weights() | {"wait_s": time.perf_counter() - t0}
 
@@ -449,6 +456,29 @@ class GRPOTrainer:
         Engines run their calls in order, so this also waits for whatever they were given.
         """
         ray.get([*self.learner.close_weight_sync(), *self.rollout.close_weight_sync()])
+
+    def _drop_lost_engines(self) -> None:
+        """Re-form the weight-sync group without the engines the pool found dead (their
+        unfinished prompts already ran elsewhere, see RolloutPool.collect). The run still
+        wants as many engines, so `apply_scaling` starts replacements, which receive the
+        current weights before they take work."""
+        lost, self.rollout.lost = self.rollout.lost, []
+        self.engine_restarts += len(lost)
+        log.warning("rollout engine(s) %s died; %d left, replacement(s) starting", lost,
+                    len(self.rollout.workers))
+        self._close_weight_sync()
+        self._connect_weight_sync()
+
+    def _replace_all_engines(self) -> None:
+        """RolloutPool.collect's `recover`: every engine died mid-step. Start one, wait for
+        it, and give it the current weights, so the step's prompts can be sampled again."""
+        self.rollout.add_workers(1)
+        ready, errors = self.rollout.take_ready(timeout=None)
+        if not ready:
+            raise EnginesLost(f"every rollout engine died and a new one failed to start: "
+                              f"{errors[0] if errors else 'no engine'}")
+        self._drop_lost_engines()
+        self._send_weights()
 
     def apply_scaling(self, step: int = 0) -> None:
         """Bring the rollout engines to the number asked for with `python -m rlsys.scale`.

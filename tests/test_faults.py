@@ -1,16 +1,20 @@
-"""Actor failures during a real tiny run: processes really killed (ray.kill) mid-run."""
+"""Actor failures on real parts: processes really killed (ray.kill) mid-batch and mid-run."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from actors.rollout import RolloutPool, rollout_env_vars
 from rlsys import checkpoint
 from rlsys.config import load_config
+from rlsys.models import resolve_model
 from rlsys.trainer import RunStopped, train
 
 
@@ -69,3 +73,104 @@ def test_learner_rank_killed_mid_run_stops_with_its_name_and_the_checkpoint(ray_
     while run_actors() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert run_actors() == []
+
+
+def tiny_pool(cache_dir: Path, engines: int) -> RolloutPool:
+    cache_root = tempfile.mkdtemp(prefix="rlsys-faults-")
+    return RolloutPool(str(resolve_model("tiny-random", cache_dir)), engines,
+                       worker_kwargs={"dtype": "float32", "max_model_len": 256, "num_threads": 1},
+                       num_cpus_per_worker=1, num_gpus_per_worker=0,
+                       env_vars=rollout_env_vars(cache_root, kv_cache_gb=0.25, num_threads=1),
+                       name_prefix=f"faults-{os.getpid()}-{engines}")
+
+
+PROMPTS = [f"count {i} then {i + 1} and" for i in range(6)]
+# Long enough (~seconds per chunk) that the kill lands before the chunk is done.
+SAMPLING = {"temperature": 1.0, "max_tokens": 160}
+
+
+@pytest.mark.timeout(300)
+def test_chunk_of_an_engine_killed_mid_batch_runs_again_on_another(ray_cluster, cache_dir):
+    """Per-request seeds make the re-run chunk's samples the ones the dead engine owed."""
+    import ray
+
+    pool = tiny_pool(cache_dir, 2)
+    try:
+        expected = pool.generate(PROMPTS, n=3, seed=11, **SAMPLING)
+        chunks = pool.submit(PROMPTS, n=3, seed=11, **SAMPLING)
+        victim = pool.info[1]["name"]
+        ray.kill(chunks[1].worker, no_restart=True)
+        samples, _ = pool.collect(chunks)
+        assert [s["token_ids"] for s in samples] == [s["token_ids"] for s in expected]
+        assert pool.lost == [victim] and len(pool.workers) == 1
+        assert pool.reap() == [victim]  # the live engine answers; nothing else is lost
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_last_engine_killed_mid_batch_is_replaced_through_recover(ray_cluster, cache_dir):
+    import ray
+
+    pool = tiny_pool(cache_dir, 1)
+    try:
+        expected = pool.generate(PROMPTS, n=2, seed=5, **SAMPLING)
+        chunks = pool.submit(PROMPTS, n=2, seed=5, **SAMPLING)
+        ray.kill(chunks[0].worker, no_restart=True)
+        recovered = []
+
+        def recover() -> None:  # what the trainer does, minus sending the current weights
+            pool.add_workers(1)
+            recovered.append(pool.take_ready(timeout=None))
+
+        samples, _ = pool.collect(chunks, recover=recover)
+        assert [s["token_ids"] for s in samples] == [s["token_ids"] for s in expected]
+        assert len(recovered) == 1 and len(pool.workers) == 1
+        assert pool.info[0]["name"].endswith("-1")  # a new engine, not the dead one
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.timeout(400)
+def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tmp_path,
+                                                                  monkeypatch):
+    """rollout-1 is killed right after step 1: step 2 finishes on rollout-0 (its prompts run
+    again there, or the engine is found dead before the broadcast), the weight-sync group is
+    re-formed without it, and a replacement starts at step 3. The test holds step 5 until the
+    replacement is up (a tiny step is shorter than an engine start), so it joins there."""
+    import ray
+
+    from rlsys.trainer import GRPOTrainer
+
+    apply_scaling = GRPOTrainer.apply_scaling
+    versions_after: dict[int, tuple[list[int], int]] = {}
+
+    def apply_scaling_waiting_at_step_5(self: GRPOTrainer, step: int = 0) -> None:
+        if step == 5:
+            pings = [ping for _, ping in self.rollout.starting]
+            ray.wait(pings, num_returns=len(pings), timeout=240)
+        apply_scaling(self, step)
+        versions_after[step] = (self.rollout.weight_versions(), self.version)
+
+    monkeypatch.setattr(GRPOTrainer, "apply_scaling", apply_scaling_waiting_at_step_5)
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "algorithm.dynamic_sampling=false", "trainer.steps=8",
+                       "trainer.eval_size=0", "trainer.save_final=false"])
+    killer = kill_after_step(out, 1, "rollout-1")
+    train(cfg)
+    killer.join()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 9))  # each step once, all of them
+    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    for r in steps:
+        assert r["rollout/samples"] == b * g and r["groups/trained"] == b, r["step"]
+    # The kill lands in step 2 (or, on a loaded machine, step 3); the replacement joins at 5.
+    engines = [r["rollout/engines"] for r in steps]
+    assert engines in ([2, 1, 1, 1, 2, 2, 2, 2], [2, 2, 1, 1, 2, 2, 2, 2]), engines
+    assert steps[-1]["rollout/engine_restarts"] == 1
+    # The replacement serves the current weights from the step it joins.
+    engine_versions, trainer_version = versions_after[5]
+    assert engine_versions == [trainer_version] * 2 and trainer_version == 4
+    assert steps[-1]["weight_version"] == 8  # every later broadcast reached both engines
