@@ -23,7 +23,11 @@ def test_ctrl_c_stops_all_actors(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlsys.run", "conf=tiny", "trainer.steps=1000",
          "trainer.eval_every=0", f"trainer.output_dir={out}", f"ray.temp_dir={ray_dir}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        # A shell that starts pytest in the background makes it ignore SIGINT, and the child
+        # would inherit that (Python then installs no KeyboardInterrupt handler): a terminal's
+        # Ctrl-C reaches a driver with the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     driver = psutil.Process(proc.pid)
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
