@@ -121,15 +121,16 @@ class LearnerGroup:
         Waiting on all refs at once would not do: the live ranks block in a collective with
         the dead one and only give up when the process group times out, many minutes later.
         """
+        results: dict[ray.ObjectRef, Any] = {}
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            (ready,), pending = ray.wait(pending, num_returns=1)
             try:
-                ray.get(ready[0])
+                results[ready] = ray.get(ready)
             except ray.exceptions.RayActorError as exc:
-                rank = refs.index(ready[0])
+                rank = refs.index(ready)
                 raise LearnerFailed(rank, self.names[rank], exc) from None
-        return ray.get(refs)
+        return [results[ref] for ref in refs]
 
     def train_step(self, batch: dict[str, list]) -> dict[str, float]:
         """One GRPO update of the whole batch; returns the batch's metrics."""
