@@ -8,12 +8,15 @@
 #  - the code sandbox needs Debian's bubblewrap and a python3 that an unprivileged user can run
 #    (the pyenv one lives under /root), with numpy and sympy, which a third of reasoning-gym's
 #    code I/O reference programs import: installed with apt-get when missing (needs root).
+# `make bench [ARGS="--quick --only NAME ..."]` adds the [bench] extra (TRL, the baseline of
+# benchmarks/trl_grpo.py) and runs `python -m benchmarks`, which rewrites benchmarks/README.md.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+ARGS ?=
 
-.PHONY: install system-packages demo test lint clean
+.PHONY: install system-packages demo test lint bench clean
 
 system-packages:
 	@if ! command -v bwrap >/dev/null || ! /usr/bin/python3 -c "import numpy, sympy" 2>/dev/null; \
@@ -39,6 +42,13 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+$(VENV)/.bench-installed: setup.py $(VENV)/.installed
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+bench: install $(VENV)/.bench-installed
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV)

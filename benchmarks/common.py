@@ -11,6 +11,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Where --quick runs write: apart, so that a smoke run never replaces the recorded figures.
+QUICK_RESULTS = RESULTS / "quick"
+
+
+def result_path(name: str, quick: bool) -> Path:
+    """The JSON file benchmark `name` writes (results/NAME.json, or results/quick/NAME.json for
+    a --quick run); its folder is created, so callers can write straight away."""
+    folder = QUICK_RESULTS if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.json"
 
 
 def cpu_model() -> str:

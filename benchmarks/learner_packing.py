@@ -26,7 +26,7 @@ Per variant: the median seconds per update over --reps timed updates after one w
 (real prompt + response tokens of all sequences per second: the same numerator for every
 variant), the process's peak RSS, and the RSS high-water mark over the timed updates above the
 RSS before them (activations and other per-update memory), CPU and system seconds per update.
-Prints a table and writes benchmarks/results/learner_packing.json (--quick: ..._quick.json).
+Prints a table and writes benchmarks/results/learner_packing.json (--quick: results/quick/).
 The issue's target: packed >= 1.5x padded tokens/s.
 
 Wall times on a shared 2-core machine are noisy: the JSON keeps every update's time, the load
@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, versions
+from benchmarks.common import machine, result_path, versions
 
 TARGET_RATIO = 1.5
 VARIANTS = ("packed", "padded", "padded_sorted", "packed_loop")
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", choices=VARIANTS,
                         help="print a torch.profiler table of one more update of this variant")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: "
-                        "benchmarks/results/learner_packing[_quick].json)")
+                        "benchmarks/results/[quick/]learner_packing.json)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -464,8 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"target packed/padded >= {TARGET_RATIO}: "
               f"{'met' if result['meets_target'] else 'NOT met'}")
 
-    out = args.out or RESULTS / ("learner_packing_quick.json" if args.quick
-                                 else "learner_packing.json")
+    out = args.out or result_path("learner_packing", args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

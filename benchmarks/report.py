@@ -1,0 +1,421 @@
+"""`python -m benchmarks.report [--quick]`: benchmarks/README.md, a table and plots of the results.
+
+Every benchmark script writes one JSON file to benchmarks/results/ (a --quick run to
+benchmarks/results/quick/). This reads them back and writes a Markdown page: a headline table
+(one row per figure: rlsys's value, the baseline's, their ratio and the issue's target), then a
+short section per benchmark with its machine, versions, command and PNG plots (results/plots/;
+--quick: results/quick/README.md and results/quick/plots/). The figures are taken out of each
+JSON by one small function per benchmark, so files written before this report existed work as
+they are; a missing file is a "not run" row and a missing key a "–": the page is rebuilt from
+whatever has been run, never refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUICK_RESULTS, RESULTS
+
+REPO = RESULTS.parent.parent
+README = RESULTS.parent / "README.md"
+DASH = "–"
+SMOL_MINUTES, SMOL_ACCURACY, SMOL_FORMAT = 30, 0.80, 0.95
+R1_MINUTES = 45
+
+
+@dataclass
+class Row:
+    """One headline figure: rlsys's value against a baseline's, and the issue's target."""
+
+    figure: str
+    value: Any = None
+    baseline: str = DASH
+    baseline_value: Any = None
+    ratio: float | None = None
+    target: str = DASH
+    met: bool | None = None
+
+
+# --- reading figures out of the JSON ------------------------------------------------------------
+
+def get(data: Any, *keys: str | int) -> Any:
+    """data[k1][k2]..., or None where a key is missing or a level is not a container: a JSON of
+    an older or newer version of a script must not stop the report."""
+    for key in keys:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    return a / b if _num(a) and _num(b) and b else None
+
+
+def met(flag: Any, value: Any = None, bound: Any = None, at_least: bool = True) -> bool | None:
+    """The JSON's own verdict where it has one, else `value` against `bound`, else unknown."""
+    if isinstance(flag, bool):
+        return flag
+    if _num(value) and _num(bound):
+        return value >= bound if at_least else value <= bound
+    return None
+
+
+def target(op: str, bound: Any, unit: str = "x") -> str:
+    return f"{op} {bound:g}{unit}" if _num(bound) else DASH
+
+
+def rollout_rows(d: dict) -> list[Row]:
+    med, t = get(d, "median_tokens_per_s"), get(d, "target_ratio")
+    r = first(get(d, "ratio"), ratio(get(med, "rlsys_vllm"), get(med, "hf_generate")))
+    return [Row("generation tokens/s (median)", get(med, "rlsys_vllm"), "HF generate",
+                get(med, "hf_generate"), r, target(">=", t), met(get(d, "target_met"), r, t))]
+
+
+def trl_rows(d: dict) -> list[Row]:
+    med, acc, t = get(d, "median_step_s"), get(d, "eval_accuracy"), get(d, "target_ratio")
+    r = first(get(d, "ratio"), ratio(get(med, "rlsys"), get(med, "trl")))
+    return [Row("GRPO step s (median)", get(med, "rlsys"), "TRL GRPOTrainer", get(med, "trl"), r,
+                target("<=", t), met(get(d, "target_met"), r, t, at_least=False)),
+            Row(f"held-out accuracy after training (base model {fmt(get(acc, 'base'))})",
+                get(acc, "rlsys"), "TRL GRPOTrainer", get(acc, "trl"),
+                ratio(get(acc, "rlsys"), get(acc, "trl")))]
+
+
+def weight_sync_rows(d: dict) -> list[Row]:
+    t, rows = get(d, "target_ratio"), []
+    for x in get(d, "rows") or []:
+        r = first(get(x, "ratio"), ratio(get(x, "gb_per_s"), get(x, "raw_gloo_gb_per_s")))
+        rows.append(Row(f"weight sync GB/s, {get(x, 'model')}, {get(x, 'engines')} engine(s)",
+                        get(x, "gb_per_s"), "raw gloo broadcast", get(x, "raw_gloo_gb_per_s"),
+                        r, target(">=", t), met(None, r, t)))
+    return rows or [Row("weight sync GB/s")]
+
+
+def learner_packing_rows(d: dict) -> list[Row]:
+    def tps(variant: str) -> Any:
+        return get(d, "figures", variant, "tokens_per_s")
+
+    t = get(d, "target_ratio")
+    r = first(get(d, "ratio_vs_padded", "packed"), ratio(tps("packed"), tps("padded")))
+    rows = [Row("learner tokens/s, packed", tps("packed"), "padded", tps("padded"), r,
+                target(">=", t), met(get(d, "meets_target"), r, t))]
+    if tps("padded_sorted") is not None:
+        rows.append(Row("learner tokens/s, packed", tps("packed"), "padded, sorted by length",
+                        tps("padded_sorted"), ratio(tps("packed"), tps("padded_sorted"))))
+    return rows
+
+
+def sandbox_rows(d: dict) -> list[Row]:
+    f, t = get(d, "figures"), get(d, "target_checks_per_s")
+    par = get(f, "checks_per_s_parallel2")
+    return [Row("sandboxed checks/s, 2 threads", par, target=target(">=", t, "/s"),
+                met=met(get(d, "meets_target"), par, t)),
+            Row("sandboxed checks/s, sequential", get(f, "checks_per_s_sequential")),
+            Row("sandbox launch ms (median)", get(f, "launch_overhead_ms_median"))]
+
+
+def smol_rows(d: dict) -> list[Row]:
+    curve = [c for c in get(d, "curve") or [] if isinstance(c, dict)]
+    within = [c for c in curve if _num(c.get("minutes")) and c["minutes"] <= SMOL_MINUTES]
+    best = max(within, key=lambda c: c.get("eval_accuracy") or 0.0, default={})
+    acc, form = best.get("eval_accuracy"), best.get("eval_format")
+    summary = get(d, "summary") or {}
+    key = "minutes_to_80pct_with_format_95"
+    reached = summary.get(key, DASH) if isinstance(summary, dict) else DASH
+    # Nothing evaluated within the time limit is a miss, not an unknown.
+    missed = False if curve else None
+    return [Row(f"held-out accuracy, best within {SMOL_MINUTES} min", acc, "step 0 (base)",
+                get(curve, 0, "eval_accuracy"), target=target(">=", SMOL_ACCURACY, ""),
+                met=first(met(None, acc, SMOL_ACCURACY), missed)),
+            Row("held-out format reward at that evaluation", form,
+                target=target(">=", SMOL_FORMAT, ""), met=first(met(None, form, SMOL_FORMAT),
+                                                                 missed)),
+            Row("minutes to both targets", "never" if reached is None else reached,
+                target=target("<=", SMOL_MINUTES, " min"),
+                met=False if reached is None else met(None, reached, SMOL_MINUTES, False))]
+
+
+def async_rows(d: dict) -> list[Row]:
+    rows = []
+    for layout, v in (get(d, "layouts") or {}).items():
+        step = {get(r, "max_staleness"): get(r, "median_step_s") for r in get(v, "runs") or []}
+        rows.append(Row(f"step s, max_staleness=1, {layout} cores", step.get(1),
+                        "max_staleness=0", step.get(0), ratio(step.get(1), step.get(0))))
+    return rows or [Row("step s, max_staleness=1")]
+
+
+def r1_rows(d: dict) -> list[Row]:
+    total = get(d, "total_minutes")
+    return [Row("R1 recipe minutes, every stage + evaluations", total,
+                target=target("<=", R1_MINUTES, " min"), met=met(None, total, R1_MINUTES, False))]
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _bars(ax: Any, groups: dict[str, dict[str, Any]], ylabel: str, line: Any = None) -> bool:
+    """Grouped bars, one group per key and one bar per series in it, and a dashed target `line`;
+    False when there is nothing to draw."""
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / max(len(series), 1)
+    for i, s in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ys = [v if _num(v := g.get(s)) else math.nan for g in groups.values()]
+        ax.bar(xs, ys, width, label=s or None)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20 if len(groups) > 3 else 0,
+                  ha="right" if len(groups) > 3 else "center")
+    ax.set_ylabel(ylabel)
+    if _num(line):
+        ax.axhline(line, color="gray", linestyle="--", linewidth=1, label="target")
+    if len(series) > 1 or _num(line):
+        ax.legend()
+    return any(_num(v) for g in groups.values() for v in g.values())
+
+
+def _lines(ax: Any, series: dict[str, list[tuple[Any, Any]]], xlabel: str, ylabel: str) -> bool:
+    drawn = False
+    for label, points in series.items():
+        pts = [(x, y) for x, y in points if _num(x) and _num(y)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+            drawn = True
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if drawn:
+        ax.legend()
+    return drawn
+
+
+def _png(path: Path, title: str, *draws: Callable[[Any], bool]) -> Path | None:
+    """One PNG with a panel per `draws`; None (no file) when none of them had data."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a benchmark box
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(draws), figsize=(5.5 * len(draws), 3.8), squeeze=False)
+    try:
+        if not any([draw(ax) for draw, ax in zip(draws, axes[0], strict=True)]):
+            return None
+        fig.suptitle(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        return path
+    finally:
+        plt.close(fig)
+
+
+def rollout_plots(d: dict, out: Path) -> list[Path | None]:
+    med = get(d, "median_tokens_per_s")
+    return [_png(out / "rollout_throughput.png", "Rollout generation throughput",
+                 lambda ax: _bars(ax, {"rlsys (vLLM)": {"": get(med, "rlsys_vllm")},
+                                       "HF generate": {"": get(med, "hf_generate")}},
+                                  "tokens/s (median)"))]
+
+
+def trl_plots(d: dict, out: Path) -> list[Path | None]:
+    steps = {k: [(get(s, "step"), get(s, "seconds")) for s in get(d, "steps", k) or []]
+             for k in ("rlsys", "trl")}
+    med = get(d, "median_step_s")
+    return [_png(out / "trl_grpo.png", "GRPO step time: rlsys vs TRL",
+                 lambda ax: _lines(ax, steps, "step", "seconds"),
+                 lambda ax: _bars(ax, {k: {"": get(med, k)} for k in ("rlsys", "trl")},
+                                  "median step s"))]
+
+
+def weight_sync_plots(d: dict, out: Path) -> list[Path | None]:
+    groups = {f"{get(x, 'model')} x{get(x, 'engines')}": {
+        "rlsys": get(x, "gb_per_s"), "raw gloo": get(x, "raw_gloo_gb_per_s")}
+        for x in get(d, "rows") or []}
+    return [_png(out / "weight_sync.png", "Weight sync bandwidth (model x engines)",
+                 lambda ax: _bars(ax, groups, "GB/s"))]
+
+
+def learner_packing_plots(d: dict, out: Path) -> list[Path | None]:
+    figures = get(d, "figures") or {}
+    return [_png(out / "learner_packing.png", "Learner throughput per batch layout",
+                 lambda ax: _bars(ax, {v: {"": get(f, "tokens_per_s")}
+                                       for v, f in figures.items()}, "tokens/s"))]
+
+
+def sandbox_plots(d: dict, out: Path) -> list[Path | None]:
+    f = get(d, "figures")
+    return [_png(out / "sandbox_throughput.png", "Sandboxed code checks per second",
+                 lambda ax: _bars(ax, {"sequential": {"": get(f, "checks_per_s_sequential")},
+                                       "2 threads": {"": get(f, "checks_per_s_parallel2")}},
+                                  "checks/s", get(d, "target_checks_per_s")))]
+
+
+def smol_plots(d: dict, out: Path) -> list[Path | None]:
+    curve = get(d, "curve") or []
+
+    def draw(ax: Any) -> bool:
+        drawn = _lines(ax, {k: [(get(c, "minutes"), get(c, f"eval_{k}")) for c in curve]
+                            for k in ("accuracy", "format")}, "minutes", "held-out")
+        ax.axhline(SMOL_ACCURACY, color="gray", linestyle="--", linewidth=1, label="target")
+        ax.axvline(SMOL_MINUTES, color="red", linestyle=":", linewidth=1, label="time limit")
+        ax.legend(loc="lower right")
+        return drawn
+
+    return [_png(out / "smol_learning.png", "CPU demo: held-out evaluation over time", draw)]
+
+
+def async_plots(d: dict, out: Path) -> list[Path | None]:
+    groups = {layout: {f"max_staleness={get(r, 'max_staleness')}": get(r, "median_step_s")
+                       for r in get(v, "runs") or []}
+              for layout, v in (get(d, "layouts") or {}).items()}
+    return [_png(out / "async_rollouts.png", "Step time, on-policy vs async (core layout)",
+                 lambda ax: _bars(ax, groups, "median step s"))]
+
+
+def r1_plots(d: dict, out: Path) -> list[Path | None]:
+    stages = {get(s, "stage"): {"stage": get(s, "minutes"), "evaluation": get(s, "eval_minutes")}
+              for s in get(d, "stages") or []}
+    return [_png(out / "r1_smol.png", "R1 recipe: minutes per stage",
+                 lambda ax: _bars(ax, stages, "minutes"))]
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    about: str
+    rows: Callable[[dict], list[Row]]
+    plots: Callable[[dict, Path], list[Path | None]]
+    optional: bool = False  # not in `python -m benchmarks`'s default set: no row unless run
+
+
+BENCHMARKS = (
+    Bench("rollout_throughput", "Generation tokens/s of the rollout engine (vLLM) against "
+          "Hugging Face `generate` on the same prompts.", rollout_rows, rollout_plots),
+    Bench("trl_grpo", "The same GRPO run with rlsys and with TRL's GRPOTrainer: seconds per "
+          "step and held-out accuracy afterwards.", trl_rows, trl_plots),
+    Bench("weight_sync", "Learner-to-engine weight broadcast bandwidth against a raw gloo "
+          "broadcast of the same bytes.", weight_sync_rows, weight_sync_plots),
+    Bench("learner_packing", "One GRPO update of SmolLM2-135M with packed micro-batches against "
+          "the padded batch.", learner_packing_rows, learner_packing_plots),
+    Bench("sandbox_throughput", "HumanEval-sized checks per second through the bubblewrap code "
+          "sandbox.", sandbox_rows, sandbox_plots),
+    Bench("smol_learning", "The CPU demo (conf/smol.yaml) end to end: held-out accuracy and "
+          "format reward against wall-clock minutes.", smol_rows, smol_plots),
+    Bench("async_rollouts", "Step time with rollouts one step ahead (max_staleness=1) against "
+          "on-policy steps.", async_rows, async_plots, optional=True),
+    Bench("r1_smol", "Every stage of the R1 recipe (conf/r1_smol.yaml) at toy scale, each "
+          "evaluated.", r1_rows, r1_plots, optional=True),
+)
+
+
+def fmt(v: Any, is_ratio: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return DASH
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return (f"{v:.2f}x" if is_ratio else f"{v:,.0f}" if abs(v) >= 100
+                else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}")
+    return str(v)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def build(results_dir: Path, readme: Path, quick: bool = False) -> str:
+    """Write `readme` and its plots (`results_dir`/plots/) from the JSON files in `results_dir`;
+    returns the Markdown."""
+    table, sections = [], []
+    for b in BENCHMARKS:
+        path = results_dir / f"{b.name}.json"
+        cmd = f"python -m benchmarks.{b.name}" + (" --quick" if quick else "")
+        if not path.is_file():
+            if not b.optional:
+                table.append(f"| {b.name} | not run | {' | '.join([DASH] * 6)} |")
+                sections.append(f"## {b.name}\n\n{b.about}\n\nNot run: `{cmd}` writes "
+                                f"`{_shown(path)}`.\n")
+            continue
+        try:
+            data = json.loads(path.read_text())
+            rows = b.rows(data)
+        except (OSError, ValueError, LookupError, TypeError, AttributeError) as exc:  # say so
+            data, rows = {}, [Row(f"unreadable: {exc}")]
+        for r in rows:
+            cells = [b.name, r.figure, fmt(r.value), r.baseline, fmt(r.baseline_value),
+                     fmt(r.ratio, is_ratio=True), r.target, fmt(r.met)]
+            table.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        try:
+            plots = [p for p in b.plots(data, results_dir / "plots") if p is not None]
+        except (ValueError, LookupError, TypeError, AttributeError):  # the table still stands
+            plots = []
+        mach, vers = get(data, "machine"), get(data, "versions")
+        vers = ", ".join(v if str(v).startswith(k) else f"{k} {v}" for k, v in vers.items()
+                         if v) if isinstance(vers, dict) else ""
+        lines = [f"## {b.name}", "", b.about, "",
+                 f"- command: `{first(get(data, 'command'), cmd)}`",
+                 f"- machine: {fmt(get(mach, 'cores'))} cores, {fmt(get(mach, 'cpu_model'))}",
+                 f"- versions: {vers or DASH}", ""]
+        lines += [f"![{p.stem}]({os.path.relpath(p, readme.parent)})\n" for p in plots]
+        sections.append("\n".join(lines))
+
+    title = "Benchmarks (quick runs)" if quick else "Benchmarks"
+    quick_note = (" These are --quick smoke runs (fewer steps and samples): their figures are "
+                  "not comparable with the full runs'." if quick else "")
+    page = [
+        f"# {title}", "",
+        f"Generated by `python -m benchmarks.report{' --quick' if quick else ''}` from the JSON "
+        f"files in `{_shown(results_dir)}`; edit the report, not this page.{quick_note}", "",
+        "Re-run everything with `make bench` (installs TRL, the baseline of trl_grpo, then runs "
+        "the six default benchmarks and this report); `make bench ARGS=\"--quick\"` for smoke "
+        "runs into `benchmarks/results/quick/`, `ARGS=\"--only NAME ...\"` or "
+        "`ARGS=\"--skip NAME ...\"` for some. `async_rollouts` and `r1_smol` run only when named "
+        "with `--only`.", "",
+        "Ratio: rlsys / baseline. Met: the issue's target (– where there is none or a figure is "
+        "missing).", "",
+        "| benchmark | figure | rlsys | baseline | baseline value | ratio | target | met |",
+        "|---|---|---:|---|---:|---:|---|---|",
+        *table, "", *sections]
+    text = "\n".join(page).rstrip() + "\n"
+    readme.parent.mkdir(parents=True, exist_ok=True)
+    readme.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="read and write benchmarks/results/quick/ instead")
+    args = parser.parse_args(argv)
+    results_dir = QUICK_RESULTS if args.quick else RESULTS
+    readme = results_dir / "README.md" if args.quick else README
+    build(results_dir, readme, quick=args.quick)
+    print(f"wrote {_shown(readme)} and {_shown(results_dir / 'plots')}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

