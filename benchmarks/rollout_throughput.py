@@ -48,8 +48,8 @@ def prompts_and_model(spec: dict) -> tuple[list[str], str, float]:
     """The demo's first `prompts` training prompts, the model folder, the mean prompt length."""
     from transformers import AutoTokenizer
 
+    from rlsys.build import build_task, render_prompts
     from rlsys.models import resolve_model
-    from rlsys.trainer import build_task, render_prompts
 
     cfg = config(spec)
     model = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
@@ -74,7 +74,7 @@ def _timed(call: Callable[[int], Any], tokens_of: Callable[[Any], int],
 
 
 def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
-    from rlsys.trainer import make_rollout_pool, ray_session
+    from rlsys.build import make_rollout_pool, ray_session
 
     cfg = config(spec)
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": spec["max_new_tokens"]}

@@ -85,9 +85,9 @@ def problems_in_order(spec: dict) -> tuple[list[str], list[str], str]:
     """The prompts (rendered as rlsys renders them) and golds rlsys trains on, step by step."""
     from transformers import AutoTokenizer
 
+    from rlsys.build import build_task, render_prompts
     from rlsys.config import load_config
     from rlsys.models import resolve_model
-    from rlsys.trainer import build_task, render_prompts
 
     cfg = load_config(overrides(spec))
     model = str(resolve_model(cfg.model.path, cfg.model.cache_dir))

@@ -12,10 +12,14 @@ its CPU GEMM weights and confirms the new version. Then, per repetition, one eng
 one token with the new weights: "first generation" is the time from the start of the broadcast
 to that token.
 
-The baseline: N + 1 plain processes (torch.distributed, gloo, same host) broadcasting a buffer
-of the same size in the same bucket size, receivers allocating a fresh buffer per bucket as the
-engines do. Reported: GB/s of both (bytes on the wire / seconds, medians) and their ratio (the
-issue's target: >= 0.8). Writes benchmarks/results/weight_sync.json (--quick: results/quick/).
+Two baselines, each N + 1 plain processes on this host joined by the same kind of gloo group:
+"raw" broadcasts ready-made buffers of the same size in the same bucket size (receivers
+allocating a fresh buffer per bucket, as the engines do): what the wire and gloo cost;
+"transport" runs rlsys's `broadcast_weights` / `receive_weights` on the model's fp32
+parameters with receivers that drop what they get: the transport without vLLM's loading, which
+tells the cost of casting and packing apart from the engine's. Reported: GB/s (bytes on the
+wire / seconds, medians), the ratio to raw (the issue's target: >= 0.8) and the seconds to the
+first token. Writes benchmarks/results/weight_sync.json (--quick: results/quick/).
 """
 
 from __future__ import annotations
@@ -65,8 +69,9 @@ def random_model(base: Path, out: Path) -> Path:
 def time_rlsys(model_path: str, engines: int, reps: int, work: Path) -> dict:
     from transformers import AutoTokenizer
 
+    from rlsys.build import build_task, ray_session, render_prompts
     from rlsys.config import load_config
-    from rlsys.trainer import GRPOTrainer, build_task, ray_session, render_prompts
+    from rlsys.trainer import GRPOTrainer
 
     cfg = load_config(["conf=smol", f"model.path={model_path}", f"rollout.num_workers={engines}",
                        "algorithm.kl_coef=0.0", f"learner.sync_bucket_mb={BUCKET_MB}",

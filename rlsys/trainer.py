@@ -25,34 +25,38 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import signal
 import statistics
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.controller import start_controller, stop_controller
-from actors.reward import RewardPool
-from actors.rollout import Chunk, EnginesLost, RolloutPool, rollout_env_vars
-from learners.group import LearnerFailed, LearnerGroup
-from learners.parallel import check_tensor_parallel
+from actors.rollout import Chunk, EnginesLost
+from learners.group import LearnerFailed
 from rlsys import checkpoint
 from rlsys.algo import group_advantages, kl_shaped_rewards
-from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml
-from rlsys.data import DataError, Problem, Task, make_task, render_prompt
-from rlsys.metrics import MetricsLogger, mean_parts, reflection_count
+from rlsys.build import (
+    build_task,
+    check_model_fits,
+    check_prompt_renders,
+    fitting_prompts,
+    make_learner_group,
+    make_metrics_logger,
+    make_reward_pool,
+    make_rollout_pool,
+    prepare_output_dir,
+    ray_session,
+)
+from rlsys.config import Config
+from rlsys.data import Problem, Task
+from rlsys.metrics import mean_parts, reflection_count
 from rlsys.models import resolve_model
-from rlsys.rewards import make_language_reward
 from rlsys.rewards.length import overlong_penalty
 
 log = logging.getLogger("rlsys")
@@ -539,231 +543,10 @@ class GRPOTrainer:
                     log.warning("shutdown: %s", exc)
 
 
-# --- set-up helpers ---------------------------------------------------------------------------
-
-def build_task(cfg: Config) -> Task:
-    if cfg.data.task == "mix":
-        return make_task("mix", tasks={name: _single_task(cfg, name) for name in cfg.data.mix},
-                         shares=dict(cfg.data.mix), seed=cfg.trainer.seed)
-    return _single_task(cfg, cfg.data.task)
-
-
-def _single_task(cfg: Config, name: str) -> Task:
-    d = cfg.data
-    if name == "arithmetic":
-        a = d.arithmetic
-        return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
-                         min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
-                         eval_size=d.eval_size)
-    if name in ("humaneval", "champ", "asdiv"):
-        return make_task(name, seed=cfg.trainer.seed, eval_size=d.eval_size)
-    if name == "reasoning_gym":
-        return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
-                         eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
-    if name == "prompts":
-        return make_task("prompts", path=d.prompts_path or d.path,
-                         eval_path=None if d.prompts_path else d.eval_path,
-                         prompt_key=d.prompt_key, answer_key=d.answer_key,
-                         eval_size=d.eval_size, seed=cfg.trainer.seed,
-                         skip_malformed=d.skip_malformed)
-    return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
-                     answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
-                     skip_malformed=d.skip_malformed)
-
-
-def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig, *,
-                       temperature: float, max_response_len: int) -> LearnerGroup:
-    """`learner.tp` x `learner.dp` learner actors holding `model_path`, as configured."""
-    lc = cfg.learner
-    world = lc.tp * lc.dp
-    return LearnerGroup(
-        model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
-        seed=cfg.trainer.seed,
-        runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
-
-
-def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
-    """`rollout.num_workers` vLLM engines serving `model_path`, as configured."""
-    r = cfg.rollout
-    return RolloutPool(
-        model_path, r.num_workers,
-        worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
-                           max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
-                           tensor_parallel_size=r.tensor_parallel_size,
-                           max_num_batched_tokens=r.max_num_batched_tokens,
-                           gpu_memory_utilization=r.gpu_memory_utilization,
-                           num_threads=r.num_threads or None),
-        num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
-        env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
-                                  r.num_threads or os.cpu_count() or 1))
-
-
-def make_metrics_logger(cfg: Config, out: Path) -> MetricsLogger:
-    """metrics.jsonl plus the configured sinks: TensorBoard, W&B, Ray dashboard gauges."""
-    t = cfg.trainer
-    wandb = None if t.wandb_project is None else {
-        "project": t.wandb_project, "entity": t.wandb_entity, "mode": t.wandb_mode,
-        "config": to_dict(cfg)}
-    return MetricsLogger(out, tensorboard=t.tensorboard, wandb=wandb,
-                         dashboard=t.dashboard_metrics and ray.is_initialized())
-
-
-def make_reward_pool(cfg: Config) -> RewardPool:
-    """`reward.num_workers` reward actors with the configured weights (per task, too)."""
-    rw = cfg.reward
-    return RewardPool(rw.num_workers, dict(rw.weights), num_cpus=rw.num_cpus,
-                      timeout_s=rw.timeout_s,
-                      per_task={k: dict(v) for k, v in rw.per_task.items()},
-                      parts={"language": make_language_reward(rw.language_target)},
-                      model=reward_model_options(cfg))
-
-
-def reward_model_options(cfg: Config) -> dict | None:
-    """ModelScorer's keyword arguments from `reward.model`; None when it is off."""
-    m = cfg.reward.model
-    if m.path is None:
-        return None
-    return dict(path=m.path, kind=m.kind, label=m.label, normalize=m.normalize,
-                judge_template=m.judge_template, max_length=m.max_length,
-                batch_size=m.batch_size, dtype=m.dtype, device=m.device,
-                cache_dir=cfg.model.cache_dir)
-
-
-def check_model_fits(cfg: Config, model_path: str) -> None:
-    """The engines' context length and the learner's tensor-parallel split must fit the model
-    (vLLM and the learner would refuse deep inside an actor)."""
-    model_config = AutoConfig.from_pretrained(model_path)
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is not None and cfg.rollout.max_model_len > limit:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the "
-                          f"model's max_position_embeddings={limit} ({model_path})")
-    if cfg.learner.tp > 1:
-        try:
-            check_tensor_parallel(model_config, cfg.learner.tp)
-        except ValueError as exc:
-            raise ConfigError(f"{exc} ({model_path})") from None
-
-
-def render_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,
-                   problems: list[Problem]) -> list[str]:
-    """The prompt text of each problem, as configured in `cfg.data`."""
-    d = cfg.data
-    return [render_prompt(p.question, d.template, tokenizer=tokenizer,
-                          system_prompt=d.system_prompt, response_prefix=d.response_prefix,
-                          few_shot=d.few_shot and d.template == "chat")
-            for p in problems]
-
-
-def fitting_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase,
-                    problems: list[Problem]) -> tuple[list[Problem], list[str], int]:
-    """The problems whose prompt leaves room for a full response in the engine's context,
-    their prompts, and how many were dropped (like verl's filter_overlong_prompts: an engine
-    refuses such a prompt, which would fail the whole batch)."""
-    r = cfg.rollout
-    budget = r.max_model_len - r.max_new_tokens
-    prompts = render_prompts(cfg, tokenizer, problems)
-    fits = [len(tokenizer.encode(p, verbose=False)) <= budget for p in prompts]
-    if problems and not any(fits):
-        raise DataError(
-            f"all {len(problems)} prompts drawn from data.task={cfg.data.task} are longer than "
-            f"rollout.max_model_len - rollout.max_new_tokens = {budget} tokens; raise "
-            "rollout.max_model_len")
-    kept = [(p, text) for p, text, ok in zip(problems, prompts, fits, strict=True) if ok]
-    return [p for p, _ in kept], [text for _, text in kept], len(problems) - len(kept)
-
-
-def check_prompt_renders(cfg: Config, tokenizer: PreTrainedTokenizerBase, task: Task) -> None:
-    """Render one prompt now, so that e.g. a tokenizer without a chat template is reported
-    before any actor starts."""
-    try:
-        render_prompts(cfg, tokenizer, task.eval_problems()[:1])
-    except ValueError as exc:
-        raise ConfigError(f"data.template={cfg.data.template}: {exc}") from None
-
-
-def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """The run directory, and the checkpoint to resume from (trainer.resume=auto) if any.
-
-    A directory that already holds a run is refused unless it is resumed; when resuming, the
-    metrics the interrupted run logged after its last checkpoint are dropped (they are redone).
-    """
-    out = Path(cfg.trainer.output_dir or "outputs/run")
-    resume_from = checkpoint.latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
-    if resume_from is not None:
-        step = checkpoint.read_trainer_state(resume_from)["step"]
-        # A run stopped between its last checkpoint and its export still has the export to do.
-        exported = not cfg.trainer.save_final or (out / "final").is_dir()
-        if step >= cfg.trainer.steps and exported:
-            raise ConfigError(f"trainer.output_dir={out}: its latest checkpoint is step {step}; "
-                              f"trainer.steps={cfg.trainer.steps} leaves nothing to resume")
-        checkpoint.truncate_metrics(out / "metrics.jsonl", step)
-    elif (out / "metrics.jsonl").exists():
-        hint = ("it has no complete checkpoint to resume from" if cfg.trainer.resume == "auto"
-                else "resume it with trainer.resume=auto")
-        raise ConfigError(f"trainer.output_dir={out} already holds a run (metrics.jsonl); "
-                          f"{hint}, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    return out, resume_from
-
-
-@contextmanager
-def ray_session(cfg: Config) -> Iterator[None]:
-    """Join $RAY_ADDRESS / ray.address if given, else start (and later stop) a local cluster.
-
-    Inside it SIGTERM (`ray job stop`, a preemption) raises KeyboardInterrupt, so it takes the
-    same clean-up path as Ctrl-C. The handler is installed after `ray.init`, which installs
-    its own (one that aborts the process).
-    """
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        with stop_on_sigterm():
-            yield
-        return
-    if address:
-        ray.init(address=address, namespace=cfg.ray.namespace)
-    else:
-        # Rollout, reward and learner phases take turns on the cores, so the local cluster
-        # offers at least as many logical CPUs as the actors reserve together.
-        wanted = (cfg.rollout.num_workers * cfg.rollout.num_cpus
-                  + cfg.learner.num_cpus * cfg.learner.tp * cfg.learner.dp
-                  + cfg.reward.num_workers * cfg.reward.num_cpus)
-        num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
-        ray.init(address="local", num_cpus=num_cpus, _temp_dir=cfg.ray.temp_dir,
-                 include_dashboard=cfg.ray.include_dashboard, namespace=cfg.ray.namespace)
-    try:
-        with stop_on_sigterm():
-            yield
-    finally:
-        ray.shutdown()
-
-
-@contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (only the main thread can install a handler)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _padded(rows: list[list[float]]) -> torch.Tensor:
     """Ragged per-token rows as a zero-padded [len(rows), longest] tensor."""
     return torch.nn.utils.rnn.pad_sequence([torch.tensor(row, dtype=torch.float32)
                                             for row in rows], batch_first=True)
-
-
-def _threads_env(num_threads: int) -> dict:
-    threads = str(num_threads or os.cpu_count() or 1)
-    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
 
 
 def _progress(total: int, enabled: bool):

@@ -439,8 +439,8 @@ def test_prompts_too_long_for_the_engine_are_dropped() -> None:
     """An engine refuses a prompt that leaves no room for max_new_tokens; the trainer drops
     such problems (and counts them) instead of failing the batch, and names the settings when
     none fits."""
+    from rlsys.build import fitting_prompts
     from rlsys.config import load_config
-    from rlsys.trainer import fitting_prompts
 
     tok = make_tokenizer(CHATML)
     cfg = load_config(["data.few_shot=false", "data.system_prompt=", "rollout.max_new_tokens=8",

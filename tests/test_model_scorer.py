@@ -188,8 +188,8 @@ def test_all_scenario_mix_config(tmp_path):
 # --- the prompts task -------------------------------------------------------------------------
 
 def test_prompts_task_takes_rows_without_answers(tmp_path):
+    from rlsys.build import build_task
     from rlsys.data import DataError, make_task
-    from rlsys.trainer import build_task
 
     path = tmp_path / "general.jsonl"
     rows = [{"prompt": f"Write a line about {i}."} for i in range(6)]

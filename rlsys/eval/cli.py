@@ -111,14 +111,14 @@ def evaluate(cfg: Config, command: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from transformers import AutoTokenizer
 
-    from rlsys.models import resolve_model
-    from rlsys.trainer import (
+    from rlsys.build import (
         build_task,
         check_model_fits,
         check_prompt_renders,
         fitting_prompts,
         ray_session,
     )
+    from rlsys.models import resolve_model
 
     t_start = time.perf_counter()
     model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
@@ -172,7 +172,7 @@ def _generate_and_score(cfg: Config, model_path: str, out: Path, prompts: list[s
                         problems: list[Problem], timings: dict[str, float]
                         ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Greedy and sampled completions with their rewards; the pools live only in here."""
-    from rlsys.trainer import make_reward_pool, make_rollout_pool
+    from rlsys.build import make_reward_pool, make_rollout_pool
 
     e, r = cfg.eval, cfg.rollout
     prefix = cfg.data.response_prefix

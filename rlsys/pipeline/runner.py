@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from rlsys import checkpoint, models
+from rlsys.build import ray_session
 from rlsys.config import Config, ConfigError, StageConfig, load_config
 from rlsys.eval.cli import evaluate
 from rlsys.pipeline.stages import run_rejection_sampling, run_sft, sft_examples
-from rlsys.trainer import ray_session, train
+from rlsys.trainer import train
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,16 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlsys import checkpoint
+from rlsys.build import (
+    build_task,
+    fitting_prompts,
+    make_learner_group,
+    make_metrics_logger,
+    make_reward_pool,
+    make_rollout_pool,
+    ray_session,
+    render_prompts,
+)
 from rlsys.config import Config
 from rlsys.data import Problem
 from rlsys.data.sft import (
@@ -34,16 +44,6 @@ from rlsys.data.sft import (
     read_examples,
     rejection_reason,
     write_examples,
-)
-from rlsys.trainer import (
-    build_task,
-    fitting_prompts,
-    make_learner_group,
-    make_metrics_logger,
-    make_reward_pool,
-    make_rollout_pool,
-    ray_session,
-    render_prompts,
 )
 
 log = logging.getLogger(__name__)
