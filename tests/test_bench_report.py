@@ -100,3 +100,25 @@ def test_runner_rejects_bad_names(argv: list[str], message: str,
         runner.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_weight_sync_profile_summary_and_note(tmp_path: Path) -> None:
+    from benchmarks.weight_sync import top_frames
+
+    stacks = tmp_path / "engine.txt"  # py-spy's raw (collapsed) format: frames;... count
+    stacks.write_text("main;loop;rpc;reload;copy 60\nmain;loop;rpc;reload;pack 30\n"
+                      "main;idle 10\n")
+    frames = top_frames(stacks)
+    assert frames["self"] == [("copy", 0.6), ("pack", 0.3), ("idle", 0.1)]
+    # "main" is on every sample (the trunk), so it says nothing; the rest is kept.
+    assert [f for f, _ in frames["inclusive"]] == ["rpc", "reload", "loop", "copy", "pack",
+                                                   "idle"]
+    assert top_frames(tmp_path / "missing.txt") == {}
+
+    _write(tmp_path, "weight_sync", {"machine": MACHINE, "rows": [
+        {"model": "m", "engines": 1, "gb_per_s": 0.3, "raw_gloo_gb_per_s": 1.0,
+         "profile": {"broadcasts": 4, "stacks": "profiles/*.txt", "engine": frames,
+                     "learner": {"self": [("wait", 0.7)]}}}]})
+    text = report.build(tmp_path, tmp_path / "README.md")
+    assert "- engine: 60% copy; 30% pack; 10% idle" in text
+    assert "- learner: 70% wait" in text
