@@ -308,9 +308,9 @@ def weight_sync_notes(d: dict) -> list[str]:
     if row is None:
         return []
     p = row["profile"]
-    lines = [f"Where the time goes (py-spy, {get(row, 'model')} to {get(row, 'engines')} "
-             f"engine, {fmt(get(p, 'broadcasts'))} broadcasts; share of samples, innermost "
-             f"frame; raw stacks in `{get(p, 'stacks')}`):", ""]
+    lines = [f"Where the time goes (py-spy during {fmt(get(p, 'broadcasts'))} broadcasts, "
+             f"{get(row, 'model')} to {get(row, 'engines')} engine; share of each process's "
+             f"samples by innermost frame; raw stacks in `{get(p, 'stacks')}`):", ""]
     for process in ("engine", "learner"):
         lines += [f"- {process}: " + "; ".join(f"{share:.0%} {frame}" for frame, share
                                               in (get(p, process, "self") or [])[:6])]

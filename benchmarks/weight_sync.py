@@ -128,13 +128,17 @@ def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
 def top_frames(path: Path, count: int = 10) -> dict[str, list[tuple[str, float]]]:
     """The frames holding the largest shares of the samples: "self" (the innermost frame, where
     the CPU is) and "inclusive" (time under the frame), the latter without the trunk of the call
-    tree (frames on nearly every sample: the actor's loop, Ray's and vLLM's RPC layers)."""
+    tree (frames on nearly every sample: the actor's loop, Ray's and vLLM's RPC layers).
+    Samples of helper threads parked in `threading` waits (Ray's GC thread, tqdm's monitor) are
+    left out: py-spy sees them as active, but they use no CPU."""
     if not path.exists():
         return {}
     samples, inclusive, leaf = 0, {}, {}
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
+        if "(threading.py:" in frames[-1]:
+            continue
         samples += int(n)
         leaf[frames[-1]] = leaf.get(frames[-1], 0) + int(n)
         for frame in set(frames):
