@@ -33,8 +33,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.common import machine, result_path, versions
+
+if TYPE_CHECKING:
+    from rlsys.config import Config
 
 TARGET_RATIO = 0.5
 FULL = {"steps": 6, "prompts": 8, "group": 8, "max_new_tokens": 96, "micro_batch": 16,
@@ -81,15 +85,13 @@ def run_rlsys(spec: dict, out: Path) -> dict:
 
 # --- TRL -----------------------------------------------------------------------------------------
 
-def problems_in_order(spec: dict) -> tuple[list[str], list[str], str]:
+def problems_in_order(cfg: Config, spec: dict) -> tuple[list[str], list[str], str]:
     """The prompts (rendered as rlsys renders them) and golds rlsys trains on, step by step."""
     from transformers import AutoTokenizer
 
     from rlsys.build import build_task, render_prompts
-    from rlsys.config import load_config
     from rlsys.models import resolve_model
 
-    cfg = load_config(overrides(spec))
     model = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
     task = build_task(cfg)  # seeded like the trainer's: the same draws, in the same order
     problems = [p for _ in range(spec["steps"]) for p in task.sample(spec["prompts"])]
@@ -108,9 +110,9 @@ def run_trl(spec: dict, out: Path) -> dict:
     from rlsys.rewards import compute_reward
 
     torch.set_num_threads(os.cpu_count() or 1)
-    prompts, golds, model_path = problems_in_order(spec)
-    prefix = load_config(overrides(spec)).data.response_prefix
-    weights = {"accuracy": 1.0, "format": 1.0}
+    cfg = load_config(overrides(spec))
+    prompts, golds, model_path = problems_in_order(cfg, spec)
+    prefix, weights = cfg.data.response_prefix, cfg.reward.weights  # accuracy 1, format 1
 
     # The prompt ends inside the assistant turn with `prefix`; rlsys scores prefix + completion.
     def accuracy_reward(completions: list[str], gold: list[str], **_: object) -> list[float]:

@@ -100,7 +100,8 @@ def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
 
 def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
     """py-spy samples of the learner and the first engine during back-to-back broadcasts:
-    where a weight sync spends its time, per process (top frames by inclusive share)."""
+    where a weight sync spends its time, per process (`top_frames`). The raw stacks are kept in
+    benchmarks/results/profiles/."""
     import subprocess
 
     import ray
@@ -121,7 +122,8 @@ def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
     kept.mkdir(parents=True, exist_ok=True)
     for name in pids:  # the raw stacks too: `py-spy` "raw" is flamegraph.pl's collapsed format
         shutil.copy(work / f"{name}.txt", kept / f"weight_sync_{name}.txt")
-    return {"broadcasts": syncs, "stacks": "benchmarks/results/profiles/weight_sync_*.txt",
+    stacks = kept.relative_to(RESULTS.parent.parent) / "weight_sync_*.txt"
+    return {"broadcasts": syncs, "stacks": str(stacks),
             **{name: top_frames(work / f"{name}.txt") for name in pids}}
 
 
@@ -204,9 +206,9 @@ def _plain_rank(rank: int, world: int, port: int, mode: str, model_path: str, bu
 
 
 def _nbytes(entry: tuple[str, tuple[int, ...], str]) -> int:
-    import torch
+    from learners.weight_sync import dtype_from_name
 
-    return math.prod(entry[1]) * getattr(torch, entry[2]).itemsize
+    return math.prod(entry[1]) * dtype_from_name(entry[2]).itemsize
 
 
 def time_plain(mode: str, model_path: Path, receivers: int, reps: int, work: Path) -> dict:
