@@ -3,7 +3,7 @@
 Each `RolloutWorker` owns one in-process vLLM engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: the
 engine core runs in the actor's own process, which starts in seconds instead of ~16 s and lets
 `collective_rpc` reach the model directly). New weights arrive over a standalone process group
-from learner rank 0 (see `learners/weight_sync.py` and `actors/vllm_ext.py`).
+from learner rank 0 (see `rlsys/weight_sync.py` and `actors/vllm_ext.py`).
 
 Logprobs: the engine runs with `logprobs_mode="processed_logprobs"`, so each sampled token's
 log-prob is taken from the distribution it was actually sampled from: log softmax(logits / T),

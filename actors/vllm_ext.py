@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from learners.weight_sync import (
+from rlsys.weight_sync import (
     WeightManifest,
     close_weight_sync_group,
     init_weight_sync_group,

@@ -1,4 +1,4 @@
-"""Throughput of the code sandbox (actors.sandbox.run_python) on this machine.
+"""Throughput of the code sandbox (rlsys.sandbox.run_python) on this machine.
 
     python -m benchmarks.sandbox_throughput [--quick] [--n N]
 
@@ -20,8 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from actors.sandbox import SANDBOX_PYTHON, bwrap_path, run_python
 from benchmarks.common import machine, result_path
+from rlsys.sandbox import SANDBOX_PYTHON, bwrap_path, run_python
 
 TARGET_CHECKS_PER_S = 40.0
 

@@ -20,8 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from learners import weight_sync
 from learners.learner import Learner, combine_rank_metrics
+from rlsys import weight_sync
 from rlsys.config import AlgorithmConfig, LearnerConfig
 
 

@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from learners import parallel, weight_sync
+from learners import parallel
 from learners.packing import (
     ATTENTION_NAME,
     PackedMicroBatch,
     pack_microbatches,
     register_packed_attention,
 )
+from rlsys import weight_sync
 from rlsys.algo import grpo_loss, rollout_is_weights
 from rlsys.config import AlgorithmConfig, LearnerConfig
 

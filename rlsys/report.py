@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from rlsys.metrics import read_metrics
+
 # Mirrors rlsys.pipeline.runner (MARKER, MODEL_STAGES); not imported because the runner pulls in
 # Ray and torch, which a report on a laptop must not need.
 STAGE_MARKER = "stage.json"
@@ -98,43 +100,18 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records of a metrics.jsonl, and notes on anything skipped.
-
-    A malformed line is an error naming the file and line, except an unterminated last line:
-    MetricsLogger writes whole lines, so that is a line being written by a run in progress,
-    and it is skipped with a note rather than failing a report on a live run.
-    """
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ReportError(f"cannot read {path}: {exc.strerror}") from None
-    lines = text.split("\n")
-    records, notes = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # no newline after it: still being written
-                notes.append(f"{path.name} line {number} is incomplete (a run in progress?) "
-                             "and was skipped")
-                continue
-            raise ReportError(f"{path}:{number}: malformed metrics line ({exc.msg})") from None
-        if not isinstance(record, dict) or _number(record.get("step")) is None:
-            raise ReportError(f"{path}:{number}: malformed metrics line (not an object with a "
-                              "numeric \"step\")")
-        records.append(record)
-    return records, notes
-
-
 def read_run(folder: Path) -> Run:
     """A run folder's metrics.jsonl (required) and config.yaml (optional)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{folder}: no metrics.jsonl")
-    records, notes = read_records(path)
+    notes: list[str] = []
+    try:
+        records = read_metrics(path, notes)
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:  # a malformed line, named by file and line number
+        raise ReportError(str(exc)) from None
     return Run(folder, records, _read_config(folder / "config.yaml", notes), notes)
 
 

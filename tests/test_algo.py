@@ -282,6 +282,26 @@ def test_policy_loss_gradient_only_through_logprobs():
     assert (logprobs.grad[mask] != 0).any()
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_undetached_inputs_get_no_gradient(dual_clip):
+    """A caller that forgets to detach pi_old, A or pi_ref leaks no gradient into them."""
+    logprobs, old, ref, adv, _, mask = _random_batch()
+    lp_detached = logprobs.clone().requires_grad_(True)
+    expected, _ = grpo_loss(lp_detached, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                            dual_clip=dual_clip)
+    expected.backward()
+
+    lp = logprobs.clone().requires_grad_(True)
+    old_g, ref_g, adv_g = (x.clone().requires_grad_(True) for x in (old, ref, adv))
+    loss, _ = grpo_loss(lp, old_g, adv_g, mask, ref_logprobs=ref_g, kl_coef=0.1,
+                        dual_clip=dual_clip)
+    loss.backward()
+    close(loss, expected, atol=0.0)
+    close(lp.grad, lp_detached.grad, atol=0.0)
+    for x in (old_g, ref_g, adv_g):
+        assert x.grad is None
+
+
 def test_policy_loss_padding_does_not_change_results():
     adv = t([1.0, -1.0])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from actors.sandbox import bwrap_path
 from rlsys.data import DataError, HumanEvalTask, load_humaneval, make_task
 from rlsys.rewards import (
     REWARD_FUNCTIONS,
@@ -18,6 +17,7 @@ from rlsys.rewards import (
     compute_reward,
     extract_code,
 )
+from rlsys.sandbox import bwrap_path
 
 needs_sandbox = pytest.mark.skipif(bwrap_path() is None, reason="bubblewrap not installed")
 

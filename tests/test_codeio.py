@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from actors.sandbox import bwrap_path
 from rlsys.data import make_task
 from rlsys.rewards import compute_reward
 from rlsys.rewards.codeio import codeio_gold, codeio_reward, parse_value, values_equal
 from rlsys.rewards.verifiers import gold_verifier, verified_accuracy
+from rlsys.sandbox import bwrap_path
 
 needs_sandbox = pytest.mark.skipif(bwrap_path() is None, reason="bubblewrap not installed")
 

@@ -133,7 +133,7 @@ def run_config(tp: int, dp: int, model_path: str, out_dir: Path) -> dict:
     deadline) kills the whole world; the children's tracebacks go into the assertion message.
     """
     from learners.learner import combine_rank_metrics
-    from learners.weight_sync import find_free_port
+    from rlsys.weight_sync import find_free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     world = tp * dp

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from actors.rollout import RolloutPool, rollout_env_vars
-from learners.weight_sync import (
+from rlsys.models import resolve_model
+from rlsys.weight_sync import (
     broadcast_weights,
     build_manifest,
     find_free_port,
     init_weight_sync_group,
 )
-from rlsys.models import resolve_model
 
 # fp32 on both sides; vLLM's CPU kernels and torch's differ only in summation order.
 LOGPROB_TOLERANCE = 1e-4

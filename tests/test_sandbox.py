@@ -1,4 +1,4 @@
-"""Hostile programs against actors.sandbox: each asserts the status AND that the host is unharmed.
+"""Hostile programs against rlsys.sandbox: each asserts the status AND that the host is unharmed.
 
 These tests require bubblewrap (`apt-get install -y bubblewrap`); the Makefile installs it.
 Timeouts are kept short (1-2 s) so the whole file runs in well under a minute on 2 cores.
@@ -24,8 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-import actors.sandbox as sandbox
-from actors.sandbox import SandboxResult, SandboxUnavailable, run_python
+import rlsys.sandbox as sandbox
+from rlsys.sandbox import SandboxResult, SandboxUnavailable, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 HOST_TMP = Path("/tmp")
@@ -497,7 +497,7 @@ def test_uid_slots_are_shared_across_processes_and_freed_when_the_holder_dies(mo
     # Another process takes both slots, the way a second Ray actor on the host would.
     hold = (
         "import contextlib, time\n"
-        "import actors.sandbox as s\n"
+        "import rlsys.sandbox as s\n"
         "s.HOST_UID_SLOTS = 2\n"
         "stack = contextlib.ExitStack()\n"
         "uids = [stack.enter_context(s.claim_host_uid(time.monotonic() + 10)) for _ in range(2)]\n"
@@ -616,7 +616,7 @@ def test_missing_bwrap_raises_with_install_hint(monkeypatch):
 def test_unsafe_local_runs_with_warning(monkeypatch, caplog):
     monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
     before = set(os.listdir(HOST_TMP))
-    with caplog.at_level(logging.WARNING, logger="actors.sandbox"):
+    with caplog.at_level(logging.WARNING, logger="rlsys.sandbox"):
         r = run_python("print(open('a.txt').read())", files={"a.txt": "A"}, unsafe_local=True)
     assert r.status == "ok" and r.stdout == "A\n"
     assert any("WITHOUT isolation" in m for m in caplog.messages)
@@ -628,7 +628,7 @@ def test_cli_prints_json(tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text("print('hi from cli')\n")
     out = subprocess.run(
-        [sys.executable, "-m", "actors.sandbox", str(prog), "--timeout", "3", "--memory-mb", "256"],
+        [sys.executable, "-m", "rlsys.sandbox", str(prog), "--timeout", "3", "--memory-mb", "256"],
         capture_output=True,
         text=True,
         cwd=REPO,

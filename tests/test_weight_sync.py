@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learners.weight_sync import (
+from rlsys.weight_sync import (
     broadcast_weights,
     build_manifest,
     close_weight_sync_group,

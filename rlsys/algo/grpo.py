@@ -100,7 +100,7 @@ def group_advantages(
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs.
+    """Per-token KL(pi_theta || pi_ref) estimate from log-probs; ``ref_logprobs`` is detached.
 
     With ``log_ratio = ref_logprobs - logprobs`` (= log pi_ref/pi_theta)::
 
@@ -117,7 +117,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
         raise ValueError(
             f"unknown KL estimator {estimator!r}; allowed values: {', '.join(KL_ESTIMATORS)}"
         )
-    log_ratio = (ref_logprobs - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio = (ref_logprobs.detach() - logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     if estimator == "k1":
         return -log_ratio
     if estimator == "k2":
@@ -353,7 +353,7 @@ def policy_loss(
 
     ``clip_high > clip_low`` is DAPO's clip-higher. ``advantages`` is per sequence ``[B]``
     (broadcast over T) or per token ``[B, T]``, and so is ``is_weights`` (e.g. the truncated
-    importance weights of ``rollout_is_weights``). Only ``logprobs`` should carry gradient.
+    importance weights of ``rollout_is_weights``). All inputs but ``logprobs`` are detached.
 
     Metrics (python floats over masked tokens, no grad): ``clip_frac`` (share of tokens where the
     clipped term is the active minimum), ``ratio_mean``, ``ratio_max``, and ``dual_clip_frac``
@@ -363,7 +363,7 @@ def policy_loss(
         raise ValueError(f"logprobs must be 2-D [B, T], got shape {tuple(logprobs.shape)}")
     _check_token_shapes(logprobs, old_logprobs, "old_logprobs")
     _check_token_shapes(logprobs, mask, "mask")
-    advantages = _per_sequence_or_token(advantages, logprobs, "advantages")
+    advantages = _per_sequence_or_token(advantages, logprobs, "advantages").detach()
     if not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
     if clip_high < 0.0:
@@ -374,7 +374,7 @@ def policy_loss(
     valid = mask != 0
     # Zeroing the log-ratio at padding keeps exp() finite there; otherwise a huge padded value
     # gives inf in forward and 0 * inf = NaN in the backward pass even though it is masked.
-    log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages

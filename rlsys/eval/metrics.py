@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from fractions import Fraction
 
-from rlsys.rewards.rule_based import _plain_number, extract_answer
+from rlsys.rewards.rule_based import extract_answer, plain_number
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -98,7 +98,7 @@ def normalise_answer(response: str) -> str | None:
     if not answer:
         return None
     answer = _WHITESPACE_RE.sub(" ", answer).strip()
-    value = _plain_number(answer)
+    value = plain_number(answer)
     return _canonical_number(value) if value is not None else answer
 
 

@@ -6,7 +6,7 @@ Gold answers are JSON strings in one of two shapes:
   ``check(candidate)``, which is called on the entry point;
 * plain asserts ``{"tests": ["assert f(1) == 2", ...]}``, run after the code.
 
-The program runs in :func:`actors.sandbox.run_python` (bubblewrap, rlimits, wall deadline);
+The program runs in :func:`rlsys.sandbox.run_python` (bubblewrap, rlimits, wall deadline);
 nothing here executes model output in this process.
 """
 
@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from actors.sandbox import run_python
+from rlsys.sandbox import run_python
 
 #: Wall-clock limit for one check. HumanEval checks take well under a second; the slack is
 #: for a loaded machine, since a timeout scores 0 just like a wrong answer.

@@ -25,8 +25,8 @@ import math
 import re
 from typing import Any
 
-from actors.sandbox import run_python
 from rlsys.rewards.rule_based import extract_answer
+from rlsys.sandbox import run_python
 
 #: Wall-clock limit for running the reference code on a proposed input. The model chooses the
 #: input, so it can choose a slow one; a timeout scores 0 like any wrong answer.

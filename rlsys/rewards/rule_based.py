@@ -79,8 +79,8 @@ _PLAIN_NUMBER_RE = re.compile(
 _MAX_PLAIN_NUMBER_CHARS = 100
 
 
-def _plain_number(text: str) -> Fraction | None:
-    """The exact value of a plain decimal number string, or None if it is not one."""
+def plain_number(text: str) -> Fraction | None:
+    """The exact value of a plain decimal number ("1,000", "-2.50", "1e3"; not "1/2"), or None."""
     text = text.strip()
     if len(text) > _MAX_PLAIN_NUMBER_CHARS or not _PLAIN_NUMBER_RE.fullmatch(text):
         return None
@@ -150,7 +150,7 @@ def accuracy_reward(response: str, gold: str, *, timeout_s: int = DEFAULT_TIMEOU
     gold = str(gold).strip()
     if pred == gold:
         return 1.0
-    pred_value, gold_value = _plain_number(pred), _plain_number(gold)
+    pred_value, gold_value = plain_number(pred), plain_number(gold)
     if pred_value is not None and gold_value is not None:
         return 1.0 if pred_value == gold_value else 0.0
 

@@ -10,9 +10,9 @@ buffer, so a model of many small tensors costs few collective calls while no buf
 more than one bucket. Both sides derive the same buckets from the same `WeightManifest` and
 `bucket_bytes`, so nothing but the raw bytes crosses the wire.
 
-This module imports neither Ray nor vLLM: the same code runs in a learner actor, in a vLLM
-worker extension, and in a plain test process; only `backend` ("gloo" or "nccl") and the
-receiving device differ between CPU and GPU.
+A leaf (imports only torch, neither Ray nor vLLM) shared by both ends of the wire: the same code
+runs in a learner actor, in a vLLM worker extension, and in a plain test process; only `backend`
+("gloo" or "nccl") and the receiving device differ between CPU and GPU.
 """
 
 from __future__ import annotations

@@ -382,7 +382,7 @@ def _run(
             }
         else:
             logger.warning(
-                "actors.sandbox: bwrap missing and unsafe_local=True: running untrusted code "
+                "rlsys.sandbox: bwrap missing and unsafe_local=True: running untrusted code "
                 "WITHOUT isolation (rlimits only)"
             )
             cmd, popen_kw = _unsafe_local_command(prog_fd, files, timeout_s, memory_mb, scratch)
