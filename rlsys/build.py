@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ray
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.reward import RewardPool
 from actors.rollout import RolloutPool, rollout_env_vars
@@ -22,39 +22,27 @@ from learners.group import LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml
-from rlsys.data import DataError, Problem, Task, make_task, render_prompt
+from rlsys.data import TASKS, DataError, Problem, Task, render_prompt
 from rlsys.metrics import MetricsLogger
+from rlsys.models import resolve_model
 from rlsys.rewards import make_language_reward
 
 
+def prepare_model_and_task(cfg: Config) -> tuple[str, Task, PreTrainedTokenizerBase]:
+    """The model's local folder, the task and the tokenizer, each checked before anything is
+    written or started: the model fits the engines' context and the learner's tensor-parallel
+    split, and a prompt renders."""
+    model_path = str(resolve_model(cfg.model.path, cfg.model.cache_dir))
+    check_model_fits(cfg, model_path)
+    task = build_task(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_renders(cfg, tokenizer, task)
+    return model_path, task, tokenizer
+
+
 def build_task(cfg: Config) -> Task:
-    if cfg.data.task == "mix":
-        return make_task("mix", tasks={name: _single_task(cfg, name) for name in cfg.data.mix},
-                         shares=dict(cfg.data.mix), seed=cfg.trainer.seed)
-    return _single_task(cfg, cfg.data.task)
-
-
-def _single_task(cfg: Config, name: str) -> Task:
-    d = cfg.data
-    if name == "arithmetic":
-        a = d.arithmetic
-        return make_task("arithmetic", seed=cfg.trainer.seed, ops=tuple(a.ops),
-                         min_value=a.min_value, max_value=a.max_value, num_terms=a.num_terms,
-                         eval_size=d.eval_size)
-    if name in ("humaneval", "champ", "asdiv"):
-        return make_task(name, seed=cfg.trainer.seed, eval_size=d.eval_size)
-    if name == "reasoning_gym":
-        return make_task("reasoning_gym", dataset=d.reasoning_gym.dataset, seed=cfg.trainer.seed,
-                         eval_size=d.eval_size, options=dict(d.reasoning_gym.options))
-    if name == "prompts":
-        return make_task("prompts", path=d.prompts_path or d.path,
-                         eval_path=None if d.prompts_path else d.eval_path,
-                         prompt_key=d.prompt_key, answer_key=d.answer_key,
-                         eval_size=d.eval_size, seed=cfg.trainer.seed,
-                         skip_malformed=d.skip_malformed)
-    return make_task("file", path=d.path, eval_path=d.eval_path, prompt_key=d.prompt_key,
-                     answer_key=d.answer_key, eval_size=d.eval_size, seed=cfg.trainer.seed,
-                     skip_malformed=d.skip_malformed)
+    """The run's task (data.task, a mix included), built by its registered family."""
+    return TASKS[cfg.data.task].from_config(cfg)
 
 
 def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig, *,
@@ -82,6 +70,22 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
         num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
         env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
                                   r.num_threads or os.cpu_count() or 1))
+
+
+@contextmanager
+def sampling_pools(cfg: Config, model_path: str, scratch_dir: Path
+                   ) -> Iterator[tuple[RolloutPool, RewardPool]]:
+    """Engines serving `model_path` and reward workers for a job that only samples and scores
+    (evaluation, rejection sampling); both are stopped when it ends, however it ends."""
+    rollout = make_rollout_pool(cfg, model_path, scratch_dir)
+    try:
+        rewards = make_reward_pool(cfg)
+        try:
+            yield rollout, rewards
+        finally:
+            rewards.shutdown()
+    finally:
+        rollout.shutdown()
 
 
 def make_metrics_logger(cfg: Config, out: Path) -> MetricsLogger:
@@ -174,15 +178,13 @@ def prepare_output_dir(cfg: Config) -> tuple[Path, Path | None]:
     metrics the interrupted run logged after its last checkpoint are dropped (they are redone).
     """
     out = Path(cfg.trainer.output_dir or "outputs/run")
-    resume_from = checkpoint.latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
+    resume_from, step = checkpoint.resume_point(out, cfg.trainer.resume)
     if resume_from is not None:
-        step = checkpoint.read_trainer_state(resume_from)["step"]
         # A run stopped between its last checkpoint and its export still has the export to do.
         exported = not cfg.trainer.save_final or (out / "final").is_dir()
         if step >= cfg.trainer.steps and exported:
             raise ConfigError(f"trainer.output_dir={out}: its latest checkpoint is step {step}; "
                               f"trainer.steps={cfg.trainer.steps} leaves nothing to resume")
-        checkpoint.truncate_metrics(out / "metrics.jsonl", step)
     elif (out / "metrics.jsonl").exists():
         hint = ("it has no complete checkpoint to resume from" if cfg.trainer.resume == "auto"
                 else "resume it with trainer.resume=auto")

@@ -1,9 +1,9 @@
 """The configuration schema: every option of rlsys, its default and a one-line doc.
 
 Config is data. The dataclasses below are the single source of truth; YAML files in `conf/`
-only override them, and command-line `key.sub=value` overrides are applied last. Everything is
-validated here, so a typo or a bad value stops the run with one line naming the key, before any
-actor starts.
+only override them, and command-line `key.sub=value` overrides are applied last (reading them is
+rlsys.config_loading's job). Every section checks its own values (`validate`), so a typo or a
+bad value stops the run with one line naming the key, before any actor starts.
 
     cfg = load_config(["conf=smol", "trainer.steps=10"])
 
@@ -12,17 +12,14 @@ actor starts.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from rlsys.config_loading import CONF_DIR, ConfigError, load_structured
+from rlsys.config_loading import available_configs as available_configs  # re-exported
 
 
 def doc(text: str, default: Any = MISSING, factory: Any = None, replace: bool = False) -> Any:
@@ -35,6 +32,27 @@ def doc(text: str, default: Any = MISSING, factory: Any = None, replace: bool = 
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for '{key}': {value!r} ({why})")
+
+
+def _at_least(section: Any, prefix: str, minimum: int, *names: str) -> None:
+    """Each named field of `section` (config key `prefix.name`) must be >= `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= minimum, f"{prefix}.{name}", value, f"must be >= {minimum}")
+
+
+def _one_of(section: Any, prefix: str, name: str, choices: Any, why: str = "") -> None:
+    """Field `name` of `section` (config key `prefix.name`) must be one of `choices`."""
+    value = getattr(section, name)
+    _require(value in choices, f"{prefix}.{name}", value, why or f"one of {', '.join(choices)}")
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -51,6 +69,14 @@ class ArithmeticConfig:
     min_value: int = doc("smallest operand", 1)
     max_value: int = doc("largest operand", 50)
     num_terms: int = doc("operands per problem", 2)
+
+    def validate(self) -> None:
+        _require(self.num_terms >= 2, "data.arithmetic.num_terms", self.num_terms,
+                 "a problem needs >= 2 operands")
+        _require(set(self.ops) <= {"+", "-", "*"} and bool(self.ops), "data.arithmetic.ops",
+                 self.ops, "a non-empty list of + - *")
+        _require(self.min_value <= self.max_value, "data.arithmetic.max_value", self.max_value,
+                 "must be >= data.arithmetic.min_value")
 
 
 @dataclass
@@ -88,6 +114,27 @@ class DataConfig:
     few_shot: bool = doc("show worked examples as earlier chat turns (template=chat)", True)
     response_prefix: str = doc("text the assistant turn starts with, e.g. '<think>\\n'", "")
 
+    def validate(self, cfg: Config) -> None:
+        from rlsys.data import TASKS  # the task registry: the one list of task names
+
+        single = ", ".join(name for name in TASKS if name != "mix")
+        _at_least(self, "data", 1, "eval_size")
+        _one_of(self, "data", "template", ("chat", "r1_zero"), "chat or r1_zero")
+        _require(self.task in TASKS, "data.task", self.task, f"one of {single} or mix")
+        _require(self.task != "mix" or bool(self.mix), "data.mix", self.mix,
+                 "data.task=mix needs the tasks to mix and their shares")
+        for name, share in self.mix.items():
+            _require(name in TASKS and name != "mix", f"data.mix.{name}", share,
+                     f"a task to mix must be one of {single}")
+            _require(share > 0, f"data.mix.{name}", share, "a sampling share must be > 0")
+        tasks = run_tasks(cfg)
+        _require("file" not in tasks or bool(self.path), "data.path", self.path,
+                 "the file task needs a data file")
+        _require("prompts" not in tasks or bool(self.prompts_path or self.path),
+                 "data.prompts_path", self.prompts_path, "the prompts task needs a data file "
+                 "(data.prompts_path, or data.path)")
+        self.arithmetic.validate()
+
 
 @dataclass
 class RolloutConfig:
@@ -114,6 +161,20 @@ class RolloutConfig:
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
     num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
 
+    def validate(self, cfg: Config) -> None:
+        _require(self.group_size >= 2, "rollout.group_size", self.group_size,
+                 "GRPO compares completions within a group: needs >= 2")
+        _at_least(self, "rollout", 1, "num_workers", "prompts_per_step", "max_new_tokens",
+                  "tensor_parallel_size", "max_sampling_rounds")
+        _at_least(self, "rollout", 0, "max_staleness")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature,
+                 "sampling needs temperature > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.max_model_len > self.max_new_tokens, "rollout.max_model_len",
+                 self.max_model_len, "must exceed rollout.max_new_tokens to leave room for the "
+                 "prompt")
+        _one_of(self, "rollout", "dtype", _DTYPES)
+
 
 @dataclass
 class RewardModelConfig:
@@ -133,6 +194,30 @@ class RewardModelConfig:
     batch_size: int = doc("pairs per forward pass", 8)
     dtype: str = doc("float32 | bfloat16", "float32")
     device: str = doc("cpu | cuda[:N] (reward workers reserve no Ray GPU: it is shared)", "cpu")
+
+    def validate(self, cfg: Config) -> None:
+        from rlsys.models import BUILTIN_MODELS
+        from rlsys.rewards.model_scorer import KINDS, NORMALIZE
+        from rlsys.rewards.registry import PREFERENCE
+
+        for key, weights in cfg.reward.all_weights():
+            _require(PREFERENCE not in weights or self.path is not None, "reward.model.path",
+                     self.path, f"{key} uses the {PREFERENCE!r} part, which needs a reward "
+                     "model: set reward.model.path")
+        _one_of(self, "reward.model", "kind", KINDS, " or ".join(KINDS))
+        _one_of(self, "reward.model", "normalize", NORMALIZE, ", ".join(NORMALIZE))
+        _one_of(self, "reward.model", "dtype", ("float32", "bfloat16"), "float32 or bfloat16")
+        _require(self.device == "cpu" or self.device.startswith("cuda"), "reward.model.device",
+                 self.device, "cpu or cuda[:N]")
+        _at_least(self, "reward.model", 0, "label")
+        _at_least(self, "reward.model", 8, "max_length")
+        _at_least(self, "reward.model", 1, "batch_size")
+        _require(self.judge_template is None or "{response}" in self.judge_template,
+                 "reward.model.judge_template", self.judge_template, "must contain {response}")
+        builtin = (self.path in BUILTIN_MODELS
+                   or str(self.path).startswith(f"{BUILTIN_MODELS[0]}:"))
+        _require(not (builtin and self.kind == "classifier"), "reward.model.kind", self.kind,
+                 f"reward.model.path={self.path} is a causal LM: use kind=judge")
 
 
 @dataclass
@@ -160,6 +245,33 @@ class RewardConfig:
                                    "below 1): raise that for a reward model",
                                    factory=RewardModelConfig)
 
+    def all_weights(self) -> list[tuple[str, dict[str, float]]]:
+        """(config key, reward weights) of `weights` and of each task in `per_task`."""
+        return [("reward.weights", self.weights),
+                *((f"reward.per_task.{k}", v) for k, v in self.per_task.items())]
+
+    def validate(self, cfg: Config) -> None:
+        from rlsys.rewards import TARGETS, check_weights
+
+        max_new_tokens = cfg.rollout.max_new_tokens
+        _at_least(self, "reward", 1, "num_workers")
+        _require(0 <= self.overlong_buffer <= max_new_tokens, "reward.overlong_buffer",
+                 self.overlong_buffer, f"must be in [0, rollout.max_new_tokens={max_new_tokens}]")
+        _at_least(self, "reward", 0, "overlong_factor")
+        _require(self.language_target.lower() in TARGETS, "reward.language_target",
+                 self.language_target, f"one of {', '.join(sorted(TARGETS))}")
+        _one_of(self, "reward", "truncated", ("keep", "zero", "mask"), "keep, zero or mask")
+        for key, weights in self.all_weights():
+            try:
+                check_weights(weights)
+            except ValueError as exc:
+                raise ConfigError(f"bad value for '{key}': {exc}") from None
+        tasks = run_tasks(cfg)
+        for name in self.per_task:
+            _require(name in tasks, f"reward.per_task.{name}", dict(self.per_task[name]),
+                     f"this run has no task {name!r} (its tasks: {', '.join(tasks)})")
+        self.model.validate(cfg)
+
 
 @dataclass
 class LearnerConfig:
@@ -180,6 +292,20 @@ class LearnerConfig:
     num_threads: int = doc("torch threads per learner worker; 0 = the node's cores / (tp x dp)",
                            0)
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
+
+    def validate(self, cfg: Config) -> None:
+        _at_least(self, "learner", 1, "max_tokens_per_microbatch", "tp", "dp")
+        _one_of(self, "learner", "param_dtype", _DTYPES)
+        _one_of(self, "learner", "compute_dtype", _DTYPES)
+        _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
+        _require(self.lr > 0, "learner.lr", self.lr, "must be > 0")
+        _at_least(self, "learner", 0, "grad_clip")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas",
+                 self.betas, "two values in [0, 1)")
+        max_model_len = cfg.rollout.max_model_len
+        _require(self.max_tokens_per_microbatch >= max_model_len,
+                 "learner.max_tokens_per_microbatch", self.max_tokens_per_microbatch,
+                 f"must hold at least one full sequence (rollout.max_model_len={max_model_len})")
 
 
 @dataclass
@@ -209,6 +335,24 @@ class AlgorithmConfig:
     ref_update_every: int = doc("refresh the reference model from the policy every N steps; "
                                 "0 = never", 0)
 
+    def validate(self, cfg: Config) -> None:
+        from rlsys.algo import LOSS_AGG_MODES, ROLLOUT_IS_MODES
+
+        _at_least(self, "algorithm", 1, "updates_per_batch")
+        _require(0 <= self.clip_low < 1, "algorithm.clip_low", self.clip_low, "must be in [0, 1)")
+        _at_least(self, "algorithm", 0, "clip_high")
+        _require(self.dual_clip is None or self.dual_clip > 1, "algorithm.dual_clip",
+                 self.dual_clip, "must be > 1 or null")
+        _at_least(self, "algorithm", 0, "kl_coef")
+        _one_of(self, "algorithm", "kl_estimator", ("k1", "k2", "k3"))
+        _one_of(self, "algorithm", "loss_agg", LOSS_AGG_MODES)
+        _one_of(self, "algorithm", "rollout_is", ROLLOUT_IS_MODES)
+        _require(self.rollout_is_cap > 1, "algorithm.rollout_is_cap", self.rollout_is_cap,
+                 "must be > 1")
+        _require(not self.kl_in_reward or self.kl_coef > 0, "algorithm.kl_in_reward",
+                 self.kl_in_reward,
+                 "needs algorithm.kl_coef > 0, the weight of the KL penalty in the reward")
+
 
 @dataclass
 class TrainerConfig:
@@ -218,13 +362,9 @@ class TrainerConfig:
     seed: int = doc("seed for data sampling, engines and the learner", 0)
     eval_every: int = doc("evaluate on the held-out split every N steps; 0 = only at the end",
                           10)
-    eval_size: int = doc("held-out problems per evaluation (<= data.eval_size); 0 = no "
-                         "evaluation during training (e.g. a pipeline stage, which rlsys.eval "
-                         "evaluates afterwards)", 100)
-    eval_samples: int = doc("k samples per problem for pass@1 at eval temperature; 0 = greedy "
-                            "only", 0)
-    eval_temperature: float = doc("sampling temperature for pass@1", 0.6)
-    eval_top_p: float = doc("top-p for pass@1", 0.95)
+    eval_size: int = doc("held-out problems per evaluation (<= data.eval_size), evaluated as "
+                         "eval.* says; 0 = no evaluation during training (e.g. a pipeline "
+                         "stage, which rlsys.eval evaluates afterwards)", 100)
     save_final: bool = doc("save the trained policy as an HF folder in output_dir/final", True)
     checkpoint_every: int = doc("save a resumable checkpoint every N steps and at the end; "
                                 "0 = never", 0)
@@ -245,6 +385,22 @@ class TrainerConfig:
         "phrases counted per completion as R1's 'aha' signal (response/reflections)",
         factory=lambda: ["wait", "let me check", "verify", "double-check", "re-check",
                          "hmm", "let me recheck"])
+
+    def validate(self, cfg: Config) -> None:
+        import importlib.util
+
+        _at_least(self, "trainer", 1, "steps")
+        data_eval_size = cfg.data.eval_size
+        _require(0 <= self.eval_size <= data_eval_size, "trainer.eval_size", self.eval_size,
+                 f"must be in [0, data.eval_size={data_eval_size}]")
+        _at_least(self, "trainer", 0, "eval_every", "checkpoint_every")
+        _at_least(self, "trainer", 1, "keep_checkpoints")
+        _one_of(self, "trainer", "resume", ("never", "auto"), "never or auto")
+        _one_of(self, "trainer", "wandb_mode", ("online", "offline", "disabled"),
+                "online, offline or disabled")
+        _require(self.wandb_project is None or importlib.util.find_spec("wandb") is not None,
+                 "trainer.wandb_project", self.wandb_project,
+                 "the wandb package is not installed: pip install 'rlsys[wandb]'")
 
 
 @dataclass
@@ -268,6 +424,9 @@ class SFTConfig:
     epochs: int = doc("passes over the examples", 1)
     batch_size: int = doc("examples per optimizer step", 16)
 
+    def validate(self, cfg: Config) -> None:
+        _at_least(self, "sft", 1, "num_examples", "epochs", "batch_size")
+
 
 @dataclass
 class RejectionConfig:
@@ -281,6 +440,12 @@ class RejectionConfig:
                              "saved, so an interrupted stage continues after it", 32)
     merge: str | None = doc("a .jsonl of {prompt, response} rows (e.g. non-reasoning SFT "
                             "data) appended to the dataset", None)
+
+    def validate(self, cfg: Config) -> None:
+        _at_least(self, "rejection", 1, "num_prompts", "samples", "chunk_prompts",
+                  "keep_per_prompt")
+        _require(0 <= self.min_language <= 1, "rejection.min_language", self.min_language,
+                 "must be in [0, 1]")
 
 
 @dataclass
@@ -299,11 +464,28 @@ class PipelineConfig:
     eval: bool = doc("evaluate each model a stage makes (eval.* settings) into its stage.json",
                      False)
 
+    def validate(self, cfg: Config) -> None:
+        names: list[str] = []
+        for i, stage in enumerate(self.stages):
+            key = f"pipeline.stages[{i}]"
+            _require(stage.kind in ("sft", "grpo", "rejection_sampling"), f"{key}.kind",
+                     stage.kind, "sft, grpo or rejection_sampling")
+            _require(bool(stage.name) and "/" not in stage.name and stage.name not in names,
+                     f"{key}.name", stage.name, "a unique name without '/'")
+            _require(stage.model == "base" or stage.model in names or "/" in stage.model,
+                     f"{key}.model", stage.model,
+                     f"base, an earlier stage ({', '.join(names) or 'none'}) or a folder path")
+            names.append(stage.name)
+        _require(self.only is None or self.only in names, "pipeline.only", self.only,
+                 f"one of the stages: {', '.join(names) or 'none'}")
+
 
 @dataclass
 class EvalConfig:
-    k: int = doc("samples per problem for pass@1 (their mean accuracy), pass@k and cons@k",
-                 8)
+    """How a model is evaluated, in a training run (trainer.eval_every) and by rlsys.eval."""
+
+    k: int = doc("samples per problem for pass@1 (their mean accuracy), pass@k and cons@k; "
+                 "0 = greedy decoding only", 8)
     temperature: float = doc("sampling temperature of the k samples (DeepSeek-R1: 0.6)", 0.6)
     top_p: float = doc("top-p of the k samples (DeepSeek-R1: 0.95)", 0.95)
     greedy: bool = doc("also decode each problem greedily and report its accuracy", True)
@@ -315,6 +497,17 @@ class EvalConfig:
                           "summary.json", False)
     save_texts: bool = doc("also write the k sampled completions' texts to problems.jsonl",
                            False)
+
+    def validate(self, cfg: Config) -> None:
+        _at_least(self, "eval", 0, "k")
+        _require(self.k > 0 or self.greedy, "eval.k", self.k,
+                 "eval.k=0 with eval.greedy=false evaluates nothing")
+        _require(self.temperature > 0, "eval.temperature", self.temperature,
+                 "sampling needs temperature > 0 (eval.greedy covers greedy decoding)")
+        _require(0 < self.top_p <= 1, "eval.top_p", self.top_p, "must be in (0, 1]")
+        data_eval_size = cfg.data.eval_size
+        _require(self.size is None or 1 <= self.size <= data_eval_size, "eval.size", self.size,
+                 f"must be in [1, data.eval_size={data_eval_size}] or null")
 
 
 @dataclass
@@ -332,124 +525,15 @@ class Config:
     rejection: RejectionConfig = doc("rejection-sampling stages", factory=RejectionConfig)
     pipeline: PipelineConfig = doc("multi-stage recipes (R1, distillation)",
                                    factory=PipelineConfig)
-    eval: EvalConfig = doc("the evaluation CLI (python -m rlsys.eval)", factory=EvalConfig)
+    eval: EvalConfig = doc("evaluation: in-run and python -m rlsys.eval", factory=EvalConfig)
 
-
-class ConfigError(ValueError):
-    """A bad config name, key or value; the message is one line naming the problem."""
-
-
-# --- loading -------------------------------------------------------------------------------
-
-def available_configs(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in conf_dir.glob("*.yaml"))
-
-
-def _load_yaml_chain(name: str, conf_dir: Path, seen: tuple[str, ...] = ()) -> list[dict]:
-    """The YAML dicts of `name` and its `defaults` parents, parents first."""
-    if name in seen:
-        raise ConfigError(f"conf={name}: circular defaults: {' -> '.join((*seen, name))}")
-    path = conf_dir / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"conf={name}: no such config; available: "
-                          f"{', '.join(available_configs(conf_dir))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    parents = data.pop("defaults", []) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    chain: list[dict] = []
-    for parent in parents:
-        chain += _load_yaml_chain(str(parent), conf_dir, (*seen, name))
-    chain.append(data)
-    return chain
-
-
-def _all_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (for suggestions)."""
-    keys = []
-    if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            key = f"{prefix}{f.name}"
-            keys.append(key)
-            keys += _all_keys(getattr(node, f.name), key + ".")
-    return keys
-
-
-def _first_leaf(key: str, value: Any) -> str:
-    """`traner` with value {steps: 3} → `traner.steps`: name the key as the user wrote it."""
-    while isinstance(value, dict) and len(value) == 1:
-        (sub, value), = value.items()
-        key = f"{key}.{sub}"
-    return key
-
-
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    known = _all_keys(Config())
-    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
-    if not close:  # a typo in the last part only: compare within the same section
-        head, _, tail = key.rpartition(".")
-        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == head]
-        close = [f"{head}.{m}" if head else m
-                 for m in difflib.get_close_matches(tail, siblings, n=2, cutoff=0.5)]
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key '{key}' ({source}){hint}")
-
-
-def _check_keys(data: Any, schema: Any, source: str, prefix: str = "") -> None:
-    """Reject keys the schema does not have, naming the full dotted key."""
-    if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
-        return
-    names = {f.name for f in dataclasses.fields(schema)}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key_error(_first_leaf(full, value), source)
-        _check_keys(value, getattr(schema, key), source, full + ".")
-
-
-def _replaced_keys(schema: Any = None, prefix: str = "") -> list[str]:
-    """Dotted keys of the mappings marked replace=True."""
-    schema = Config() if schema is None else schema
-    keys = []
-    for f in dataclasses.fields(schema):
-        value = getattr(schema, f.name)
-        if f.metadata.get("replace"):
-            keys.append(f"{prefix}{f.name}")
-        elif dataclasses.is_dataclass(value):
-            keys += _replaced_keys(value, f"{prefix}{f.name}.")
-    return keys
-
-
-def _lookup(data: Any, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return MISSING
-        data = data[part]
-    return data
-
-
-def _parse_override(arg: str) -> tuple[str, Any]:
-    if "=" not in arg:
-        raise ConfigError(f"bad argument '{arg}': expected key=value (e.g. trainer.steps=10)")
-    key, raw = arg.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _nest(key: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
+    def validate(self) -> None:
+        """Range and consistency checks that types alone cannot express, section by section
+        (a section's checks may read the others: learner.max_tokens_per_microbatch must hold
+        rollout.max_model_len tokens)."""
+        for section in (self.rollout, self.learner, self.algorithm, self.data, self.reward,
+                        self.trainer, self.eval, self.pipeline, self.sft, self.rejection):
+            section.validate(self)
 
 
 def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
@@ -458,235 +542,9 @@ def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
     Raises ConfigError (one line) for an unknown config name, unknown key, wrong type or an
     out-of-range value.
     """
-    name = None
-    overrides: list[tuple[str, Any]] = []
-    for arg in args:
-        key, value = _parse_override(arg)
-        if key == "conf":
-            name = str(value)
-        else:
-            overrides.append((key, value))
-
-    cfg = OmegaConf.structured(Config)
-    # (where from, data, the replace=True mappings this layer sets as a whole)
-    replaceable = _replaced_keys()
-    layers = [(f"conf/{name}.yaml", d, [k for k in replaceable if _lookup(d, k) is not MISSING])
-              for d in (_load_yaml_chain(name, conf_dir) if name else [])]
-    layers += [("command line", _nest(k, v), [k] if k in replaceable else [])
-               for k, v in overrides]
-    for source, data, replaced in layers:
-        _check_keys(data, Config(), source)
-        try:
-            for key in replaced:
-                OmegaConf.update(cfg, key, {}, merge=False)  # the layer's mapping replaces it
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
-        except (ValidationError, ConfigKeyError) as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            msg = str(exc.msg).split("\n")[0]
-            raise ConfigError(f"bad value for '{key}' ({source}): {msg}") from None
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad config ({source}): {exc}".split("\n")[0]) from None
-    try:
-        config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad config: {exc}".split("\n")[0]) from None
-    validate(config)
+    config = load_structured(Config, args, conf_dir)
+    config.validate()
     return config
-
-
-# --- validation ------------------------------------------------------------------------------
-
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"bad value for '{key}': {value!r} ({why})")
-
-
-def validate(cfg: Config) -> None:
-    """Range and consistency checks that types alone cannot express."""
-    from rlsys.algo import LOSS_AGG_MODES, ROLLOUT_IS_MODES
-
-    r, a, lr, t, d = cfg.rollout, cfg.algorithm, cfg.learner, cfg.trainer, cfg.data
-    _require(r.group_size >= 2, "rollout.group_size", r.group_size,
-             "GRPO compares completions within a group: needs >= 2")
-    for key, value in [("rollout.num_workers", r.num_workers),
-                       ("rollout.prompts_per_step", r.prompts_per_step),
-                       ("rollout.max_new_tokens", r.max_new_tokens),
-                       ("rollout.tensor_parallel_size", r.tensor_parallel_size),
-                       ("rollout.max_sampling_rounds", r.max_sampling_rounds),
-                       ("reward.num_workers", cfg.reward.num_workers),
-                       ("learner.max_tokens_per_microbatch", lr.max_tokens_per_microbatch),
-                       ("learner.tp", lr.tp), ("learner.dp", lr.dp),
-                       ("algorithm.updates_per_batch", a.updates_per_batch),
-                       ("trainer.steps", t.steps),
-                       ("data.eval_size", d.eval_size)]:
-        _require(value >= 1, key, value, "must be >= 1")
-    _require(r.max_staleness >= 0, "rollout.max_staleness", r.max_staleness, "must be >= 0")
-    _require(r.temperature > 0, "rollout.temperature", r.temperature,
-             "sampling needs temperature > 0")
-    _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-    _require(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", r.max_model_len,
-             "must exceed rollout.max_new_tokens to leave room for the prompt")
-    for key, value in [("rollout.dtype", r.dtype), ("learner.param_dtype", lr.param_dtype),
-                       ("learner.compute_dtype", lr.compute_dtype)]:
-        _require(value in ("bfloat16", "float16", "float32"), key, value,
-                 "one of bfloat16, float16, float32")
-    _require(lr.device in ("cpu", "cuda"), "learner.device", lr.device, "cpu or cuda")
-    _require(lr.lr > 0, "learner.lr", lr.lr, "must be > 0")
-    _require(lr.grad_clip >= 0, "learner.grad_clip", lr.grad_clip, "must be >= 0")
-    _require(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
-             lr.betas, "two values in [0, 1)")
-    _require(lr.max_tokens_per_microbatch >= r.max_model_len, "learner.max_tokens_per_microbatch",
-             lr.max_tokens_per_microbatch, "must hold at least one full sequence "
-             f"(rollout.max_model_len={r.max_model_len})")
-    _require(0 <= a.clip_low < 1, "algorithm.clip_low", a.clip_low, "must be in [0, 1)")
-    _require(a.clip_high >= 0, "algorithm.clip_high", a.clip_high, "must be >= 0")
-    _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", a.dual_clip,
-             "must be > 1 or null")
-    _require(a.kl_coef >= 0, "algorithm.kl_coef", a.kl_coef, "must be >= 0")
-    _require(a.kl_estimator in ("k1", "k2", "k3"), "algorithm.kl_estimator", a.kl_estimator,
-             "one of k1, k2, k3")
-    _require(a.loss_agg in LOSS_AGG_MODES, "algorithm.loss_agg", a.loss_agg,
-             f"one of {', '.join(LOSS_AGG_MODES)}")
-    _require(a.rollout_is in ROLLOUT_IS_MODES, "algorithm.rollout_is", a.rollout_is,
-             f"one of {', '.join(ROLLOUT_IS_MODES)}")
-    _require(a.rollout_is_cap > 1, "algorithm.rollout_is_cap", a.rollout_is_cap,
-             "must be > 1")
-    _require(not a.kl_in_reward or a.kl_coef > 0, "algorithm.kl_in_reward", a.kl_in_reward,
-             "needs algorithm.kl_coef > 0, the weight of the KL penalty in the reward")
-    _require(d.template in ("chat", "r1_zero"), "data.template", d.template, "chat or r1_zero")
-    rw = cfg.reward
-    _require(0 <= rw.overlong_buffer <= r.max_new_tokens, "reward.overlong_buffer",
-             rw.overlong_buffer, f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
-    _require(rw.overlong_factor >= 0, "reward.overlong_factor", rw.overlong_factor, "must be >= 0")
-    from rlsys.rewards import TARGETS
-
-    _require(rw.language_target.lower() in TARGETS, "reward.language_target", rw.language_target,
-             f"one of {', '.join(sorted(TARGETS))}")
-    _require(rw.truncated in ("keep", "zero", "mask"), "reward.truncated", rw.truncated,
-             "keep, zero or mask")
-    _require(d.task in (*SINGLE_TASKS, "mix"), "data.task", d.task,
-             f"one of {', '.join(SINGLE_TASKS)} or mix")
-    _require(d.task != "mix" or bool(d.mix), "data.mix", d.mix,
-             "data.task=mix needs the tasks to mix and their shares")
-    for name, share in d.mix.items():
-        _require(name in SINGLE_TASKS, f"data.mix.{name}", share,
-                 f"a task to mix must be one of {', '.join(SINGLE_TASKS)}")
-        _require(share > 0, f"data.mix.{name}", share, "a sampling share must be > 0")
-    _require("file" not in run_tasks(cfg) or bool(d.path), "data.path", d.path,
-             "the file task needs a data file")
-    _require("prompts" not in run_tasks(cfg) or bool(d.prompts_path or d.path),
-             "data.prompts_path", d.prompts_path, "the prompts task needs a data file "
-             "(data.prompts_path, or data.path)")
-    _require(d.arithmetic.num_terms >= 2, "data.arithmetic.num_terms", d.arithmetic.num_terms,
-             "a problem needs >= 2 operands")
-    _require(set(d.arithmetic.ops) <= {"+", "-", "*"} and bool(d.arithmetic.ops),
-             "data.arithmetic.ops", d.arithmetic.ops, "a non-empty list of + - *")
-    _require(d.arithmetic.min_value <= d.arithmetic.max_value, "data.arithmetic.max_value",
-             d.arithmetic.max_value, "must be >= data.arithmetic.min_value")
-    _require(0 <= t.eval_size <= d.eval_size, "trainer.eval_size", t.eval_size,
-             f"must be in [0, data.eval_size={d.eval_size}]")
-    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0")
-    _require(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every,
-             "must be >= 0")
-    _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints,
-             "must be >= 1")
-    _require(t.resume in ("never", "auto"), "trainer.resume", t.resume, "never or auto")
-    _require(t.eval_samples >= 0, "trainer.eval_samples", t.eval_samples, "must be >= 0")
-    from rlsys.rewards import check_weights
-
-    for key, weights in [("reward.weights", cfg.reward.weights),
-                         *((f"reward.per_task.{k}", v) for k, v in cfg.reward.per_task.items())]:
-        try:
-            check_weights(weights)
-        except ValueError as exc:
-            raise ConfigError(f"bad value for '{key}': {exc}") from None
-    for name in cfg.reward.per_task:
-        _require(name in run_tasks(cfg), f"reward.per_task.{name}", dict(cfg.reward.per_task[name]),
-                 f"this run has no task {name!r} (its tasks: {', '.join(run_tasks(cfg))})")
-    _validate_reward_model(cfg)
-    _validate_logging(cfg)
-    _validate_eval(cfg)
-    _validate_pipeline(cfg)
-
-
-def _validate_reward_model(cfg: Config) -> None:
-    from rlsys.models import BUILTIN_MODELS
-    from rlsys.rewards.model_scorer import KINDS, NORMALIZE
-    from rlsys.rewards.registry import PREFERENCE
-
-    rw, m = cfg.reward, cfg.reward.model
-    for key, weights in [("reward.weights", rw.weights),
-                         *((f"reward.per_task.{k}", v) for k, v in rw.per_task.items())]:
-        _require(PREFERENCE not in weights or m.path is not None, "reward.model.path", m.path,
-                 f"{key} uses the {PREFERENCE!r} part, which needs a reward model: set "
-                 "reward.model.path")
-    _require(m.kind in KINDS, "reward.model.kind", m.kind, " or ".join(KINDS))
-    _require(m.normalize in NORMALIZE, "reward.model.normalize", m.normalize,
-             ", ".join(NORMALIZE))
-    _require(m.dtype in ("float32", "bfloat16"), "reward.model.dtype", m.dtype,
-             "float32 or bfloat16")
-    _require(m.device == "cpu" or m.device.startswith("cuda"), "reward.model.device", m.device,
-             "cpu or cuda[:N]")
-    _require(m.label >= 0, "reward.model.label", m.label, "must be >= 0")
-    _require(m.max_length >= 8, "reward.model.max_length", m.max_length, "must be >= 8")
-    _require(m.batch_size >= 1, "reward.model.batch_size", m.batch_size, "must be >= 1")
-    _require(m.judge_template is None or "{response}" in m.judge_template,
-             "reward.model.judge_template", m.judge_template, "must contain {response}")
-    builtin = m.path in BUILTIN_MODELS or str(m.path).startswith(f"{BUILTIN_MODELS[0]}:")
-    _require(not (builtin and m.kind == "classifier"), "reward.model.kind", m.kind,
-             f"reward.model.path={m.path} is a causal LM: use kind=judge")
-
-
-def _validate_logging(cfg: Config) -> None:
-    import importlib.util
-
-    t = cfg.trainer
-    _require(t.wandb_mode in ("online", "offline", "disabled"), "trainer.wandb_mode",
-             t.wandb_mode, "online, offline or disabled")
-    _require(t.wandb_project is None or importlib.util.find_spec("wandb") is not None,
-             "trainer.wandb_project", t.wandb_project,
-             "the wandb package is not installed: pip install 'rlsys[wandb]'")
-
-
-def _validate_eval(cfg: Config) -> None:
-    e = cfg.eval
-    _require(e.k >= 1, "eval.k", e.k, "must be >= 1")
-    _require(e.temperature > 0, "eval.temperature", e.temperature,
-             "sampling needs temperature > 0 (eval.greedy covers greedy decoding)")
-    _require(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
-    _require(e.size is None or 1 <= e.size <= cfg.data.eval_size, "eval.size", e.size,
-             f"must be in [1, data.eval_size={cfg.data.eval_size}] or null")
-
-
-def _validate_pipeline(cfg: Config) -> None:
-    p, s, rj = cfg.pipeline, cfg.sft, cfg.rejection
-    names: list[str] = []
-    for i, stage in enumerate(p.stages):
-        key = f"pipeline.stages[{i}]"
-        _require(stage.kind in ("sft", "grpo", "rejection_sampling"), f"{key}.kind", stage.kind,
-                 "sft, grpo or rejection_sampling")
-        _require(bool(stage.name) and "/" not in stage.name and stage.name not in names,
-                 f"{key}.name", stage.name, "a unique name without '/'")
-        _require(stage.model == "base" or stage.model in names or "/" in stage.model,
-                 f"{key}.model", stage.model,
-                 f"base, an earlier stage ({', '.join(names) or 'none'}) or a folder path")
-        names.append(stage.name)
-    _require(p.only is None or p.only in names, "pipeline.only", p.only,
-             f"one of the stages: {', '.join(names) or 'none'}")
-    _require(s.num_examples >= 1, "sft.num_examples", s.num_examples, "must be >= 1")
-    _require(s.epochs >= 1, "sft.epochs", s.epochs, "must be >= 1")
-    _require(s.batch_size >= 1, "sft.batch_size", s.batch_size, "must be >= 1")
-    _require(rj.num_prompts >= 1, "rejection.num_prompts", rj.num_prompts, "must be >= 1")
-    _require(rj.samples >= 1, "rejection.samples", rj.samples, "must be >= 1")
-    _require(rj.chunk_prompts >= 1, "rejection.chunk_prompts", rj.chunk_prompts, "must be >= 1")
-    _require(rj.keep_per_prompt >= 1, "rejection.keep_per_prompt", rj.keep_per_prompt,
-             "must be >= 1")
-    _require(0 <= rj.min_language <= 1, "rejection.min_language", rj.min_language,
-             "must be in [0, 1]")
-
-
-#: Tasks a run (or a mix) can name; "mix" combines them.
-SINGLE_TASKS = ("arithmetic", "reasoning_gym", "humaneval", "champ", "asdiv", "file", "prompts")
 
 
 def run_tasks(cfg: Config) -> list[str]:

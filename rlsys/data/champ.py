@@ -15,12 +15,11 @@ those with a language-model judge, which rlsys does not use. That leaves 122 of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
-from rlsys.data.tasks import BenchmarkTask, DataError, Problem, register_task
+from rlsys.data.tasks import BenchmarkTask, DataError, Problem, package_data_path, register_task
 
 _EQUIVALENT_RE = re.compile(r"^(.*?),? or (?:equivalently|an equivalent form such as) (.+)$")
 _NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")
@@ -30,15 +29,10 @@ _EXPRESSION_RE = re.compile(r"(?:sqrt|[a-z0-9+\-*/^().!\[\], ])+")
 
 
 def champ_data_path() -> Path:
-    """Location of ``v0.json`` inside the installed `champ-dataset` package."""
-    spec = importlib.util.find_spec("champ_dataset")  # locate, do not import (needs natsort)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("champ task: the `champ-dataset` package is not installed; install it "
-                        "with `pip install champ-dataset==1.0.0`")
-    path = Path(next(iter(spec.submodule_search_locations))) / "dataset_files" / "v0.json"
-    if not path.is_file():
-        raise DataError(f"champ task: {path} not found; reinstall `champ-dataset`")
-    return path
+    """Location of ``v0.json`` inside the installed `champ-dataset` package (located, not
+    imported: importing it needs natsort)."""
+    return package_data_path("champ", "champ_dataset", "dataset_files/v0.json",
+                             "champ-dataset==1.0.0", "reinstall `champ-dataset`")
 
 
 def checkable_answer(raw_answer: str) -> str | None:

