@@ -166,7 +166,7 @@ def run_trl(spec: dict, out: Path) -> dict:
 def evaluate_models(models: dict[str, str], spec: dict, work: Path) -> dict[str, dict]:
     """Greedy accuracy and pass@1 of each model on the demo's held-out problems."""
     from rlsys.config import load_config
-    from rlsys.eval.cli import evaluate
+    from rlsys.eval.evaluator import evaluate
 
     scores = {}
     for name, path in models.items():

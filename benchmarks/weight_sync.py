@@ -5,7 +5,7 @@
 For each model (SmolLM2-135M-Instruct, and a randomly initialised Llama about 3.4x its size
 with SmolLM2's tokenizer) and each engine count N, rlsys's own training path is built: a
 `GRPOTrainer` (learner group, N vLLM engines in Ray actors, the weight-sync process group over
-gloo) and `GRPOTrainer.broadcast_weights` is timed --reps times. That is the whole update as a
+gloo) and its fleet's `EngineFleet.publish` is timed --reps times. That is the whole update as a
 training step pays for it: the learner gathers and casts its fp32 masters to the engines'
 bfloat16, packs 64 MiB buckets and broadcasts them; each engine unpacks them into vLLM, re-packs
 its CPU GEMM weights and confirms the new version. Then, per repetition, one engine generates
@@ -85,9 +85,9 @@ def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
         try:
             for _ in range(reps + 1):  # the first one warms up
                 t0 = time.perf_counter()
-                stats = trainer.broadcast_weights()
+                stats = trainer.fleet.publish([])
                 synced = time.perf_counter()
-                trainer.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
+                trainer.fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
                 first = time.perf_counter()
                 runs.append({"seconds": synced - t0, "bytes": stats["bytes"],
                              "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
@@ -109,14 +109,14 @@ def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
     def pid(actor: object) -> int:
         return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
 
-    pids = {"learner": pid(trainer.learner.rank0), "engine": pid(trainer.rollout.workers[0])}
+    pids = {"learner": pid(trainer.learner.rank0), "engine": pid(trainer.fleet.rollout.workers[0])}
     spies = {name: subprocess.Popen(["py-spy", "record", "-p", str(p), "-d", str(int(seconds)),
                                      "-r", "100", "-f", "raw", "-o", str(work / f"{name}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, p in pids.items()}
     syncs = 0
     while any(spy.poll() is None for spy in spies.values()):
-        trainer.broadcast_weights()
+        trainer.fleet.publish([])
         syncs += 1
     kept = RESULTS / "profiles"
     kept.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,7 @@ def _plain_rank(rank: int, world: int, port: int, mode: str, model_path: str, bu
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from learners.weight_sync import (
+    from rlsys.weight_sync import (
         broadcast_weights,
         build_manifest,
         init_weight_sync_group,
@@ -206,7 +206,7 @@ def _plain_rank(rank: int, world: int, port: int, mode: str, model_path: str, bu
 
 
 def _nbytes(entry: tuple[str, tuple[int, ...], str]) -> int:
-    from learners.weight_sync import dtype_from_name
+    from rlsys.weight_sync import dtype_from_name
 
     return math.prod(entry[1]) * dtype_from_name(entry[2]).itemsize
 
@@ -214,7 +214,7 @@ def _nbytes(entry: tuple[str, tuple[int, ...], str]) -> int:
 def time_plain(mode: str, model_path: Path, receivers: int, reps: int, work: Path) -> dict:
     import torch.multiprocessing as mp
 
-    from learners.weight_sync import find_free_port
+    from rlsys.weight_sync import find_free_port
 
     out = work / f"{mode}-{receivers}.json"
     mp.spawn(_plain_rank, args=(receivers + 1, find_free_port(), mode, str(model_path),

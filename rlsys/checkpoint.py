@@ -16,14 +16,49 @@ step (the data sampler's position, the engines' per-request seeds, the learner's
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("rlsys")
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer.json"
 LEARNER_DIR = "learner"
+
+
+def save(output_dir: str | Path, step: int, learner: Any,
+         trainer_state: dict[str, Any], keep: int) -> Path:
+    """The checkpoint of `step`: the learner group's shards, then the trainer state, made
+    complete by one rename (`begin` / `commit`). Used by the GRPO and the SFT loops alike."""
+    t0 = time.perf_counter()
+    tmp = begin(output_dir, step)
+    learner.save_checkpoint(str(tmp / LEARNER_DIR))
+    path = commit(tmp, step, trainer_state, keep=keep)
+    log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+    return path
+
+
+def restore(path: Path, learner: Any) -> dict[str, Any]:
+    """Load the learner's shards from a checkpoint; returns its trainer state (with "step")."""
+    state = read_trainer_state(path)
+    learner.load_checkpoint(str(path / LEARNER_DIR))
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+def resume_point(output_dir: str | Path, resume: str) -> tuple[Path | None, int]:
+    """With `trainer.resume=auto`, the latest complete checkpoint and its step, after dropping
+    the metrics the interrupted run logged past it (they are redone); else (None, 0)."""
+    path = latest_checkpoint(output_dir) if resume == "auto" else None
+    if path is None:
+        return None, 0
+    step = int(read_trainer_state(path)["step"])
+    truncate_metrics(Path(output_dir) / "metrics.jsonl", step)
+    return path, step
 
 
 def checkpoints_root(output_dir: str | Path) -> Path:

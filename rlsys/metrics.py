@@ -13,8 +13,10 @@ import hashlib
 import json
 import math
 import re
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +113,32 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str | Path, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file; an unreadable file raises OSError.
+
+    A malformed line (not a JSON object with a numeric "step") is a ValueError naming the file
+    and line, except an unterminated last line: MetricsLogger writes whole lines, so that is one
+    a live run is still writing, skipped with a note appended to `notes` (if given).
+    """
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # no newline after it: still being written
+                if notes is not None:
+                    notes.append(f"{path.name} line {number} is incomplete (a live run?): skipped")
+                continue
+            raise ValueError(f"{path}:{number}: malformed metrics line ({exc.msg})") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+            raise ValueError(f'{path}:{number}: malformed metrics line (no numeric "step")')
+        records.append(record)
+    return records
 
 
 def mean_parts(scores: list[dict[str, float]]) -> dict[str, float]:
@@ -139,3 +163,70 @@ def reflection_count(text: str, phrases: Sequence[str]) -> int:
         return 0
     pattern = r"\b(?:" + "|".join(re.escape(p) for p in phrases) + r")\b"
     return len(re.findall(pattern, text, flags=re.IGNORECASE))
+
+
+class PhaseTimer:
+    """Wall-clock seconds of a step's phases: `with timer.phase("update"): ...` adds the time
+    spent inside to `timer.seconds["update"]`; `timer.total()` is the time since it was made."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def step_metrics(batch: Any, learner: dict[str, float], sync: dict[str, float],
+                 timer: PhaseTimer, *, trained_version: int, reflection_words: Sequence[str],
+                 advantages: Any = None) -> dict[str, float]:
+    """The metrics a GRPO step logs, from what the step produced.
+
+    `batch` is the step's rlsys.scheduler.Batch: reward and response statistics describe every
+    group drawn (the current policy), staleness the groups trained on. `learner` is the
+    learner group's train_step figures (empty when nothing was trained), `sync` the weight
+    broadcast's, `timer` the step's phases ("sample", "update", "sync").
+    """
+    drawn_samples = [s for g in batch.drawn for s in g.samples]
+    trained_samples = [s for g in batch.groups for s in g.samples]
+    lengths = [len(s["token_ids"]) for s in drawn_samples]
+    stats = {f"reward/{k}": v for k, v in mean_parts([sc for g in batch.drawn
+                                                       for sc in g.scores]).items()}
+    stats |= {f"train/{k}": v for k, v in learner.items() if not k.startswith("time/")}
+    stats |= {
+        "groups/no_signal_frac": statistics.fmean(not g.has_signal for g in batch.drawn),
+        "groups/trained": len(batch.groups),
+        "rollout/rounds": batch.rounds, "data/skipped_overlong": batch.skipped,
+        "rollout/prompts": len(batch.drawn), "rollout/samples": len(drawn_samples),
+        "response/length_mean": statistics.fmean(lengths),
+        "response/length_max": max(lengths),
+        "response/reflections": statistics.fmean(reflection_count(s["text"], reflection_words)
+                                                 for s in drawn_samples),
+        "response/truncated_frac": statistics.fmean(s["finish_reason"] == "length"
+                                                    for s in drawn_samples),
+        "time/gen": batch.gen_s, "time/gen_wait": batch.gen_wait_s,
+        "time/reward": batch.reward_s,
+        "time/update": timer.seconds.get("update", 0.0),
+        "time/sync": timer.seconds.get("sync", 0.0), "time/step": timer.total(),
+        "throughput/gen_tokens_per_s": sum(lengths) / max(batch.gen_s, 1e-9),
+        "sync/bytes": sync.get("bytes", 0.0), "sync/seconds": sync.get("seconds", 0.0),
+        "time/sync_wait": sync.get("wait_s", 0.0),
+    }
+    if trained_samples:
+        # Versions behind the policy that trained on them (0 = on-policy).
+        staleness = [trained_version - s["weight_version"] for s in trained_samples]
+        stats |= {"rollout/staleness_mean": statistics.fmean(staleness),
+                  "rollout/staleness_max": max(staleness)}
+    if learner:
+        stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
+                  "time/ref_and_old_logprobs": learner["time/ref_and_old_logprobs"],
+                  "throughput/train_tokens_per_s": learner["tokens_per_s"]}
+    return stats

@@ -82,7 +82,7 @@ def test_tiny_run_mixing_arithmetic_and_humaneval(ray_cluster, tmp_path):
                        "data.mix={arithmetic: 1, humaneval: 1}", "data.eval_size=4",
                        "reward.per_task={humaneval: {accuracy: 1.0, tag_count: 1.0}}",
                        "rollout.max_model_len=1024", "learner.max_tokens_per_microbatch=16384",
-                       "trainer.steps=1", "trainer.eval_size=4", "trainer.eval_samples=0",
+                       "trainer.steps=1", "trainer.eval_size=4", "eval.k=0",
                        "trainer.save_final=false"])
     train(cfg)
     records = read_metrics(out / "metrics.jsonl")
@@ -101,7 +101,7 @@ def test_tiny_run_with_a_parallel_learner_group(ray_cluster, tmp_path, shape):
     gathered weights the engines sample with, and exports a loadable model."""
     out = tmp_path / "run"
     train(load_config(["conf=tiny", shape, f"trainer.output_dir={out}", "trainer.steps=2",
-                       "trainer.eval_samples=0"]))
+                       "eval.k=0"]))
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert records[-1]["weight_version"] == 2

@@ -14,7 +14,8 @@ import pytest
 
 from rlsys.config import load_config
 from rlsys.data import Problem
-from rlsys.eval.cli import build_records, expand_shorthands, is_correct, main
+from rlsys.eval.cli import expand_shorthands, main
+from rlsys.eval.evaluator import build_records
 from rlsys.eval.metrics import (
     cons_at_k,
     consensus,
@@ -26,6 +27,7 @@ from rlsys.eval.metrics import (
     pass_k_values,
 )
 from rlsys.eval.report import figures, format_table
+from rlsys.rewards import is_correct
 
 # --- pass@k -----------------------------------------------------------------------------------
 
@@ -228,7 +230,8 @@ def test_shorthands_map_onto_config_keys() -> None:
 
 
 @pytest.mark.parametrize(("argv", "names"), [
-    (["conf=tiny", "k=0"], "eval.k"),
+    (["conf=tiny", "k=-1"], "eval.k"),
+    (["conf=tiny", "k=0", "eval.greedy=false"], "eval.k"),  # nothing to evaluate
     (["conf=tiny", "task=gsm8k"], "data.task"),
     (["conf=tiny", "eval.size=17"], "eval.size"),  # tiny holds out 16
     (["conf=tiny", "eval.top_p=0"], "eval.top_p"),
@@ -305,3 +308,22 @@ def test_eval_cli_on_the_tiny_model(ray_cluster, tmp_path, capsys) -> None:
 
     # A second run into the same folder is refused before anything starts.
     assert main(["conf=tiny", f"out={out}"]) == 2
+
+
+def test_greedy_only_evaluation_has_no_sampled_figures() -> None:
+    """eval.k=0 (a training run's cheap in-run evaluation): greedy accuracy alone."""
+    cfg = load_config(["conf=tiny", "eval.k=0"])
+    problems = [Problem(id=f"p{i}", question="q", answer="1") for i in range(4)]
+    greedy = [{"text": "<answer>1</answer>", "token_ids": [0], "finish_reason": "stop"}] * 4
+    scores = [{"total": float(i % 2), "accuracy": float(i % 2)} for i in range(4)]
+    records = build_records(cfg, problems, greedy, scores, [], [])
+    assert all(r["samples"] == [] and r["cons"] is None and r["pass@1"] is None
+               for r in records)
+    summary = figures(records, 0)
+    assert summary == {"problems": 4, "greedy_accuracy": 0.5, "pass@1": None,
+                       "cons_problems": 0}
+    table = format_table({"model": "m", "task": "arithmetic", "k": 0, "temperature": 0.6,
+                          "top_p": 0.95, "max_new_tokens": 8, "correctness": "accuracy",
+                          **summary})
+    rows = [line.split()[0] for line in table.splitlines()[3:] if line.strip()]
+    assert rows == ["all", "greedy"], table

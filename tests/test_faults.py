@@ -140,19 +140,19 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
     replacement is up (a tiny step is shorter than an engine start), so it joins there."""
     import ray
 
-    from rlsys.trainer import GRPOTrainer
+    from rlsys.fleet import EngineFleet
 
-    apply_scaling = GRPOTrainer.apply_scaling
+    apply_scaling = EngineFleet.apply_scaling
     versions_after: dict[int, tuple[list[int], int]] = {}
 
-    def apply_scaling_waiting_at_step_5(self: GRPOTrainer, step: int = 0) -> None:
+    def apply_scaling_waiting_at_step_5(self: EngineFleet, step: int = 0) -> None:
         if step == 5:
             pings = [ping for _, ping in self.rollout.starting]
             ray.wait(pings, num_returns=len(pings), timeout=240)
         apply_scaling(self, step)
         versions_after[step] = (self.rollout.weight_versions(), self.version)
 
-    monkeypatch.setattr(GRPOTrainer, "apply_scaling", apply_scaling_waiting_at_step_5)
+    monkeypatch.setattr(EngineFleet, "apply_scaling", apply_scaling_waiting_at_step_5)
     out = tmp_path / "run"
     cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
                        "algorithm.dynamic_sampling=false", "trainer.steps=8",

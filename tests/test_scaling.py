@@ -21,7 +21,9 @@ from actors.controller import (
 )
 from rlsys import scale
 from rlsys.config import ConfigError, load_config
-from rlsys.trainer import GRPOTrainer, train
+from rlsys.fleet import EngineFleet
+from rlsys.scheduler import RolloutScheduler
+from rlsys.trainer import train
 
 
 def test_scale_refuses_fewer_than_one_engine_before_connecting(capsys) -> None:
@@ -96,9 +98,9 @@ def test_rollout_engines_grow_and_shrink_mid_run(ray_cluster, tmp_path, monkeypa
     starting_after_request: dict[int, int] = {}
     versions_after: dict[int, tuple[list[int], int]] = {}
     sample_counts: list[tuple[int, int]] = []
-    apply_scaling, score = GRPOTrainer.apply_scaling, GRPOTrainer.score
+    apply_scaling, score = EngineFleet.apply_scaling, RolloutScheduler.score
 
-    def gated_apply_scaling(self: GRPOTrainer, step: int = 0) -> None:
+    def gated_apply_scaling(self: EngineFleet, step: int = 0) -> None:
         if step in gates:
             assert gates[step].wait(timeout=180)
         apply_scaling(self, step)
@@ -111,12 +113,13 @@ def test_rollout_engines_grow_and_shrink_mid_run(ray_cluster, tmp_path, monkeypa
             apply_scaling(self, step)
         versions_after[step] = (self.rollout.weight_versions(), self.version)
 
-    def counting_score(self: GRPOTrainer, problems: list, samples: list[dict], n: int) -> list:
+    def counting_score(self: RolloutScheduler, problems: list, samples: list[dict],
+                       n: int) -> list:
         sample_counts.append((len(problems) * n, len(samples)))
         return score(self, problems, samples, n)
 
-    monkeypatch.setattr(GRPOTrainer, "apply_scaling", gated_apply_scaling)
-    monkeypatch.setattr(GRPOTrainer, "score", counting_score)
+    monkeypatch.setattr(EngineFleet, "apply_scaling", gated_apply_scaling)
+    monkeypatch.setattr(RolloutScheduler, "score", counting_score)
 
     errors: list[BaseException] = []
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from rlsys.data.tasks import DataError, Problem, read_jsonl
 from rlsys.rewards.language import extract_reasoning, language_consistency
+from rlsys.rewards.registry import is_correct
 from rlsys.rewards.rule_based import format_reward
 
 
@@ -130,11 +131,11 @@ def rejection_reason(response: str, scores: dict[str, float], *, target: str,
                      truncated: bool) -> str | None:
     """Why a sampled completion is not kept for SFT, or None to keep it.
 
-    Kept: correct (accuracy 1), in R1's format, finished (not cut at the token limit), at least
-    `min_tokens` long, reasoning at least `min_language` in the target language (R1 drops
-    mixed-language chains of thought), and no repeated paragraphs.
+    Kept: correct (rlsys.rewards.is_correct), in R1's format, finished (not cut at the token
+    limit), at least `min_tokens` long, reasoning at least `min_language` in the target
+    language (R1 drops mixed-language chains of thought), and no repeated paragraphs.
     """
-    if scores.get("accuracy", 0.0) < 1.0:
+    if not is_correct(scores):
         return "wrong"
     if truncated:
         return "truncated"

@@ -19,7 +19,7 @@ def figures(records: Sequence[dict[str, Any]], k: int) -> dict[str, Any]:
 
     cons@k is averaged over the problems where the vote is defined ("cons_problems" says how
     many); it is None when there is none, and greedy accuracy is None when greedy decoding was
-    off.
+    off. With k = 0 (no samples) only the greedy accuracy is given.
     """
     if not records:
         raise ValueError("figures: no problems")
@@ -28,6 +28,8 @@ def figures(records: Sequence[dict[str, Any]], k: int) -> dict[str, Any]:
     out: dict[str, Any] = {"problems": len(records)}
     greedy = [r["greedy"]["correct"] for r in records if r.get("greedy") is not None]
     out["greedy_accuracy"] = sum(greedy) / len(greedy) if greedy else None
+    if k == 0:  # greedy decoding only (eval.k=0): no sampled figures
+        return out | {"pass@1": None, "cons_problems": 0}
     out["pass@1"] = pass_at_1(correct)
     for j in pass_k_values(k)[1:]:
         out[f"pass@{j}"] = mean_pass_at_k(counts, j)
@@ -51,7 +53,8 @@ def format_table(summary: dict[str, Any]) -> str:
     k = summary["k"]
     columns: dict[str, dict[str, Any]] = {"all": summary}
     columns |= summary.get("by_task") or {}
-    rows = ["greedy_accuracy", *(f"pass@{j}" for j in pass_k_values(k)), f"cons@{k}"]
+    rows = ["greedy_accuracy",
+            *([*(f"pass@{j}" for j in pass_k_values(k)), f"cons@{k}"] if k else [])]
     labels = {"greedy_accuracy": "greedy"}
     header = ["", *(f"{name} ({col['problems']})" for name, col in columns.items())]
     table = [header]
@@ -71,8 +74,8 @@ def format_table(summary: dict[str, Any]) -> str:
             f"k={k} samples per problem at temperature {summary['temperature']:g}, "
             f"top-p {summary['top_p']:g}; at most {summary['max_new_tokens']} new tokens", ""]
     notes = ["", f"no final answer in {100 * summary['no_answer_frac']:.1f}% of the samples, "
-             f"{100 * summary['truncated_frac']:.1f}% cut at the token limit"]
-    if summary["cons_problems"] < summary["problems"]:
+             f"{100 * summary['truncated_frac']:.1f}% cut at the token limit"] if k else [""]
+    if k and summary["cons_problems"] < summary["problems"]:
         notes.append(f"cons@{k} over the {summary['cons_problems']} problems with voteable "
                      "answers: code answers are programs and are not voted on")
     if summary["correctness"] != "accuracy":

@@ -25,7 +25,7 @@ from pathlib import Path
 from rlsys import checkpoint, models
 from rlsys.build import ray_session
 from rlsys.config import Config, ConfigError, StageConfig, load_config
-from rlsys.eval.cli import evaluate
+from rlsys.eval.evaluator import evaluate
 from rlsys.pipeline.stages import run_rejection_sampling, run_sft, sft_examples
 from rlsys.trainer import train
 

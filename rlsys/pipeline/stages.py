@@ -29,10 +29,9 @@ from rlsys.build import (
     fitting_prompts,
     make_learner_group,
     make_metrics_logger,
-    make_reward_pool,
-    make_rollout_pool,
     ray_session,
     render_prompts,
+    sampling_pools,
 )
 from rlsys.config import Config
 from rlsys.data import Problem
@@ -45,6 +44,7 @@ from rlsys.data.sft import (
     rejection_reason,
     write_examples,
 )
+from rlsys.sampling import sample_and_score
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
     s, t = cfg.sft, cfg.trainer
     steps_per_epoch = -(-len(prompts) // s.batch_size)
     total = s.epochs * steps_per_epoch
-    resume_from = checkpoint.latest_checkpoint(out) if t.resume == "auto" else None
     log.info("sft: %d examples (%d too long), %d epoch(s) of %d steps", len(prompts), dropped,
              s.epochs, steps_per_epoch)
     with ray_session(cfg):
@@ -110,12 +109,9 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
                                    temperature=1.0, max_response_len=max(map(len, responses)))
         metrics = None
         try:
-            start = 0
+            resume_from, start = checkpoint.resume_point(out, t.resume)
             if resume_from is not None:
-                group.load_checkpoint(str(resume_from / checkpoint.LEARNER_DIR))
-                start = int(checkpoint.read_trainer_state(resume_from)["step"])
-                checkpoint.truncate_metrics(out / "metrics.jsonl", start)
-                log.info("sft: resumed from %s (step %d of %d)", resume_from, start, total)
+                checkpoint.restore(resume_from, group)
             metrics = make_metrics_logger(cfg, out)
             for step in range(start + 1, total + 1):
                 epoch, batch = divmod(step - 1, steps_per_epoch)
@@ -129,9 +125,7 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
                                    **{f"sft/{k}": v for k, v in m.items()}})
                 log.info("sft step %d/%d: nll %.4f", step, total, m["nll"])
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
-                    tmp = checkpoint.begin(out, step)
-                    group.save_checkpoint(str(tmp / checkpoint.LEARNER_DIR))
-                    checkpoint.commit(tmp, step, {"epoch": epoch}, keep=t.keep_checkpoints)
+                    checkpoint.save(out, step, group, {"epoch": epoch}, keep=t.keep_checkpoints)
             final = group.save_pretrained(str(out / "final"))
         finally:
             group.shutdown()
@@ -186,31 +180,18 @@ def run_rejection_sampling(cfg: Config, model_path: str, out: Path) -> Path:
                  len(chunks) - len(todo), len(chunks), len(todo))
     t0 = time.perf_counter()
     if todo:
-        with ray_session(cfg):
-            rollout = make_rollout_pool(cfg, model_path, out / ".vllm")
-            rewards = make_reward_pool(cfg)
-            try:
-                for start, end in todo:
-                    samples = rollout.generate(prompts[start:end], n=rj.samples,
-                                               temperature=rj.temperature, top_p=r.top_p,
-                                               max_tokens=r.max_new_tokens,
-                                               seed=cfg.trainer.seed + start)
-                    texts = [prefix + x["text"] for x in samples]
-                    chunk = problems[start:end]
-                    each = [p for p in chunk for _ in range(rj.samples)]
-                    scores = rewards.score(texts, [p.answer for p in each],
-                                           [p.task for p in each],
-                                           prompts=[p.question for p in each])
-                    done[start] = [{"text": text, "num_tokens": len(x["token_ids"]),
-                                    "truncated": x["finish_reason"] == "length",
-                                    "rewards": score}
-                                   for text, x, score in zip(texts, samples, scores, strict=True)]
-                    _write_chunk(folder, start, done[start])
-                    log.info("rejection sampling: prompts %d-%d of %d sampled", start + 1,
-                             end, len(prompts))
-            finally:
-                rollout.shutdown()
-                rewards.shutdown()
+        with ray_session(cfg), sampling_pools(cfg, model_path, out / ".vllm") as (rollout,
+                                                                                 rewards):
+            for start, end in todo:
+                samples, scores = sample_and_score(
+                    cfg, rollout, rewards, problems[start:end], prompts[start:end], rj.samples,
+                    temperature=rj.temperature, top_p=r.top_p, seed=cfg.trainer.seed + start)
+                done[start] = [{"text": prefix + x["text"], "num_tokens": len(x["token_ids"]),
+                                "truncated": x["finish_reason"] == "length", "rewards": score}
+                               for x, score in zip(samples, scores, strict=True)]
+                _write_chunk(folder, start, done[start])
+                log.info("rejection sampling: prompts %d-%d of %d sampled", start + 1, end,
+                         len(prompts))
     samples = [x for start, _ in chunks for x in done[start]]
     reasons: Counter[str] = Counter()
     kept: list[SFTExample] = []

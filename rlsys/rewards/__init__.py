@@ -21,10 +21,13 @@ from rlsys.rewards.language import (
 )
 from rlsys.rewards.length import overlong_penalty
 from rlsys.rewards.registry import (
+    ACCURACY_PARTS,
     REWARD_FUNCTIONS,
     RewardFn,
     check_weights,
     compute_reward,
+    correctness_part,
+    is_correct,
     register_reward,
 )
 from rlsys.rewards.rule_based import (
@@ -36,6 +39,7 @@ from rlsys.rewards.rule_based import (
 )
 
 __all__ = [
+    "ACCURACY_PARTS",
     "DEFAULT_CODE_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "REWARD_FUNCTIONS",
@@ -48,10 +52,12 @@ __all__ = [
     "check_weights",
     "code_accuracy_reward",
     "compute_reward",
+    "correctness_part",
     "extract_answer",
     "extract_code",
     "extract_reasoning",
     "format_reward",
+    "is_correct",
     "language_consistency",
     "language_consistency_reward",
     "make_language_reward",

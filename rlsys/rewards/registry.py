@@ -120,3 +120,20 @@ def _preference_part(response: str, gold: str) -> float:
 
 
 register_reward(PREFERENCE, _preference_part)
+
+
+#: Reward parts that say whether an answer is right, in the order they are looked for.
+ACCURACY_PARTS = ("accuracy", "code_accuracy")
+
+
+def correctness_part(score: Mapping[str, float]) -> str:
+    """The part of a scored completion that decides `is_correct` ("total > 0" if none)."""
+    return next((part for part in ACCURACY_PARTS if part in score), "total > 0")
+
+
+def is_correct(score: Mapping[str, float]) -> bool:
+    """The one rule for "correct": the completion's accuracy part is 1, or, when the weights
+    have no accuracy part, its total reward is > 0. Training statistics, evaluation and
+    rejection sampling all count with it."""
+    part = correctness_part(score)
+    return score[part] >= 1.0 if part in score else score["total"] > 0

@@ -1,0 +1,163 @@
+"""The rollout engines as a group: their weight-sync group with the learner, the weight version
+they serve, scaling (`python -m rlsys.scale`) and the replacement of engines that die.
+
+The weight-sync group is learner rank 0 plus every engine worker, over NCCL on GPUs and gloo
+on CPU. It has a fixed world size, so any change of the engines re-forms it: every member
+leaves, all join a new group on a fresh port, and the current weights go to every engine
+before it gets a prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from actors.rollout import EnginesLost
+from rlsys.build import make_rollout_pool
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from learners.group import LearnerGroup
+    from rlsys.config import Config
+
+log = logging.getLogger("rlsys")
+
+
+class EngineFleet:
+    """The rollout pool, the version of the weights it serves, and its membership.
+
+    `controller` is the run's named actor through which `python -m rlsys.scale` asks for a
+    number of engines (actors/controller.py); the trainer starts it before any other actor.
+    """
+
+    def __init__(self, cfg: Config, model_path: str, scratch_dir: Path, learner: LearnerGroup,
+                 controller: Any) -> None:
+        self.cfg, self.learner, self.controller = cfg, learner, controller
+        self.rollout = make_rollout_pool(cfg, model_path, scratch_dir)
+        self.version = 0
+        self.engine_restarts = 0  # engines lost (and replaced) so far
+        try:
+            self.connect()
+        except BaseException:
+            self.rollout.shutdown()
+            raise
+
+    def connect(self) -> None:
+        """Every engine worker and learner rank 0 join a new weight-sync group."""
+        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
+        addr, port = self.learner.sync_address()
+        refs = self.rollout.init_weight_sync(addr, port, backend)
+        world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
+        ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])
+        self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
+
+    def close(self) -> None:
+        """Every member leaves the weight-sync group at once (NCCL may tear down collectively).
+
+        Engines run their calls in order, so this also waits for whatever they were given.
+        """
+        ray.get([*self.learner.close_weight_sync(), *self.rollout.close_weight_sync()])
+
+    def publish(self, in_flight: list) -> dict[str, float]:
+        """The learner's new weights, as the next version, to every engine; they confirm it.
+
+        Batches sampled ahead (`in_flight`) finish first: the engines would take the update
+        only after them anyway, and a broadcast left waiting that long could time out its
+        process group.
+        """
+        t0 = time.perf_counter()
+        ray.wait(in_flight, num_returns=len(in_flight), fetch_local=False)
+        if self.rollout.reap():  # engines that died this step must leave the group first
+            self.drop_lost_engines()
+        self.version += 1
+        return self.send_weights() | {"wait_s": time.perf_counter() - t0}
+
+    def send_weights(self) -> dict[str, float]:
+        """The learner's weights, as `version`, to every engine (after a resume too)."""
+        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
+        engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version)
+        sent = self.learner.broadcast_weights(self.manifest, bucket)
+        results = ray.get([*sent, *engine_refs])
+        stats, versions = results[0], results[len(sent):]
+        self.check_versions(versions)
+        return stats
+
+    def check_versions(self, versions: list[int]) -> None:
+        if any(v != self.version for v in versions):
+            raise RuntimeError(f"engines report weight versions {versions}, "
+                               f"expected {self.version}")
+
+    def drop_lost_engines(self) -> None:
+        """Re-form the weight-sync group without the engines the pool found dead (their
+        unfinished prompts already ran elsewhere, see RolloutPool.collect). The run still
+        wants as many engines, so `apply_scaling` starts replacements, which receive the
+        current weights before they take work."""
+        lost, self.rollout.lost = self.rollout.lost, []
+        self.engine_restarts += len(lost)
+        log.warning("rollout engine(s) %s died; %d left, replacement(s) starting", lost,
+                    len(self.rollout.workers))
+        self.close()
+        self.connect()
+
+    def replace_all_engines(self) -> None:
+        """RolloutPool.collect's `recover`: every engine died mid-step. Start one, wait for
+        it, and give it the current weights, so the step's prompts can be sampled again."""
+        self.rollout.add_workers(1)
+        ready, errors = self.rollout.take_ready(timeout=None)
+        if not ready:
+            raise EnginesLost(f"every rollout engine died and a new one failed to start: "
+                              f"{errors[0] if errors else 'no engine'}")
+        self.drop_lost_engines()
+        self.send_weights()
+
+    def apply_scaling(self, step: int = 0) -> None:
+        """Bring the engines to the number asked for with `python -m rlsys.scale`.
+
+        Runs between steps, when no weights are in flight. New engines start in the
+        background: until one answers, training goes on with the engines there are (a Ray
+        autoscaler may take minutes to add a node). Engines finish the calls they were given
+        (rounds sampled ahead with rollout.max_staleness too) before leaving the group or being
+        removed.
+        """
+        pool = self.rollout
+        desired = ray.get(self.controller.desired_rollout_workers.remote())
+        planned = len(pool.workers) + len(pool.starting)
+        if desired > planned:
+            log.info("scaling: starting %d rollout engine(s) for %d requested",
+                     desired - planned, desired)
+            pool.add_workers(desired - planned)
+        elif desired < planned and pool.cancel_starting(planned - desired):
+            log.info("scaling: stopped rollout engine(s) still starting, %d requested", desired)
+        ready, errors = pool.take_ready()
+        if errors:
+            log.error("scaling: %d new rollout engine(s) failed to start (not retried; ask "
+                      "again with python -m rlsys.scale): %s", len(errors), errors[0])
+            self.controller.request_rollout_workers.remote(len(pool.workers)
+                                                           + len(pool.starting))
+        excess = max(0, len(pool.workers) - desired)
+        if ready or excess:
+            t0 = time.perf_counter()
+            self.close()
+            removed = pool.remove_workers(excess)
+            self.connect()
+            self.send_weights()
+            self.check_versions(pool.weight_versions())
+            log.info("scaling: %d rollout engine(s) from step %d (added %s, removed %s); "
+                     "weights v%d sent in %.1fs", len(pool.workers), step,
+                     [info["name"] for info in ready], removed, self.version,
+                     time.perf_counter() - t0)
+        self.controller.report.remote({"rollout_workers": len(pool.workers),
+                                       "pending_rollout_workers": len(pool.starting),
+                                       "weight_version": self.version, "step": step})
+
+    def stats(self) -> dict[str, float]:
+        return {"rollout/engines": len(self.rollout.workers),
+                "rollout/engine_restarts": self.engine_restarts,
+                "weight_version": self.version}
+
+    def shutdown(self) -> None:
+        self.rollout.shutdown()
