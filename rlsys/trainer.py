@@ -137,26 +137,16 @@ class GRPOTrainer:
             log.info("saved the trained policy to %s", path)
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One GRPO step: sample and score, advantages, update, publish; returns its metrics."""
-        a, timer = self.cfg.algorithm, PhaseTimer()
+        """One GRPO step: sample and score, update, publish; returns its metrics."""
+        timer = PhaseTimer()
         batch = self.scheduler.next_batch(step)
         trained_version = self.fleet.version
+        if self.cfg.rollout.max_staleness:
+            self.scheduler.sample_ahead(step)
         learner_stats, extra, sync, advantages = {}, {}, {}, None
-        with timer.phase("update"):
-            if self.cfg.rollout.max_staleness:
-                self.scheduler.sample_ahead(step)
-            if batch.groups:  # dynamic sampling can come back empty-handed: nothing to learn
-                learner_batch, rewards = self.learner_batch(batch)
-                if a.kl_in_reward:
-                    rewards, learner_batch["ref_logprobs"], extra = self.kl_in_reward(
-                        learner_batch, rewards)
-                advantages = group_advantages(rewards, self.cfg.rollout.group_size,
-                                              normalize_std=a.normalize_std)
-                learner_batch["advantages"] = advantages.tolist()
-                learner_stats = self.learner.train_step(learner_batch)
-                if a.ref_update_every and step % a.ref_update_every == 0:
-                    self.learner.update_reference()
-        if batch.groups:
+        if batch.groups:  # dynamic sampling can come back empty-handed: nothing to learn
+            with timer.phase("update"):
+                advantages, learner_stats, extra = self.update(step, batch)
             with timer.phase("sync"):
                 sync = self.fleet.publish(self.scheduler.in_flight())
         stats = step_metrics(batch, learner_stats, sync, timer, trained_version=trained_version,
@@ -165,18 +155,32 @@ class GRPOTrainer:
         stats |= extra | self.fleet.stats() | {"rollout/queue_depth": len(self.scheduler.pending)}
         return stats | {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
 
-    # --- the parts ----------------------------------------------------------------------------
-
-    def learner_batch(self, batch: Batch) -> tuple[dict[str, list], torch.Tensor]:
-        """The learner's view of the groups to train on, and their rewards (group-major)."""
+    def update(self, step: int, batch: Batch
+               ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """Group advantages of the batch's rewards, then the learner's GRPO update; returns
+        the advantages, the learner's figures and the KL-in-reward figures (if any)."""
+        a = self.cfg.algorithm
         samples = [s for g in batch.groups for s in g.samples]
+        rewards = torch.tensor([sc["total"] for g in batch.groups for sc in g.scores])
         mask_truncated = self.cfg.reward.truncated == "mask"
-        return ({"prompt_ids": [s["prompt_ids"] for s in samples],
-                 "response_ids": [s["token_ids"] for s in samples],
-                 "rollout_logprobs": [s["logprobs"] for s in samples],
-                 "loss_mask": [not (mask_truncated and s["finish_reason"] == "length")
-                               for s in samples]},
-                torch.tensor([sc["total"] for g in batch.groups for sc in g.scores]))
+        learner_batch = {"prompt_ids": [s["prompt_ids"] for s in samples],
+                         "response_ids": [s["token_ids"] for s in samples],
+                         "rollout_logprobs": [s["logprobs"] for s in samples],
+                         "loss_mask": [not (mask_truncated and s["finish_reason"] == "length")
+                                       for s in samples]}
+        extra: dict[str, float] = {}
+        if a.kl_in_reward:
+            rewards, learner_batch["ref_logprobs"], extra = self.kl_in_reward(learner_batch,
+                                                                              rewards)
+        advantages = group_advantages(rewards, self.cfg.rollout.group_size,
+                                      normalize_std=a.normalize_std)
+        learner_batch["advantages"] = advantages.tolist()
+        learner_stats = self.learner.train_step(learner_batch)
+        if a.ref_update_every and step % a.ref_update_every == 0:
+            self.learner.update_reference()
+        return advantages, learner_stats, extra
+
+    # --- the parts ----------------------------------------------------------------------------
 
     def kl_in_reward(self, batch: dict[str, list], rewards: torch.Tensor
                      ) -> tuple[torch.Tensor, list[list[float]], dict[str, float]]:
