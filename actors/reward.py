@@ -61,19 +61,7 @@ class RewardWorker:
         self.parts = dict(parts or {})
         self.per_task = {task: dict(w) for task, w in (per_task or {}).items()}
         self.model_options = dict(model) if model else None
-        self._scorer: Any = None  # a ModelScorer, built by `scorer()` on first use
-
-    def scorer(self) -> Any:
-        """The reward model, loaded on the first call. A model that cannot be loaded raises
-        (a configuration problem, not one item's): the caller's `score` call fails loudly."""
-        if self._scorer is None:
-            if self.model_options is None:
-                raise ValueError(f"the {PREFERENCE!r} reward part needs a reward model: set "
-                                 "reward.model.path")
-            from rlsys.rewards.model_scorer import ModelScorer
-
-            self._scorer = ModelScorer(**self.model_options)
-        return self._scorer
+        self._scorer: Any = None  # a ModelScorer, built by `_preferences` on first use
 
     def _preferences(self, responses: list[str], prompts: list[str] | None,
                      need: list[int]) -> dict[int, float | str | BaseException]:
@@ -86,9 +74,14 @@ class RewardWorker:
         if self.model_options is None:
             return dict.fromkeys(need, f"the {PREFERENCE!r} reward part needs a reward model: "
                                        "set reward.model.path")
-        scorer = self.scorer()
+        if self._scorer is None:
+            # A model that cannot be loaded raises (a configuration problem, not one item's):
+            # the caller's `score` call fails loudly.
+            from rlsys.rewards.model_scorer import ModelScorer
+
+            self._scorer = ModelScorer(**self.model_options)
         try:
-            values = scorer.score([prompts[i] for i in need], [responses[i] for i in need])
+            values = self._scorer.score([prompts[i] for i in need], [responses[i] for i in need])
         except Exception as exc:  # a scoring bug costs these items, not the batch's other parts
             return dict.fromkeys(need, exc)
         return {i: v if math.isfinite(v) else f"the reward model scored {v}"

@@ -13,8 +13,9 @@ numerics, and the train-vs-rollout gap and importance ratios compare like with l
 
 Failures: a batch is split into chunks, one per engine; a chunk whose engine died is run again
 on a live engine with the same prompts and seeds (so with the same samples), and the pool drops
-the dead engine and names it in `lost`, for the trainer to re-form the weight-sync group and
-start a replacement. Scaling (`add_workers`, `remove_workers`) changes `workers` between steps.
+the dead engine and names it in `lost`, for the fleet (rlsys/fleet.py) to re-form the
+weight-sync group and start a replacement. Scaling (`add_workers`, `remove_workers`) changes
+`workers` between steps.
 """
 
 from __future__ import annotations
@@ -422,10 +423,8 @@ class RolloutPool:
         They wait in `starting` until `take_ready` moves them into `workers`, so a Ray
         autoscaler can take minutes to provide their resources while the current engines work.
         """
-        started = []
-        for _ in range(count):
-            worker = self._start_worker()
-            started.append((worker, worker.ping.remote()))
+        workers = [self._start_worker() for _ in range(count)]
+        started = [(worker, worker.ping.remote()) for worker in workers]
         self.starting += started
         return started
 
@@ -459,12 +458,11 @@ class RolloutPool:
         """Stop the last `count` engines still starting; returns how many were stopped."""
         import ray
 
-        count = min(count, len(self.starting))
-        cancelled = self.starting[len(self.starting) - count:] if count else []
-        self.starting = self.starting[: len(self.starting) - count]
+        keep = max(len(self.starting) - count, 0)
+        cancelled, self.starting = self.starting[keep:], self.starting[:keep]
         for worker, _ in cancelled:
             ray.kill(worker)
-        return count
+        return len(cancelled)
 
     def remove_workers(self, count: int) -> list[str]:
         """Drain and stop the last `count` engines (at least one stays); their names.
@@ -477,12 +475,9 @@ class RolloutPool:
         if not 0 <= count < len(self.workers):
             raise ValueError(f"cannot remove {count} of {len(self.workers)} engines: "
                              "at least one must stay")
-        if count == 0:
-            return []
-        removed = self.workers[len(self.workers) - count:]
-        infos = self.info[len(self.info) - count:]
-        self.workers = self.workers[: len(self.workers) - count]
-        self.info = self.info[: len(self.info) - count]
+        keep = len(self.workers) - count
+        removed, self.workers = self.workers[keep:], self.workers[:keep]
+        infos, self.info = self.info[keep:], self.info[:keep]
         ray.get([worker.ping.remote() for worker in removed])
         for worker in removed:
             ray.kill(worker)

@@ -70,12 +70,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoints_root(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return sorted((int(match.group(1)), path) for path in root.iterdir()
+                  if (match := _NAME.match(path.name)) and (path / TRAINER_STATE).is_file())
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

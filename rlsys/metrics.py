@@ -147,13 +147,9 @@ def mean_parts(scores: list[dict[str, float]]) -> dict[str, float]:
     In a mixed-task run tasks weigh different parts, so a part is averaged over the problems
     whose reward includes it, not counted as 0 for the others.
     """
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for score in scores:
-        for key, value in score.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    return {key: sums[key] / counts[key] for key in sums}
+    parts = dict.fromkeys(key for score in scores for key in score)  # in first-seen order
+    values = {part: [score[part] for score in scores if part in score] for part in parts}
+    return {part: sum(v) / len(v) for part, v in values.items()}
 
 
 def reflection_count(text: str, phrases: Sequence[str]) -> int:

@@ -32,17 +32,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "COMPLETE_MARKER",
-    "SMOLLM2_GGUF_FILE",
-    "ModelError",
-    "build_tiny_model",
-    "convert_smollm2",
-    "default_cache_dir",
-    "resolve_model",
-]
-
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random"
 BUILTIN_MODELS: tuple[str, ...] = (SMOLLM2, TINY)
@@ -288,14 +277,6 @@ def _find_smollm2_gguf() -> pathlib.Path:
     )
 
 
-def _require_gguf() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError(
-            f"model.path={SMOLLM2} needs the PyPI package gguf to read the GGUF weights: "
-            "pip install gguf"
-        )
-
-
 def convert_smollm2(out_dir: str | os.PathLike[str], gguf_path: str | os.PathLike[str]) -> None:
     """Dequantize the SmolLM2 GGUF into a safetensors folder at ``out_dir`` (must exist).
 
@@ -304,7 +285,9 @@ def convert_smollm2(out_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
     float32 master weights anyway (AdamW updates at lr ~1e-6 vanish in bfloat16 storage).
     vLLM casts to bfloat16 at load time when asked for ``dtype="bfloat16"``.
     """
-    _require_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"model.path={SMOLLM2} needs the PyPI package gguf to read the GGUF "
+                         "weights: pip install gguf")
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -343,10 +326,8 @@ def convert_smollm2(out_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
     config = hf_config.to_diff_dict()
     # The GGUF's display name is no path anyone can load from, and the tensors written above
     # are plain floats: a quantization_config would send both loaders down a quantized path.
-    config.pop("_name_or_path", None)
-    config.pop("_model_name_or_path", None)
-    config.pop("quantization_config", None)
-    config.pop("torch_dtype", None)
+    for key in ("_name_or_path", "_model_name_or_path", "quantization_config", "torch_dtype"):
+        config.pop(key, None)
     config["architectures"] = [type(skeleton).__name__]
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -359,11 +340,8 @@ def convert_smollm2(out_dir: str | os.PathLike[str], gguf_path: str | os.PathLik
         tokenizer.init_kwargs.pop(loading_flag, None)
     tokenizer.save_pretrained(str(out))
 
-    generation = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    generation = {key: getattr(tokenizer, key)
+                  for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 

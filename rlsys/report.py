@@ -222,8 +222,7 @@ def _save(fig: Any, out: Path, name: str, made: list[tuple[str, str]], title: st
 def _lines_plot(run: Run, keys: Sequence[str], title: str, ylabel: str, out: Path, name: str,
                 made: list[tuple[str, str]], label: Callable[[str], str] | None = None) -> None:
     """One axis with a line per present key; nothing is written if none has a point."""
-    present = [(k, *run.series(k)) for k in keys]
-    present = [p for p in present if p[1]]
+    present = [(k, *series) for k in keys if (series := run.series(k))[0]]
     if not present:
         return
     fig, (ax,) = _figure()
@@ -237,8 +236,7 @@ def _lines_plot(run: Run, keys: Sequence[str], title: str, ylabel: str, out: Pat
 def _panels_plot(run: Run, keys: Sequence[str], title: str, out: Path, name: str,
                  made: list[tuple[str, str]]) -> None:
     """One panel per present key (their scales differ: KL ~1e-3, entropy ~1, tokens ~100)."""
-    present = [(k, *run.series(k)) for k in keys]
-    present = [p for p in present if p[1]]
+    present = [(k, *series) for k in keys if (series := run.series(k))[0]]
     if not present:
         return
     fig, axes = _figure(len(present), height=2.4)
@@ -337,6 +335,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _config_summary(config: dict[str, Any] | None) -> list[str]:
+    """A few header lines (model, task, steps, G, prompts per step) and a blank line."""
     if not config:
         return []
 
@@ -348,15 +347,13 @@ def _config_summary(config: dict[str, Any] | None) -> list[str]:
 
     items = [("model", "model.path"), ("task", "data.task"), ("steps", "trainer.steps"),
              ("G", "rollout.group_size"), ("prompts per step", "rollout.prompts_per_step")]
-    return [f"- {label}: `{get(key)}`" for label, key in items if get(key) is not None]
+    lines = [f"- {label}: `{get(key)}`" for label, key in items if get(key) is not None]
+    return [*lines, ""] if lines else []
 
 
 def _summary_rows(run: Run) -> list[list[str]]:
     rows = []
-    keys = run.keys()
     for key, higher in KEY_METRICS.items():
-        if key not in keys:
-            continue
         steps, values = run.series(key)
         if not steps:
             continue
@@ -392,10 +389,7 @@ def single_report(run: Run, out: Path) -> str:
     """report.md of a GRPO (or SFT) run folder; writes its plots into `out`."""
     run_dir = run.path
     lines = [f"# Run report: {run_dir.name}", "", f"Run folder: `{run_dir.resolve()}`", ""]
-    config = _config_summary(run.config)
-    if config:
-        lines += [*config, ""]
-    lines += _run_body(run, out, "", "##")
+    lines += _config_summary(run.config) + _run_body(run, out, "", "##")
     return "\n".join(lines) + "\n"
 
 
@@ -424,9 +418,7 @@ def pipeline_report(root: Path, stages: list[Stage], runs: dict[Path, Run], out:
     (`runs`: the metrics of the stage folders that have them)."""
     lines = [f"# Pipeline report: {root.name}", "", f"Run folder: `{root.resolve()}`", ""]
     notes: list[str] = []
-    config = _config_summary(_read_config(root / "config.yaml", notes))
-    if config:
-        lines += [*config, ""]
+    lines += _config_summary(_read_config(root / "config.yaml", notes))
     total = sum(_number((s.record or {}).get("seconds")) or 0.0 for s in stages)
     lines.append(f"{len(stages)} stages, {sum(s.complete for s in stages)} complete, "
                  f"{total / 60:.1f} minutes of stage time.")
@@ -441,16 +433,15 @@ def pipeline_report(root: Path, stages: list[Stage], runs: dict[Path, Run], out:
             lines += ["", f"{stage.name}: samples by rejection reason: {counts}."]
 
     evaluated = [s for s in stages if s.evaluation]
-    if evaluated:
-        groups = {"greedy": [_number(s.evaluation.get("greedy_accuracy")) for s in evaluated],
-                  "pass@1": [_number(s.evaluation.get("pass@1")) for s in evaluated],
-                  "cons@k": [s.cons()[1] for s in evaluated]}
-        groups = {k: v for k, v in groups.items() if any(x is not None for x in v)}
-        if groups:
-            _bar_plot([s.name for s in evaluated], groups, "held-out accuracy per stage",
-                      "accuracy", out / "stages_accuracy.png", top=1.05)
-            lines += ["", "## Held-out accuracy per stage", "",
-                      "![held-out accuracy per stage](stages_accuracy.png)"]
+    groups = {"greedy": [_number(s.evaluation.get("greedy_accuracy")) for s in evaluated],
+              "pass@1": [_number(s.evaluation.get("pass@1")) for s in evaluated],
+              "cons@k": [s.cons()[1] for s in evaluated]}
+    groups = {k: v for k, v in groups.items() if any(x is not None for x in v)}
+    if groups:  # some stage was evaluated
+        _bar_plot([s.name for s in evaluated], groups, "held-out accuracy per stage",
+                  "accuracy", out / "stages_accuracy.png", top=1.05)
+        lines += ["", "## Held-out accuracy per stage", "",
+                  "![held-out accuracy per stage](stages_accuracy.png)"]
     minutes = {s.name: _number((s.record or {}).get("seconds")) for s in stages}
     timed = {name: m / 60 for name, m in minutes.items() if m is not None}
     if timed:
@@ -465,10 +456,7 @@ def pipeline_report(root: Path, stages: list[Stage], runs: dict[Path, Run], out:
         if run is None:
             lines.append("No metrics.jsonl in this stage's folder.")
             continue
-        config = _config_summary(run.config)
-        if config:
-            lines += [*config, ""]
-        lines += _run_body(run, out, f"{stage.folder.name}_", "###")
+        lines += _config_summary(run.config) + _run_body(run, out, f"{stage.folder.name}_", "###")
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 logger = logging.getLogger(__name__)
 
@@ -107,22 +107,11 @@ class SandboxResult:
     stderr_truncated: bool = False
     elapsed_s: float = 0.0
 
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
 
 def bwrap_path() -> str | None:
     """Path of the ``bwrap`` binary, or None when bubblewrap is not installed."""
     return shutil.which("bwrap") or (
         "/usr/bin/bwrap" if os.access("/usr/bin/bwrap", os.X_OK) else None
-    )
-
-
-def _unavailable_message() -> str:
-    return (
-        "bubblewrap (`bwrap`) is required to run untrusted code but was not found. "
-        "Install the Debian package `bubblewrap`: apt-get install -y bubblewrap "
-        "(or pass unsafe_local=True to run with rlimits only, which is NOT isolated)."
     )
 
 
@@ -164,10 +153,6 @@ def _root_binds() -> list[str]:
     return args
 
 
-def _slot_address(uid: int) -> str:
-    return f"\0rlsys-sandbox-uid-{uid}"
-
-
 # Where this process starts looking for a free slot: random per process, so that several
 # processes on a host do not all contend for the same first slots, then just past the last slot
 # it claimed, so that this process reuses a just-released uid (whose killed processes the kernel
@@ -177,14 +162,13 @@ _next_slot = random.randrange(HOST_UID_SLOTS)
 
 def _try_claim_any() -> tuple[int, socket.socket] | None:
     global _next_slot
-    slots = HOST_UID_SLOTS
-    start = _next_slot % slots
-    for i in range(slots):
-        slot = (start + i) % slots
+    start = _next_slot % HOST_UID_SLOTS
+    for i in range(HOST_UID_SLOTS):
+        slot = (start + i) % HOST_UID_SLOTS
         uid = HOST_UID_BASE + slot
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(_slot_address(uid))
+            sock.bind(f"\0rlsys-sandbox-uid-{uid}")  # abstract namespace: no file
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:  # another sandbox holds this uid
@@ -207,10 +191,7 @@ def claim_host_uid(deadline: float) -> Iterator[int | None]:
     these names, and anyone in this one could bind them, which denies slots but can never make
     two sandboxes share a uid.
     """
-    while True:
-        claimed = _try_claim_any()
-        if claimed is not None or time.monotonic() >= deadline:
-            break
+    while (claimed := _try_claim_any()) is None and time.monotonic() < deadline:
         time.sleep(min(_SLOT_RETRY_S, max(deadline - time.monotonic(), 0.0)))
     if claimed is None:
         yield None
@@ -326,14 +307,15 @@ def run_python(
     _check_files(files)
     bwrap = bwrap_path()
     if bwrap is None and not unsafe_local:
-        raise SandboxUnavailable(_unavailable_message())
+        raise SandboxUnavailable(
+            "bubblewrap (`bwrap`) is required to run untrusted code but was not found. "
+            "Install the Debian package `bubblewrap`: apt-get install -y bubblewrap "
+            "(or pass unsafe_local=True to run with rlimits only, which is NOT isolated).")
 
     claim_start = time.monotonic()
-    if bwrap is None:
-        # Not isolated and not switching users, so there is no per-uid budget to keep apart.
-        uid_claim: contextlib.AbstractContextManager[int | None] = contextlib.nullcontext()
-    else:
-        uid_claim = claim_host_uid(claim_start + timeout_s)
+    # Without bwrap nothing is isolated or run as another user: no per-uid budget to keep apart.
+    uid_claim = (contextlib.nullcontext() if bwrap is None
+                 else claim_host_uid(claim_start + timeout_s))
     scratch: list[str] = []  # host dirs to delete afterwards (unsafe_local mode only)
     with uid_claim as host_uid:
         if bwrap is not None and host_uid is None:
@@ -518,46 +500,18 @@ def _communicate(
     return (bufs[out_fd], truncated[out_fd]), (bufs[err_fd], truncated[err_fd]), timed_out
 
 
-def measure_overhead(n: int = 20) -> dict[str, float]:
-    """Per-launch overhead of a trivial program, and throughput sequentially / 2 in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    t0 = time.monotonic()
-    for _ in range(n):
-        run_python("print(1)")
-    seq = time.monotonic() - t0
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda _: run_python("print(1)"), range(n)))
-    par = time.monotonic() - t0
-    return {
-        "launch_overhead_ms": 1000 * seq / n,
-        "checks_per_s_sequential": n / seq,
-        "checks_per_s_parallel2": n / par,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Run one file (throughput: `python -m benchmarks.sandbox_throughput`)."""
     parser = argparse.ArgumentParser(description="Run a Python file in the rlsys sandbox.")
-    parser.add_argument("file", nargs="?", help="Python file to run")
+    parser.add_argument("file", help="Python file to run")
     parser.add_argument("--timeout", type=float, default=5.0, help="wall-clock limit, seconds")
     parser.add_argument("--memory-mb", type=int, default=512, help="address-space limit, MiB")
     parser.add_argument("--stdin", default=None, help="file whose contents are fed as stdin")
-    parser.add_argument("--bench", action="store_true", help="measure launch overhead instead")
     args = parser.parse_args(argv)
-    if args.bench:
-        print(json.dumps(measure_overhead(), indent=2))
-        return 0
-    if not args.file:
-        parser.error("FILE is required unless --bench is given")
-    with open(args.file) as fh:
-        code = fh.read()
-    stdin = ""
-    if args.stdin:
-        with open(args.stdin) as fh:
-            stdin = fh.read()
-    result = run_python(code, stdin=stdin, timeout_s=args.timeout, memory_mb=args.memory_mb)
-    print(json.dumps(result.to_dict(), indent=2))
+    stdin = Path(args.stdin).read_text() if args.stdin else ""
+    result = run_python(Path(args.file).read_text(), stdin=stdin, timeout_s=args.timeout,
+                        memory_mb=args.memory_mb)
+    print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0 if result.status == "ok" else 1
 
 

@@ -20,21 +20,6 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = [
-    "KL_ESTIMATORS",
-    "LOSS_AGG_MODES",
-    "ROLLOUT_IS_MODES",
-    "aggregate_loss",
-    "entropy_from_logits",
-    "group_advantages",
-    "grpo_loss",
-    "kl_penalty",
-    "kl_shaped_rewards",
-    "masked_mean",
-    "policy_loss",
-    "rollout_is_weights",
-]
-
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 LOSS_AGG_MODES: tuple[str, ...] = (
     "token-mean",

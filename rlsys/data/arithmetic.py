@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from rlsys.data.tasks import DataError, IndexedTask, Problem, register_task
-
-if TYPE_CHECKING:
-    from rlsys.config import Config
+from rlsys.data.tasks import DataError, IndexedTask, Problem, RunConfig, register_task
 
 _OPS = ("+", "-", "*")
 # Up to this many distinct expressions the held-out split is chosen exactly by enumeration;
@@ -22,10 +19,31 @@ _ENUMERATE_LIMIT = 100_000
 _MIN_HELD_OUT_FRACTION = 0.02
 
 
-def _stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process (Python's hash() is salted per run)."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
+def worked_steps(terms: list[int], ops: list[str]) -> tuple[list[str], int]:
+    """`terms` joined by `ops` evaluated as a person would, by hand (no eval()): products
+    first, left to right, then sums. Returns the steps, sentences like "4 * (-2) = -8." (none
+    for a single number), and the result; the cold-start SFT data shows the steps."""
+
+    def show(v: int) -> str:
+        return f"({v})" if v < 0 else str(v)
+
+    steps = []
+    # Fold products into their left neighbour, left to right.
+    folded, signs = [terms[0]], []
+    for op, v in zip(ops, terms[1:], strict=True):
+        if op == "*":
+            product = folded[-1] * v
+            steps.append(f"{show(folded[-1])} * {show(v)} = {product}.")
+            folded[-1] = product
+        else:
+            folded.append(v)
+            signs.append(op)
+    total = folded[0]
+    for op, v in zip(signs, folded[1:], strict=True):
+        new = total + v if op == "+" else total - v
+        steps.append(f"{show(total)} {op} {show(v)} = {new}.")
+        total = new
+    return steps, total
 
 
 @register_task
@@ -57,15 +75,10 @@ class ArithmeticTask(IndexedTask):
         max_value: int = 50,
         num_terms: int = 2,
         eval_size: int = 100,
-        config_prefix: str = "data",
     ) -> None:
-        self._prefix = config_prefix
         self._check_ints(seed=seed, min_value=min_value, max_value=max_value,
                          num_terms=num_terms, eval_size=eval_size)
-        if isinstance(ops, str):
-            # "+-" or "+" from a command line override: accept it as a sequence of symbols.
-            ops = tuple(ops)
-        ops = tuple(ops)
+        ops = tuple(ops)  # a string ("+-" from a command line override) gives its symbols
         if not ops:
             raise DataError(f"{self._key('ops')}: is empty; choose from '+', '-', '*'")
         bad = [op for op in ops if op not in _OPS]
@@ -100,13 +113,12 @@ class ArithmeticTask(IndexedTask):
                 f"({self.num_expressions // 4}). Lower eval_size or widen the range.")
         # The eval split's identity: everything that defines the problem space, but not `seed`.
         self._space_tag = f"arith-v1|ops={''.join(ops)}|{min_value}..{max_value}|terms={num_terms}"
-        self._next_index = 0
         self._held_out_exact: set[str] | None = None
         self._hash_threshold = 0
         self._eval: list[Problem] = self._build_eval()
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ArithmeticTask:
+    def from_config(cls, cfg: RunConfig) -> ArithmeticTask:
         a = cfg.data.arithmetic
         return cls(seed=cfg.trainer.seed, ops=tuple(a.ops), min_value=a.min_value,
                    max_value=a.max_value, num_terms=a.num_terms, eval_size=cfg.data.eval_size)
@@ -125,21 +137,6 @@ class ArithmeticTask(IndexedTask):
             parts.append(f"{op} ({term})" if term < 0 else f"{op} {term}")
         return " ".join(parts)
 
-    @staticmethod
-    def _evaluate(terms: list[int], ops: list[str]) -> int:
-        # Precedence by hand (no eval()): fold '*' into the current product, then sum.
-        total = 0
-        product = terms[0]
-        sign = 1
-        for op, term in zip(ops, terms[1:], strict=True):
-            if op == "*":
-                product *= term
-            else:
-                total += sign * product
-                sign = 1 if op == "+" else -1
-                product = term
-        return total + sign * product
-
     def _draw(self, rng: random.Random) -> tuple[list[int], list[str]]:
         terms = [rng.randint(self.min_value, self.max_value) for _ in range(self.num_terms)]
         ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
@@ -150,13 +147,15 @@ class ArithmeticTask(IndexedTask):
         return Problem(
             id=f"arith:{expr}",
             question=f"What is {expr}?",
-            answer=str(self._evaluate(terms, ops)),
+            answer=str(worked_steps(terms, ops)[1]),
             meta={"expression": expr},
             task=self.name,
         )
 
     def _hash(self, expr: str) -> int:
-        return _stable_hash(f"{self._space_tag}|{expr}")
+        """A 64-bit hash that is the same in every process (Python's hash() is salted per run)."""
+        digest = hashlib.sha256(f"{self._space_tag}|{expr}".encode()).digest()
+        return int.from_bytes(digest[:8], "big")
 
     def _is_held_out(self, expr: str) -> bool:
         if self._held_out_exact is not None:
@@ -165,17 +164,9 @@ class ArithmeticTask(IndexedTask):
 
     def _enumerate(self) -> Iterator[tuple[list[int], list[str]]]:
         values = range(self.min_value, self.max_value + 1)
-
-        def rec(terms: list[int], ops: list[str]) -> Iterator[tuple[list[int], list[str]]]:
-            if len(terms) == self.num_terms:
-                yield terms, ops
-                return
-            for op in self.ops:
-                for v in values:
-                    yield from rec([*terms, v], [*ops, op])
-
-        for v in values:
-            yield from rec([v], [])
+        for terms in itertools.product(values, repeat=self.num_terms):
+            for ops in itertools.product(self.ops, repeat=self.num_terms - 1):
+                yield list(terms), list(ops)
 
     def _build_eval(self) -> list[Problem]:
         if self.eval_size == 0:
@@ -211,9 +202,8 @@ class ArithmeticTask(IndexedTask):
         """Draw the next `n` training problems (with replacement, never a held-out one)."""
         out = []
         for _ in range(self._check_n(n)):
-            index = self._next_index
+            rng = random.Random(f"arith-train|{self.seed}|{self._next_index}")
             self._next_index += 1
-            rng = random.Random(f"arith-train|{self.seed}|{index}")
             while True:
                 terms, ops = self._draw(rng)
                 if not self._is_held_out(self._render(terms, ops)):

@@ -9,24 +9,20 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlsys.data.tasks import DataError, Problem, ProblemListTask, normalize_question, register_task
-
-if TYPE_CHECKING:
-    from rlsys.config import Config
+from rlsys.data.tasks import (
+    DataError,
+    Problem,
+    ProblemListTask,
+    RunConfig,
+    normalize_question,
+    register_task,
+)
 
 logger = logging.getLogger(__name__)
 
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-
-
-def _file_kind(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return ""
 
 
 @register_task
@@ -41,9 +37,7 @@ class FileTask(ProblemListTask):
     seeded by `split_seed` (separate from `seed` so runs with different sampling seeds share an
     eval set). Training rows whose question also occurs in the eval split are dropped, so
     duplicated rows cannot leak eval problems into training (`num_overlap_dropped`).
-
-    Sampling walks a seeded permutation of the training rows and reshuffles at each epoch; the
-    state is (epoch, position), so a restore repeats the exact sequence.
+    Sampling is ProblemListTask's.
     """
 
     name = "file"
@@ -60,9 +54,7 @@ class FileTask(ProblemListTask):
         seed: int = 0,
         skip_malformed: bool = False,
         split_seed: int = 0,
-        config_prefix: str = "data",
     ) -> None:
-        self._prefix = config_prefix
         self._check_ints(eval_size=eval_size, seed=seed, split_seed=split_seed)
         if eval_size < 0:
             raise DataError(f"{self._key('eval_size')}: must be >= 0, got {eval_size}")
@@ -76,7 +68,6 @@ class FileTask(ProblemListTask):
         self.eval_path = Path(eval_path) if eval_path else None
         self.prompt_key = prompt_key
         self.answer_key = answer_key
-        self.seed = seed
         self.split_seed = split_seed
         self.skip_malformed = skip_malformed
         self.num_skipped = 0
@@ -118,7 +109,7 @@ class FileTask(ProblemListTask):
         self._start_sampler(seed)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> FileTask:
+    def from_config(cls, cfg: RunConfig) -> FileTask:
         d = cfg.data
         # The prompts task reads data.prompts_path if set, else data.path and data.eval_path.
         own = d.prompts_path if issubclass(cls, PromptsTask) else None
@@ -134,7 +125,7 @@ class FileTask(ProblemListTask):
             raise DataError(f"{where}: file not found: {path}")
         if path.is_dir():
             raise DataError(f"{where}: {path} is a directory, expected a .jsonl or .parquet file")
-        kind = _file_kind(path)
+        kind = next((s for s in _SUFFIXES if path.name.lower().endswith(s)), "")
         if not kind:
             raise DataError(
                 f"{where}: {path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}"
@@ -169,12 +160,9 @@ class FileTask(ProblemListTask):
                     try:
                         row = json.loads(raw.decode("utf-8"))
                     except UnicodeDecodeError as err:
-                        yield str(lineno), _BadRow(f"not valid UTF-8 ({err.reason})")
-                        continue
+                        row = _BadRow(f"not valid UTF-8 ({err.reason})")
                     except json.JSONDecodeError as err:
-                        bad = _BadRow(f"invalid JSON ({err.msg} at column {err.colno})")
-                        yield str(lineno), bad
-                        continue
+                        row = _BadRow(f"invalid JSON ({err.msg} at column {err.colno})")
                     yield str(lineno), row
         except (OSError, EOFError) as err:
             raise DataError(f"{where}: cannot read {path}: {err}") from None
@@ -212,8 +200,7 @@ class FileTask(ProblemListTask):
             raise _BadRow(
                 f"field {self.prompt_key!r} must be a string, got {type(question).__name__}"
             )
-        if not self.answer_required and (
-                row.get(self.answer_key) is None or row.get(self.answer_key) == ""):
+        if not self.answer_required and row.get(self.answer_key) in (None, ""):
             answer: Any = ""  # no gold answer: rule-based parts score 0, a reward model scores
         else:
             answer = self._field(row, self.answer_key, "answer_key")
@@ -222,11 +209,8 @@ class FileTask(ProblemListTask):
             # code_accuracy reward runs after the model's code in the sandbox.
             answer = json.dumps({"verifier": "code", "tests": answer})
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
-            raise _BadRow(
-                f"field {self.answer_key!r} must be a string, a number or a list of test "
-                f"strings, "
-                f"got {type(answer).__name__}"
-            )
+            raise _BadRow(f"field {self.answer_key!r} must be a string, a number or a list of "
+                          f"test strings, got {type(answer).__name__}")
         if isinstance(answer, float) and not math.isfinite(answer):
             raise _BadRow(f"field {self.answer_key!r} is not a finite number: {answer!r}")
         meta = {k: v for k, v in row.items() if k not in (self.prompt_key, self.answer_key)}

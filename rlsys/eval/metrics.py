@@ -6,14 +6,15 @@ For a problem with n sampled completions of which c are correct:
     pass@k  = 1 - C(n - c, k) / C(n, k)        (Chen et al. 2021, unbiased, for k <= n)
     cons@n  = correctness of the majority answer among the n samples
 
-and a benchmark figure is the mean over problems. No Ray, no model: the CLI (rlsys.eval.cli)
-collects the correctness and answers, these functions only count.
+and a benchmark figure is the mean over problems. No Ray, no model: the evaluator
+(rlsys.eval.evaluator) collects the correctness and answers, these functions only count.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -109,17 +110,11 @@ def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, int | None
     A tie goes to the tied answer that occurs first among the samples (lowest sample index),
     which keeps the vote deterministic and independent of string order.
     """
-    counts: dict[str, int] = {}
-    first: dict[str, int] = {}
-    for i, answer in enumerate(answers):
-        if answer is None:
-            continue
-        counts[answer] = counts.get(answer, 0) + 1
-        first.setdefault(answer, i)
+    counts = Counter(answer for answer in answers if answer is not None)  # first-seen order
     if not counts:
         return None, None
-    winner = max(counts, key=lambda a: (counts[a], -first[a]))
-    return winner, first[winner]
+    winner = max(counts, key=counts.__getitem__)  # max keeps the first of tied answers
+    return winner, answers.index(winner)
 
 
 def consensus(answers: Sequence[str | None], correct: Sequence[bool]) -> tuple[str | None, bool]:

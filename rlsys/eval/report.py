@@ -1,8 +1,8 @@
 """From per-problem records to the summary figures and the printed table (pure functions).
 
-A record is one line of problems.jsonl (see rlsys.eval.cli): the greedy completion's
-correctness, the k samples' normalised answers and correctness, and the majority vote, or
-None for it where the vote is not defined (code problems).
+A record is one line of problems.jsonl (rlsys.eval.evaluator.build_records): the greedy
+completion's correctness, the k samples' normalised answers and correctness, and the majority
+vote, or None for it where the vote is not defined (code problems).
 """
 
 from __future__ import annotations

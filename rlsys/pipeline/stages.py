@@ -72,7 +72,7 @@ def encode_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase,
     prompt_ids, response_ids, dropped = [], [], 0
     eos = tokenizer.eos_token_id
     for text, ex in zip(render_prompts(cfg, tokenizer, problems), examples, strict=True):
-        response = ex.response.removeprefix(prefix) if prefix else ex.response
+        response = ex.response.removeprefix(prefix)
         p = tokenizer(text)["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + (
             [eos] if eos is not None else [])
@@ -197,9 +197,7 @@ def run_rejection_sampling(cfg: Config, model_path: str, out: Path) -> Path:
     kept: list[SFTExample] = []
     for i, problem in enumerate(problems):
         accepted = 0
-        for j in range(rj.samples):
-            k = i * rj.samples + j
-            x = samples[k]
+        for j, x in enumerate(samples[i * rj.samples:(i + 1) * rj.samples]):
             reason = rejection_reason(
                 x["text"], x["rewards"], target=cfg.reward.language_target,
                 min_language=rj.min_language, num_tokens=x["num_tokens"],

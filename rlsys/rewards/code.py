@@ -40,10 +40,6 @@ def _last_python_block(text: str) -> str | None:
     return None
 
 
-def _looks_like_code(text: str) -> bool:
-    return "def " in text or "return" in text
-
-
 def extract_code(response: str) -> str | None:
     """The Python code a response commits to, or None when it has none.
 
@@ -54,17 +50,13 @@ def extract_code(response: str) -> str | None:
     """
     answers = _ANSWER_RE.findall(response)
     answer = answers[-1] if answers else None
-    if answer is not None:
-        block = _last_python_block(answer)
-        if block is not None:
+    for text in (answer or "", response):
+        if (block := _last_python_block(text)) is not None:
             return block
-    block = _last_python_block(response)
-    if block is not None:
-        return block
     # Without <answer> tags the whole response is the answer, minus any reasoning, which is
     # prose and would only turn a correct bare function into a syntax error.
     raw = answer if answer is not None else response.rsplit("</think>", 1)[-1]
-    if _looks_like_code(raw):
+    if "def " in raw or "return" in raw:  # looks like code
         # Strip only blank lines at the ends: leading indentation is meaningful for a bare
         # function body that completes the prompt.
         return raw.strip("\n")

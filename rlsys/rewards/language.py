@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 # Scripts recognised by the prefix of a character's Unicode name ("LATIN SMALL LETTER A",
 # "CJK UNIFIED IDEOGRAPH-4E00", "HANGUL SYLLABLE GA"...). Letters of any other script count as
@@ -143,6 +144,7 @@ def extract_reasoning(response: str) -> str:
     return _TAG_RE.sub(" ", before_answer)
 
 
+@dataclass(frozen=True)
 class LanguageReward:
     """A reward part `(response, gold) -> float` scoring language consistency for one target.
 
@@ -150,26 +152,17 @@ class LanguageReward:
     The target is validated on construction, so a bad config fails at startup.
     """
 
-    def __init__(self, target: str = "en") -> None:
-        _target_scripts(target)
-        self.target = target.lower()
+    target: str = "en"
+
+    def __post_init__(self) -> None:
+        _target_scripts(self.target)
+        object.__setattr__(self, "target", self.target.lower())
         # Reward parts are logged by name; give instances one like a function's.
-        self.__name__ = f"language_{self.target}"
+        object.__setattr__(self, "__name__", f"language_{self.target}")
 
     def __call__(self, response: str, gold: str) -> float:
         # gold is unused: consistency depends on the reasoning only.
         return language_consistency(extract_reasoning(response), self.target)
-
-    def __repr__(self) -> str:
-        return f"LanguageReward(target={self.target!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, LanguageReward):
-            return NotImplemented
-        return self.target == other.target
-
-    def __hash__(self) -> int:
-        return hash((LanguageReward, self.target))
 
 
 def make_language_reward(target: str) -> LanguageReward:

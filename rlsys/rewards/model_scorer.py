@@ -51,15 +51,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "DEFAULT_JUDGE_TEMPLATE",
-    "KINDS",
-    "NORMALIZE",
-    "ModelScorer",
-    "ModelScorerError",
-    "render_judge_prompt",
-]
-
 KINDS = ("classifier", "judge")
 NORMALIZE = ("sigmoid", "softmax", "none")
 DTYPES = ("float32", "bfloat16")

@@ -78,13 +78,8 @@ def compute_reward(response: str, gold: str, weights: Mapping[str, float],
     """
     check_weights(weights, functions)
     table = {**REWARD_FUNCTIONS, **(functions or {})}
-    out: dict[str, float] = {}
-    total = 0.0
-    for name, weight in weights.items():
-        value = float(table[name](response, gold))
-        out[name] = value
-        total += weight * value
-    return {"total": total, **out}
+    parts = {name: float(table[name](response, gold)) for name in weights}
+    return {"total": sum(weights[name] * value for name, value in parts.items()), **parts}
 
 
 def _tag_count_part(response: str, gold: str) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_TAGS = ("<think>", "</think>", _ANSWER_OPEN, _ANSWER_CLOSE)
 
 # math-verify bounds parsing and comparison with signal.alarm; a pathological answer such as
 # 9^{9^{9^{9}}} would otherwise stall a reward worker. The bound is per call (parse or verify).
@@ -49,13 +49,10 @@ def format_reward(response: str) -> float:
     answer is non-empty. The think block may be empty: the format reward checks structure only.
     """
     text = response.strip()
-    for tag in (_THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE):
-        if text.count(tag) != 1:
-            return 0.0
-    match = _FORMAT_RE.fullmatch(text)
-    if match is None or not match.group(1).strip():
+    if any(text.count(tag) != 1 for tag in _TAGS):
         return 0.0
-    return 1.0
+    match = _FORMAT_RE.fullmatch(text)
+    return 1.0 if match is not None and match.group(1).strip() else 0.0
 
 
 def tag_count_reward(response: str) -> float:
@@ -65,8 +62,7 @@ def tag_count_reward(response: str) -> float:
     out never producing the whole structure (so the strict reward alone has no variance within
     a group, and GRPO no signal).
     """
-    return sum(0.25 for tag in (_THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE)
-               if response.count(tag) == 1)
+    return sum(0.25 for tag in _TAGS if response.count(tag) == 1)
 
 
 # Plain decimal numbers, optionally with thousands separators ("1,000" or "1 000") and a short
@@ -88,10 +84,6 @@ def plain_number(text: str) -> Fraction | None:
         return Fraction(text.replace(",", "").replace(" ", ""))
     except (ValueError, ZeroDivisionError):
         return None
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 _warned_thread = False
@@ -155,7 +147,7 @@ def accuracy_reward(response: str, gold: str, *, timeout_s: int = DEFAULT_TIMEOU
         return 1.0 if pred_value == gold_value else 0.0
 
     timeout: int | None = timeout_s
-    if not _in_main_thread():
+    if threading.current_thread() is not threading.main_thread():
         global _warned_thread
         if not _warned_thread:
             _warned_thread = True
