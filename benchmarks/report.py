@@ -176,6 +176,84 @@ def r1_rows(d: dict) -> list[Row]:
                 target=target("<=", R1_MINUTES, " min"), met=met(None, total, R1_MINUTES, False))]
 
 
+def memory_plan_rows(d: dict) -> list[Row]:
+    rows, tol = get(d, "rows") or [], get(d, "tolerance")
+    bound = f"within +-{tol:.0%}" if _num(tol) else DASH
+
+    def worst(key: str) -> Any:
+        values = [v for r in rows if _num(v := get(r, key))]
+        return max(values, key=lambda v: abs(v - 1), default=None)
+
+    out = []
+    for key, what in (("ratio_transient", "memory above the resident state"),
+                      ("ratio_peak", "peak memory")):
+        w = worst(key)
+        out.append(Row(f"memory plan estimate / measured {what}, worst of {len(rows)} "
+                       "(CPU learner updates)", None if w is None else f"{w:.2f}x",
+                       target=bound, met=None if w is None or not _num(tol) else abs(w - 1) <= tol))
+    return out
+
+
+def memory_plan_notes(d: dict) -> list[str]:
+    """The validation table: every model, parallel shape, budget and checkpointing mode."""
+    rows = get(d, "rows") or []
+    if not rows:
+        return []
+    lines = ["GiB per learner rank. Measured: the CPU allocator's events during one update "
+             "(profiler), above what the rank held before it (parameters, AdamW state), and that "
+             "state added for the peak. Plan: `rlsys.memory_plan.learner_plan` at the "
+             f"micro-batch's token count. Checkpointing: {get(d, 'checkpointing') or DASH}.", "",
+             "| model | tp x dp | tokens / micro-batch | checkpointing | measured above "
+             "resident | plan | plan / measured | measured peak | plan peak | plan / measured |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [get(r, "model"), f"{get(r, 'tp') or 1} x {get(r, 'dp') or 1}",
+                 f"{get(r, 'tokens_per_microbatch'):,}" if _num(get(r, "tokens_per_microbatch"))
+                 else DASH, get(r, "checkpointing"),
+                 fmt(get(r, "measured_transient_gib")), fmt(get(r, "plan_transient_gib")),
+                 fmt(get(r, "ratio_transient"), is_ratio=True), fmt(get(r, "measured_peak_gib")),
+                 fmt(get(r, "plan_peak_gib")), fmt(get(r, "ratio_peak"), is_ratio=True)]
+        lines.append("| " + " | ".join(_cell(str(c)) for c in cells) + " |")
+    return [*lines, "",
+            "Not covered here: the GPU path (the varlen kernel saves no attention mask; the plan "
+            "counts none on CUDA) and paper-scale shapes, whose figures are the same formulas "
+            "at other sizes; `python -m benchmarks.gpu_check` measures a Qwen2.5-1.5B-shaped "
+            "update against the plan on a GPU. The plan counts every token of a micro-batch as "
+            "predicted (prompts are a few percent of these batches) and SDPA's masks on CPU "
+            "at rollout.max_model_len keys per row: upper bounds.", ""]
+
+
+def gpu_check_rows(d: dict) -> list[Row]:
+    dev = get(d, "device") or {}
+    where = get(dev, "name") or get(dev, "kind") or "?"
+    rows = []
+    for m in get(d, "models") or []:
+        name, tokens = get(m, "model"), get(m, "tokens_per_microbatch")
+        for mode in ("none", "full"):
+            f = get(m, "modes", mode) or {}
+            tag = f"{name}, {fmt(tokens)} tokens/micro-batch, checkpointing {mode}, {where}"
+            rows.append(Row(f"learner update tokens/s, {tag}", get(f, "tokens_per_s")))
+            if get(f, "mfu_spec") is not None:
+                rows.append(Row(f"MFU vs spec bf16 peak ({fmt(get(dev, 'bf16_peak_tflops_spec'))}"
+                                f" TFLOP/s), {tag}", get(f, "mfu_spec")))
+            tol = get(d, "plan_tolerance")
+            rows.append(Row(f"memory plan / measured peak ({fmt(get(f, 'peak_gib'))} GiB), {tag}",
+                            get(f, "plan_ratio"), target=f"within +-{tol:.0%}" if _num(tol)
+                            else DASH, met=get(f, "plan_within_tolerance")))
+        rows.append(Row(f"GiB saved by activation checkpointing, {name}, {where}",
+                        get(m, "checkpointing_saved_gib"), "plan",
+                        get(m, "checkpointing_saved_plan_gib")))
+    rows.append(Row(f"varlen vs SDPA parity ({get(d, 'parity', 'backend') or DASH}), {where}",
+                    get(d, "parity", "ok"), met=get(d, "parity", "ok")))
+    rows.append(Row(f"DCP save/load round trip, {where}", get(d, "dcp", "ok"),
+                    met=get(d, "dcp", "ok")))
+    return rows
+
+
+def _none_plots(d: dict, out: Path) -> list[Path | None]:
+    return []
+
+
 # --- plots ---------------------------------------------------------------------------------------
 
 def _bars(ax: Any, groups: dict[str, dict[str, Any]], ylabel: str, line: Any = None) -> bool:
@@ -349,6 +427,19 @@ BENCHMARKS = (
           "sandbox.", sandbox_rows, sandbox_plots),
     Bench("smol_learning", "The CPU demo (conf/smol.yaml) end to end: held-out accuracy and "
           "format reward against wall-clock minutes.", smol_rows, smol_plots),
+    Bench("memory_plan", "The per-GPU memory plan (`rlsys/memory_plan.py`, printed by "
+          "`--print-config`) against measurement: the real learner's GRPO update (two packed "
+          "micro-batches, fp32 masters, bf16 autocast, AdamW) of the tiny model and "
+          "SmolLM2-135M at three token budgets each, and of the tiny model as tensor x data "
+          "parallel worlds (spawned gloo ranks; the busiest rank), without and with activation "
+          "checkpointing. The issue's target: the estimate within +-25% of the measured peak.",
+          memory_plan_rows, _none_plots, optional=True, notes=memory_plan_notes),
+    Bench("gpu_check", "The prepared GPU check (`python -m benchmarks.gpu_check`, torch and "
+          "transformers only): a bf16 learner update of SmolLM2-135M- and Qwen2.5-1.5B-shaped "
+          "models at >= 16k tokens per micro-batch (tokens/s, MFU, peak memory against the "
+          "plan, memory saved by checkpointing), varlen/SDPA attention parity and a DCP round "
+          "trip. Rows appear once it has run on a GPU (`--device cpu` writes "
+          "results/quick/).", gpu_check_rows, _none_plots, optional=True),
     Bench("async_rollouts", "Step time with rollouts one step ahead (max_staleness=1) against "
           "on-policy steps.", async_rows, async_plots, optional=True),
     Bench("r1_smol", "Every stage of the R1 recipe (conf/r1_smol.yaml) at toy scale, each "

@@ -12,6 +12,11 @@ instead of a second pass; the reference model is only built and run when
 `algorithm.kl_coef > 0` (and run once per batch, before the advantages, when
 `algorithm.kl_in_reward`); and the (vocabulary-sized) output projection runs only on the
 positions that predict response tokens, never on the rest of the prompt.
+
+Memory: with `learner.activation_checkpointing=full` every decoder layer of the policy keeps
+only its input for backward and runs again there (learners/parallel.py); the reference model
+never builds a graph and is not checkpointed. The config's "auto" is decided before the learner
+starts; a learner given "auto" does not checkpoint.
 """
 
 from __future__ import annotations
@@ -113,10 +118,14 @@ class Learner:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         register_packed_attention()
-        self.model = self._build_model(model_path)
+        # "auto" is resolved to none/full by the memory plan before the learner starts
+        # (rlsys.build); a learner built directly with "auto" does not checkpoint.
+        self.model = self._build_model(
+            model_path, checkpoint_activations=learner.activation_checkpointing == "full")
         self.model.train()
         self.ref_model: nn.Module | None = None
         if algorithm.kl_coef > 0:
+            # Runs only without gradients: nothing to checkpoint.
             self.ref_model = self._build_model(model_path).eval().requires_grad_(False)
 
         # Fused: one kernel over all parameters; the per-tensor loop costs seconds on CPU.
@@ -130,12 +139,14 @@ class Learner:
         self.step = 0
         self.sync_group = None
 
-    def _build_model(self, path: str) -> nn.Module:
+    def _build_model(self, path: str, checkpoint_activations: bool = False) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[self.cfg.param_dtype], attn_implementation=ATTENTION_NAME)
         model.to(self.device)
+        if checkpoint_activations:
+            parallel.apply_activation_checkpointing(model)
         parallel.apply_tensor_parallel(model, self.mesh["tp"])
         parallel.apply_fsdp(model, self.mesh["dp"], self.compute_dtype)
         return model

@@ -13,6 +13,16 @@ The learner's world is a 2-D device mesh ("dp", "tp"), rank = dp_index * tp + tp
   before it runs. At dp = 1 there is nothing to shard and FSDP is not applied: on CPU its
   gathers and copies cost a fifth of the step.
 
+Activation checkpointing (`learner.activation_checkpointing=full`) is applied to every decoder
+layer before either: each layer's forward keeps only its inputs, and backward runs it again
+(non-reentrant `torch.utils.checkpoint`, as torchtitan does). It replaces the layer's `forward`
+rather than wrapping the layer in a `CheckpointWrapper` module, so parameter names, the tensor
+parallel plan (which addresses `self_attn.q_proj`... inside each layer) and the FSDP units are
+exactly those of the plain model: the weight sync, the checkpoints and the engines never see a
+`_checkpoint_wrapped_module.` prefix. FSDP's hooks stay outside the recomputed region (the
+layer is gathered once for its backward, recomputation included); tensor parallel's
+collectives are inside it and run again, in the same order on every rank.
+
 Mixed precision is autocast in every shape (fp32 master weights, bf16 matmuls); under FSDP the
 gathered parameters are already bf16, so its casts are free. Everything downstream (gradient
 norm, gathering full tensors, checkpoints) takes plain tensors and DTensors alike.
@@ -27,12 +37,14 @@ import functools
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -82,6 +94,34 @@ def check_tensor_parallel(config: object, tp: int) -> None:
                     ("intermediate_size", getattr(config, "intermediate_size", tp))):
         if n % tp:
             raise ValueError(f"learner.tp={tp} must divide the model's {what} ({n})")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder layer in place (see the module docstring); idempotent.
+
+    Without gradients (log-prob passes, the reference model) a layer runs as usual: there is
+    nothing to save, so nothing to recompute.
+    """
+    for layer in model.get_decoder().layers:
+        if not is_activation_checkpointed(layer):
+            layer.forward = _checkpointed(layer.forward)
+
+
+def is_activation_checkpointed(layer: nn.Module) -> bool:
+    return getattr(layer.forward, "activation_checkpointed", False)
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # Non-reentrant: keyword tensors (rotary embeddings, the packed layout) need no special
+        # handling, and the RNG and autocast states are replayed in the recomputation.
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    run.activation_checkpointed = True  # type: ignore[attr-defined]
+    return run
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:

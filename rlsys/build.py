@@ -6,6 +6,7 @@ pipeline's stages.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
 from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml
 from rlsys.data import TASKS, DataError, Problem, Task, render_prompt
+from rlsys.memory_plan import model_shape, resolve_checkpointing
 from rlsys.metrics import MetricsLogger
 from rlsys.models import resolve_model
 from rlsys.rewards import make_language_reward
@@ -47,8 +49,16 @@ def build_task(cfg: Config) -> Task:
 
 def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig, *,
                        temperature: float, max_response_len: int) -> LearnerGroup:
-    """`learner.tp` x `learner.dp` learner actors holding `model_path`, as configured."""
+    """`learner.tp` x `learner.dp` learner actors holding `model_path`, as configured.
+
+    `learner.activation_checkpointing=auto` is resolved here by the memory plan (full when the
+    plan without it exceeds learner.device_memory_gb): the learners only see none or full.
+    """
     lc = cfg.learner
+    if lc.activation_checkpointing == "auto":
+        shape = model_shape(model_path)
+        mode = "none" if shape is None else resolve_checkpointing(cfg, shape)
+        lc = dataclasses.replace(lc, activation_checkpointing=mode)
     world = lc.tp * lc.dp
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,

@@ -53,6 +53,8 @@ def _one_of(section: Any, prefix: str, name: str, choices: Any, why: str = "") -
 
 
 _DTYPES = ("bfloat16", "float16", "float32")
+# learner.activation_checkpointing; the learner itself only ever sees "none" or "full".
+ACTIVATION_CHECKPOINTING = ("none", "full", "auto")
 
 
 @dataclass
@@ -150,6 +152,9 @@ class RolloutConfig:
     enforce_eager: bool = doc("skip graph capture/compile (fast start on CPU)", True)
     kv_cache_gb: float = doc("CPU KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE)", 1.0)
     gpu_memory_utilization: float = doc("fraction of GPU memory an engine may use", 0.5)
+    device_memory_gb: float = doc("GiB of memory of each engine GPU (rollout.num_gpus > 0): "
+                                  "the memory plan sizes the KV cache as device_memory_gb x "
+                                  "gpu_memory_utilization less weights and runtime", 80.0)
     max_num_batched_tokens: int | None = doc("engine token budget per step; None = vLLM's", None)
     max_sampling_rounds: int = doc("with algorithm.dynamic_sampling: most generation rounds "
                                    "per step", 4)
@@ -174,6 +179,8 @@ class RolloutConfig:
                  self.max_model_len, "must exceed rollout.max_new_tokens to leave room for the "
                  "prompt")
         _one_of(self, "rollout", "dtype", _DTYPES)
+        _require(self.device_memory_gb > 0, "rollout.device_memory_gb", self.device_memory_gb,
+                 "must be > 0")
 
 
 @dataclass
@@ -287,19 +294,30 @@ class LearnerConfig:
     compute_dtype: str = doc("forward/backward dtype (FSDP casts the masters): bfloat16 | "
                              "float32", "bfloat16")
     max_tokens_per_microbatch: int = doc("token budget of one forward/backward", 4096)
+    activation_checkpointing: str = doc(
+        "recompute activations in backward instead of keeping them: none | full (every "
+        "decoder layer keeps only its input) | auto (full when the memory plan needs it)",
+        "auto")
     num_cpus: float = doc("Ray CPUs reserved per learner worker (tp x dp of them)", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per learner worker (tp x dp of them)", 0.0)
     num_threads: int = doc("torch threads per learner worker; 0 = the node's cores / (tp x dp)",
                            0)
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
+    device_memory_gb: float = doc("GiB of memory of each learner GPU: the memory plan "
+                                  "(--print-config) refuses a learner.device=cuda run whose "
+                                  "per-GPU peak exceeds it, and sizes activation "
+                                  "checkpointing=auto against it", 80.0)
 
     def validate(self, cfg: Config) -> None:
         _at_least(self, "learner", 1, "max_tokens_per_microbatch", "tp", "dp")
         _one_of(self, "learner", "param_dtype", _DTYPES)
         _one_of(self, "learner", "compute_dtype", _DTYPES)
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
+        _one_of(self, "learner", "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         _require(self.lr > 0, "learner.lr", self.lr, "must be > 0")
         _at_least(self, "learner", 0, "grad_clip")
+        _require(self.device_memory_gb > 0, "learner.device_memory_gb", self.device_memory_gb,
+                 "must be > 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas",
                  self.betas, "two values in [0, 1)")
         max_model_len = cfg.rollout.max_model_len

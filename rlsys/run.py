@@ -1,6 +1,8 @@
 """Entry point: `python -m rlsys.run conf=NAME [key.sub=value ...] [--print-config]`.
 
-Loads and validates the config (one-line errors, exit code 2), then hands it to the trainer.
+Loads and validates the config (one-line errors, exit code 2), checks the per-GPU memory plan
+(rlsys.memory_plan: a learner or engine that cannot fit its GPU is refused with one line naming
+the biggest term, exit code 2, before any actor starts), then hands it to the trainer.
 Works the same under `ray job submit -- python -m rlsys.run conf=r1` (joins $RAY_ADDRESS) and
 on one machine (starts a local Ray).
 """
@@ -10,7 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
-from rlsys.config import ConfigError, load_config, resource_plan, to_yaml
+from rlsys.config import Config, ConfigError, load_config, resource_plan, to_yaml
+from rlsys.memory_plan import check_memory, plan_for, unknown_shape_line
 
 # What `python -m rlsys.run` runs without conf=: the CPU demo.
 DEFAULT_CONF = "smol"
@@ -19,7 +22,8 @@ USAGE = f"""usage: python -m rlsys.run [conf=NAME] [key.sub=value ...] [--print-
 
   conf=NAME        load conf/NAME.yaml (see conf/ for the list; default: {DEFAULT_CONF})
   key.sub=value    override any option, e.g. trainer.steps=10 rollout.group_size=8
-  --print-config   print the resolved config and its resource plan, and exit
+  --print-config   print the resolved config, its resource plan and per-GPU memory plan,
+                   and exit (status 2 when the memory plan does not fit)
 """
 
 
@@ -48,7 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         print("# resource plan (Ray reservations):")
         print("\n".join(f"#   {line}" for line in resource_plan(cfg)))
+        plan = plan_for(cfg)
+        print("# memory plan per GPU (GiB):")
+        print("\n".join(f"#   {line}" for line in (
+            plan.lines() if plan is not None else [unknown_shape_line(cfg)])))
+        refusal = plan.refusal() if plan is not None else None
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
         return 0
+    try:
+        check_memory_plans(cfg, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     from rlsys.data import DataError
     from rlsys.models import ModelError
@@ -74,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: actors stopped; {where}", file=sys.stderr)
         return 130
     return 0
+
+
+def check_memory_plans(cfg: Config, args: list[str]) -> None:
+    """The memory plan of the run, and of each pipeline stage (its overrides may change the
+    learner or the model); raises ConfigError for the first that does not fit."""
+    check_memory(cfg)
+    if cfg.pipeline.stages:
+        from rlsys.pipeline.runner import stage_configs
+
+        for stage, scfg in zip(cfg.pipeline.stages, stage_configs(cfg, args), strict=True):
+            try:
+                check_memory(scfg)
+            except ConfigError as exc:
+                raise ConfigError(f"pipeline stage {stage.name}: {exc}") from None
 
 
 if __name__ == "__main__":
