@@ -88,7 +88,7 @@ class Learner:
     def __init__(self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  *, temperature: float = 1.0, max_response_len: int = 128, seed: int = 0,
                  rank: int = 0, master_addr: str = "127.0.0.1",
-                 master_port: int | None = None) -> None:
+                 master_port: int | None = None, teacher_path: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg, self.algo = learner, algorithm
@@ -127,6 +127,11 @@ class Learner:
         if algorithm.kl_coef > 0:
             # Runs only without gradients: nothing to checkpoint.
             self.ref_model = self._build_model(model_path).eval().requires_grad_(False)
+        # Logit-level distillation (distill.loss=kd): a frozen teacher sharded like the policy,
+        # so its vocabulary shards line up with the student's.
+        self.teacher_model: nn.Module | None = None
+        if teacher_path is not None:
+            self.teacher_model = self._build_model(teacher_path).eval().requires_grad_(False)
 
         # Fused: one kernel over all parameters; the per-tensor loop costs seconds on CPU.
         self.optimizer = torch.optim.AdamW(parallel.param_groups(list(self.model.parameters())),
@@ -158,13 +163,9 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def _logprobs(self, model: nn.Module, mb: PackedMicroBatch, entropy_grad: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies [N] of the micro-batch's response tokens (response-major).
-
-        The entropy carries gradients only if `entropy_grad` (the entropy bonus is on);
-        otherwise it is a metric computed without building a graph.
-        """
+    def _logits(self, model: nn.Module, mb: PackedMicroBatch) -> torch.Tensor:
+        """Logits [N, V] at the positions predicting the micro-batch's response tokens
+        (response-major), divided by the sampling temperature."""
         dev = self.device
         with self._autocast():
             out = model(input_ids=mb.input_ids[None].to(dev),
@@ -172,9 +173,17 @@ class Learner:
                         packed_layout=mb.layout.to(dev),
                         logits_to_keep=mb.predict_index.to(dev), use_cache=False)
         logits = out.logits[0]
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return parallel.token_logprobs(logits, mb.targets.to(dev), entropy_grad)
+        return logits / self.temperature if self.temperature != 1.0 else logits
+
+    def _logprobs(self, model: nn.Module, mb: PackedMicroBatch, entropy_grad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies [N] of the micro-batch's response tokens (response-major).
+
+        The entropy carries gradients only if `entropy_grad` (the entropy bonus is on);
+        otherwise it is a metric computed without building a graph.
+        """
+        return parallel.token_logprobs(self._logits(model, mb), mb.targets.to(self.device),
+                                       entropy_grad)
 
     def _microbatches(self, prompt_ids: list[list[int]], response_ids: list[list[int]]
                       ) -> list[PackedMicroBatch | None]:
@@ -343,11 +352,19 @@ class Learner:
         return metrics
 
     def sft_step(self, batch: dict) -> dict[str, float]:
-        """One supervised update on this rank's shard: maximise the log-likelihood of the
-        response tokens given the prompt (the prompt itself carries no loss).
+        """One supervised update on this rank's shard: the response tokens given the prompt
+        (the prompt itself carries no loss). Without a teacher, maximise their likelihood:
 
             L = -(1 / N) * sum over every response token t of log pi(y_t | x, y_<t)
 
+        With a teacher (distill.loss=kd), match its whole next-token distribution at each of
+        them (word-level knowledge distillation, `parallel.token_kl`):
+
+            L = (1 / N) * sum over t of KL(pi_T(. | x, y_<t) || pi(. | x, y_<t))
+
+        On the teacher's own samples the first is a one-sample estimate of the second (up to
+        the teacher's entropy, a constant): the KL gives the student the same target with the
+        teacher's uncertainty over every token instead of the one it happened to sample.
         N counts the response tokens of the whole batch, over all dp ranks, so the update does
         not depend on the micro-batch size or the parallel shape. Uses the same packed passes
         as the GRPO update; the learner must be built with temperature 1.
@@ -355,26 +372,37 @@ class Learner:
         t0 = time.perf_counter()
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
         (num_tokens,) = self._global_sum([sum(len(r) for r in responses)])
-        loss_sum = nll_sum = 0.0
-        ent_sum = 0.0
+        sums = {"loss": 0.0, "nll": 0.0, "entropy": 0.0, "kd": 0.0}
         self.optimizer.zero_grad(set_to_none=True)
         for mb in self._microbatches(prompts, responses):
             if mb is None:
                 self._idle_pass(self.model, backward=True)
+                if self.teacher_model is not None:
+                    self._idle_pass(self.teacher_model, backward=False)
                 continue
-            logprobs, entropies = self._logprobs(self.model, mb)
-            loss = -logprobs.sum() / max(num_tokens, 1.0)
+            logits = self._logits(self.model, mb)
+            if self.teacher_model is None:
+                logprobs, entropies = parallel.token_logprobs(logits, mb.targets.to(self.device))
+                loss = -logprobs.sum() / max(num_tokens, 1.0)
+            else:
+                with torch.no_grad():
+                    teacher_logits = self._logits(self.teacher_model, mb)
+                    logprobs, entropies = parallel.token_logprobs(logits.detach(),
+                                                                  mb.targets.to(self.device))
+                kl = parallel.token_kl(logits, teacher_logits)
+                loss = kl.sum() / max(num_tokens, 1.0)
+                sums["kd"] += float(kl.detach().sum())
             parallel.backward(loss, self.cfg.tp > 1)
-            loss_sum += float(loss.detach())
-            nll_sum -= float(logprobs.detach().sum())
-            ent_sum += float(entropies.detach().sum())
+            sums["loss"] += float(loss.detach())
+            sums["nll"] -= float(logprobs.detach().sum())
+            sums["entropy"] += float(entropies.detach().sum())
         grad_norm = self._optimizer_step()
         self.step += 1
         tokens = float(sum(len(r) for r in responses))
+        per_token = [k for k in ("nll", "entropy", "kd") if k != "kd" or self.teacher_model]
         return {
-            "loss": loss_sum,
-            "nll": nll_sum / tokens if tokens else 0.0,
-            "entropy": ent_sum / tokens if tokens else 0.0,
+            "loss": sums["loss"],
+            **{k: sums[k] / tokens if tokens else 0.0 for k in per_token},
             "tokens": tokens,
             "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],

@@ -467,6 +467,21 @@ class RejectionConfig:
 
 
 @dataclass
+class DistillConfig:
+    loss: str = doc("sft stages' loss: sft = the examples' tokens (R1's distillation); kd = KL "
+                    "to the teacher's next-token distribution at each of them", "sft")
+    teacher: str | None = doc("kd's teacher (same vocabulary as the student): a model folder, "
+                              "a built-in name, stage:NAME (a stage's model), or None = the "
+                              "model that sampled sft.data=stage:NAME", None)
+
+    def validate(self, cfg: Config) -> None:
+        _one_of(self, "distill", "loss", ("sft", "kd"))
+        _require(self.loss != "kd" or bool(self.teacher) or cfg.sft.data.startswith("stage:"),
+                 "distill.teacher", self.teacher, "distill.loss=kd needs a teacher model (or "
+                 "sft.data=stage:NAME, whose sampling model is then the teacher)")
+
+
+@dataclass
 class StageConfig:
     name: str = doc("the stage's name and folder; later stages refer to it", MISSING)
     kind: str = doc("sft | grpo | rejection_sampling", MISSING)
@@ -541,6 +556,7 @@ class Config:
     ray: RayConfig = doc("Ray cluster", factory=RayConfig)
     sft: SFTConfig = doc("supervised fine-tuning stages", factory=SFTConfig)
     rejection: RejectionConfig = doc("rejection-sampling stages", factory=RejectionConfig)
+    distill: DistillConfig = doc("what sft stages learn from a teacher", factory=DistillConfig)
     pipeline: PipelineConfig = doc("multi-stage recipes (R1, distillation)",
                                    factory=PipelineConfig)
     eval: EvalConfig = doc("evaluation: in-run and python -m rlsys.eval", factory=EvalConfig)
@@ -550,7 +566,8 @@ class Config:
         (a section's checks may read the others: learner.max_tokens_per_microbatch must hold
         rollout.max_model_len tokens)."""
         for section in (self.rollout, self.learner, self.algorithm, self.data, self.reward,
-                        self.trainer, self.eval, self.pipeline, self.sft, self.rejection):
+                        self.trainer, self.eval, self.pipeline, self.sft, self.rejection,
+                        self.distill):
             section.validate(self)
 
 
@@ -576,25 +593,3 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
-
-
-def resource_plan(cfg: Config) -> list[str]:
-    """What the run reserves from Ray, one line per actor kind and the total."""
-    r, rw, lr = cfg.rollout, cfg.reward, cfg.learner
-
-    def bundle(cpus: float, gpus: float) -> str:
-        gpu = f", GPU: {gpus:g}" if gpus else ""
-        return f"{{CPU: {cpus:g}{gpu}}}"
-
-    world = lr.tp * lr.dp
-    lines = [
-        f"rollout: {r.num_workers} engine(s) x {bundle(r.num_cpus, r.num_gpus)}"
-        f" (vLLM tensor_parallel_size {r.tensor_parallel_size})",
-        f"reward:  {rw.num_workers} worker(s) x {bundle(rw.num_cpus, 0)}",
-        f"learner: {world} worker(s) (dp {lr.dp} x tp {lr.tp}) x "
-        f"{bundle(lr.num_cpus, lr.num_gpus)}, one placement group, device {lr.device}",
-    ]
-    cpus = r.num_workers * r.num_cpus + rw.num_workers * rw.num_cpus + world * lr.num_cpus
-    gpus = r.num_workers * r.num_gpus + world * lr.num_gpus
-    lines.append(f"total:   CPU {cpus:g}" + (f", GPU {gpus:g}" if gpus else ""))
-    return lines

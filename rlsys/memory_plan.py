@@ -13,6 +13,7 @@ and the output projection over tp; FSDP2 shards everything over dp):
     parameters, gradients            P / (tp dp) x bytes(learner.param_dtype) each
     optimizer (AdamW)                two moments, 2 x P / (tp dp) x bytes(param_dtype)
     reference model                  parameters only, sharded the same way (algorithm.kl_coef > 0)
+    teacher model                    the same for distill.loss=kd, at the teacher's shape
     gathered FSDP units (dp > 1)     the root unit (embedding, output projection) gathered for the
                                      whole pass, the running layer and the prefetched next one in
                                      the compute dtype, and one layer's unsharded gradients
@@ -349,6 +350,13 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
     if algo.kl_coef > 0:
         terms.append(Term("reference model", _gib(shard * pb), fix=f"{more_dp}, or set "
                           "algorithm.kl_coef=0 (no reference model)"))
+    if cfg.distill.loss == "kd":
+        # A frozen teacher sharded like the policy; a stage's model has its base model's shape,
+        # which the stage's own config does not name, so it is planned as the student's.
+        teacher = model_shape(str(cfg.distill.teacher)) or shape
+        teacher_shard = ((teacher.params() - norms) / tp + norms) / dp
+        terms.append(Term("teacher model (distill.loss=kd)", _gib(teacher_shard * pb),
+                          fix=f"{more_dp}, or distill.loss=sft"))
     layer = shape.layer_params() / tp
     if fsdp:
         root = shape.embedding_params() / tp
@@ -378,10 +386,14 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
     terms.append(Term("activations, full checkpointing", _gib(saved_full), counted=full,
                       fix=fewer, note=f"{saved_full / tokens / 2**20:.3f} MiB/token: the "
                       "layer boundaries"))
-    chunked = tp == 1 and algo.entropy_coef == 0
+    kd = cfg.distill.loss == "kd"
+    chunked = tp == 1 and algo.entropy_coef == 0 and not kd
     logits = logits_bytes(tokens, shape.vocab / tp, cb, chunked, cfg.rollout.temperature)
     how = ("logits + gradient, chunked fp32 log-softmax" if chunked
            else "fp32 log-softmax over vocab / tp")
+    if kd:  # the teacher's logits, and the fp32 teacher probabilities the KL saves
+        logits += tokens * shape.vocab / tp * (cb + 4)
+        how += " + the teacher's"
     # Checkpointed, one layer is rebuilt at a time in the backward, after the log-softmax's
     # buffers and the final norm's activations are gone: the larger of the two counts.
     if full:
@@ -485,3 +497,25 @@ def check_memory(cfg: Config) -> None:
     plan = plan_for(cfg)
     if plan is not None and (why := plan.refusal()) is not None:
         raise ConfigError(why)
+
+
+def resource_plan(cfg: Config) -> list[str]:
+    """What the run reserves from Ray, one line per actor kind and the total."""
+    r, rw, lr = cfg.rollout, cfg.reward, cfg.learner
+
+    def bundle(cpus: float, gpus: float) -> str:
+        gpu = f", GPU: {gpus:g}" if gpus else ""
+        return f"{{CPU: {cpus:g}{gpu}}}"
+
+    world = lr.tp * lr.dp
+    lines = [
+        f"rollout: {r.num_workers} engine(s) x {bundle(r.num_cpus, r.num_gpus)}"
+        f" (vLLM tensor_parallel_size {r.tensor_parallel_size})",
+        f"reward:  {rw.num_workers} worker(s) x {bundle(rw.num_cpus, 0)}",
+        f"learner: {world} worker(s) (dp {lr.dp} x tp {lr.tp}) x "
+        f"{bundle(lr.num_cpus, lr.num_gpus)}, one placement group, device {lr.device}",
+    ]
+    cpus = r.num_workers * r.num_cpus + rw.num_workers * rw.num_cpus + world * lr.num_cpus
+    gpus = r.num_workers * r.num_gpus + world * lr.num_gpus
+    lines.append(f"total:   CPU {cpus:g}" + (f", GPU {gpus:g}" if gpus else ""))
+    return lines

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
-from rlsys.config import Config, ConfigError, load_config, resource_plan, to_yaml
-from rlsys.memory_plan import check_memory, plan_for, unknown_shape_line
+from rlsys.config import Config, ConfigError, load_config, to_yaml
+from rlsys.memory_plan import check_memory, plan_for, resource_plan, unknown_shape_line
 
 # What `python -m rlsys.run` runs without conf=: the CPU demo.
 DEFAULT_CONF = "smol"

@@ -265,3 +265,55 @@ def test_kl_in_reward_takes_the_kl_out_of_the_loss(tiny_path):
                             "ref_logprobs": ref})
     assert m["kl"] > 1e-4
     assert m["loss"] == pytest.approx(m["pg_loss"])
+
+
+def test_kd_sft_step_is_the_token_mean_kl_to_the_teacher(tiny_path, tmp_path):
+    """distill.loss=kd: the update equals a plain pass's KL(teacher || student) at every
+    response token, averaged over the batch's response tokens, with gradients into the student
+    only; the teacher is unchanged. A teacher equal to the student gives a zero loss."""
+    from transformers import AutoModelForCausalLM
+
+    from rlsys.models import build_tiny_model
+
+    teacher_path = str(build_tiny_model(tmp_path / "teacher", seed=1))  # same tokenizer
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    responses = [[1, 2], [3, 4, 5, 6], [7]]
+    lc = LearnerConfig(lr=1.0, compute_dtype="float32", num_threads=2,
+                       max_tokens_per_microbatch=10)
+    learner = Learner(tiny_path, lc, AlgorithmConfig(kl_coef=0.0), max_response_len=8, seed=0,
+                      teacher_path=teacher_path)
+    learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+    learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda s: 1.0)
+    assert len(pack_microbatches(prompts, responses, 10)) > 1
+    metrics = learner.sft_step({"prompt_ids": prompts, "response_ids": responses})
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+    kls, nlls = [], []
+    for p, r in zip(prompts, responses, strict=True):
+        at = slice(len(p) - 1, len(p) + len(r) - 1)  # positions predicting the response
+        logp_s = torch.log_softmax(student(torch.tensor([p + r])).logits[0, at], -1)
+        with torch.no_grad():
+            logp_t = torch.log_softmax(teacher(torch.tensor([p + r])).logits[0, at], -1)
+        kls.append((logp_t.exp() * (logp_t - logp_s)).sum())
+        nlls.append(-logp_s.gather(-1, torch.tensor(r)[:, None]).sum())
+    loss = torch.stack(kls).sum() / sum(map(len, responses))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), lc.grad_clip)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["kd"] == pytest.approx(loss.item(), rel=1e-5)
+    assert metrics["nll"] == pytest.approx(float(torch.stack(nlls).sum().detach()) / 7, rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+    with torch.no_grad():
+        for param in student.parameters():
+            param -= param.grad
+    got = full_state(learner)
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(got[name], value, atol=1e-6, rtol=1e-5)
+    for name, value in learner.teacher_model.state_dict().items():
+        torch.testing.assert_close(value, teacher.state_dict()[name], atol=0, rtol=0)
+
+    same = Learner(tiny_path, lc, AlgorithmConfig(kl_coef=0.0), max_response_len=8, seed=0,
+                   teacher_path=tiny_path)
+    zero = same.sft_step({"prompt_ids": prompts, "response_ids": responses})
+    assert zero["kd"] == pytest.approx(0.0, abs=1e-6) and zero["grad_norm"] < 1e-5

@@ -214,3 +214,33 @@ def test_distillation_into_a_student_with_another_tokenizer(ray_cluster, tmp_pat
     assert AutoConfig.from_pretrained(stage / "final").vocab_size == 384
     marker = json.loads((stage / MARKER).read_text())
     assert marker["model"] == str(student) and marker["eval"]["problems"] == 4  # vLLM served it
+
+
+@pytest.mark.timeout(600)
+def test_logit_distillation_from_a_teacher_stage(ray_cluster, tmp_path):
+    """distill.loss=kd end to end: a teacher stage (SFT of the tiny model on worked solutions),
+    then a 1-layer student trained towards the teacher's next-token distributions on the same
+    texts (teacher=stage:teacher). The KL to the teacher falls, the student is served."""
+    from transformers import AutoConfig
+
+    from rlsys.models import build_tiny_model
+
+    student = build_tiny_model(tmp_path / "student", num_layers=1, seed=2)
+    out = tmp_path / "run"
+    args = ["conf=r1_tiny", f"trainer.output_dir={out}", "eval.size=4", "eval.k=1",
+            "pipeline.stages=[{name: teacher, kind: sft, overrides: [learner.lr=3.0e-3]}, "
+            f"{{name: student, kind: sft, model: {student}, overrides: [distill.loss=kd, "
+            "distill.teacher=stage:teacher, sft.epochs=3, learner.lr=3.0e-3]}]"]
+    run_pipeline(load_config(args), args)
+    records = read_metrics(out / "02-student" / "metrics.jsonl")
+    kd = [r["sft/kd"] for r in records]
+    assert len(kd) == 6 and kd[-1] < 0.8 * kd[0]
+    assert all(r["sft/loss"] == pytest.approx(r["sft/kd"], rel=1e-6) for r in records)
+    final = out / "02-student" / "final"
+    assert AutoConfig.from_pretrained(final).num_hidden_layers == 1
+    marker = json.loads((out / "02-student" / MARKER).read_text())
+    assert marker["eval"]["problems"] == 4
+    # The student starts from a model no stage made: its starting point is evaluated too.
+    assert marker["eval_before"]["problems"] == 4
+    assert marker["parameters"] < json.loads((out / "01-teacher" / MARKER).read_text()
+                                             )["parameters"]

@@ -10,7 +10,8 @@ after its last saved chunk of prompts, a stage whose model was made but not yet 
 its evaluation. An interrupted stage with nothing to resume from starts over in a clean folder.
 `pipeline.only=NAME` runs one stage, whose inputs must already be complete. With
 `pipeline.eval`, each model a stage makes is evaluated on the held-out split (rlsys.eval) and
-the figures are kept in its `stage.json`.
+the figures are kept in its `stage.json` (`eval`), with the parameter count; a stage that starts
+from a model no stage made (the base model, a student) also evaluates that model (`eval_before`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rlsys import checkpoint, models
 from rlsys.build import ray_session
 from rlsys.config import Config, ConfigError, StageConfig, load_config
 from rlsys.eval.evaluator import evaluate
+from rlsys.memory_plan import model_shape
 from rlsys.pipeline.stages import run_rejection_sampling, run_sft, sft_examples
 from rlsys.trainer import train
 
@@ -72,12 +74,40 @@ def resolve_model(stage: StageConfig, scfg: Config, done: dict[str, tuple[str, P
     if stage.model == "base":
         return str(models.resolve_model(scfg.model.path, scfg.model.cache_dir))
     if stage.model in done:
-        kind, folder = done[stage.model]
-        if kind not in MODEL_STAGES:
-            raise ConfigError(f"pipeline stage {stage.name}: model={stage.model} is a {kind} "
-                              "stage, which makes no model")
-        return str(folder / "final")
+        return _stage_model(stage.model, done, f"pipeline stage {stage.name}: model")
     return stage.model
+
+
+def resolve_teacher(stage: StageConfig, scfg: Config, done: dict[str, tuple[str, Path]]
+                    ) -> str | None:
+    """The teacher of an sft stage with distill.loss=kd (None otherwise): `stage:NAME` is an
+    earlier stage's model, None the model that sampled the stage's data (sft.data=stage:NAME,
+    a rejection-sampling stage), anything else a folder or built-in name."""
+    if stage.kind != "sft" or scfg.distill.loss != "kd":
+        return None
+    if scfg.distill.teacher is None:
+        name = scfg.sft.data.removeprefix("stage:")
+        record = read_marker(done[name][1]) if name in done else None
+        if record is None or done[name][0] != "rejection_sampling":
+            raise ConfigError(f"pipeline stage {stage.name}: distill.teacher is unset and "
+                              f"sft.data={scfg.sft.data} is not a complete rejection-sampling "
+                              "stage whose sampling model could teach")
+        return str(record["model"])
+    teacher = str(scfg.distill.teacher)
+    if teacher.startswith("stage:"):
+        name = teacher.removeprefix("stage:")
+        if name not in done:
+            raise ConfigError(f"pipeline stage {stage.name}: distill.teacher={teacher}: no "
+                              f"earlier complete stage {name!r}")
+        return _stage_model(name, done, f"pipeline stage {stage.name}: distill.teacher")
+    return str(models.resolve_model(teacher, scfg.model.cache_dir))
+
+
+def _stage_model(name: str, done: dict[str, tuple[str, Path]], where: str) -> str:
+    kind, folder = done[name]
+    if kind not in MODEL_STAGES:
+        raise ConfigError(f"{where}={name} is a {kind} stage, which makes no model")
+    return str(folder / "final")
 
 
 def run_pipeline(cfg: Config, args: list[str]) -> Path:
@@ -109,25 +139,41 @@ def _run_stages(cfg: Config, configs: list[Config], root: Path) -> None:
                                   f"not complete in {root}")
             break
         model = resolve_model(stage, scfg, done)
+        teacher = resolve_teacher(stage, scfg, done)
         record = _read_json(folder / TRAINED)
         if record is None:
             t0 = time.time()
             log.info("stage %s (%s) from %s -> %s", stage.name, stage.kind, model, folder)
-            _run_stage(stage, scfg, model, folder, {n: f for n, (_, f) in done.items()})
+            _run_stage(stage, scfg, model, folder, {n: f for n, (_, f) in done.items()},
+                       teacher)
             record = {"name": stage.name, "kind": stage.kind, "model": model,
                       "seconds": round(time.time() - t0, 1), "finished": time.time()}
             (folder / TRAINED).write_text(json.dumps(record, indent=2))
+        if stage.kind in MODEL_STAGES:
+            record["parameters"] = parameter_count(folder / "final")
         if cfg.pipeline.eval and stage.kind in MODEL_STAGES:
             record["eval"] = evaluate_stage(cfg, scfg, folder)
+            if stage.model not in done:
+                # A stage that starts from a model no stage made (the base model, a student's
+                # fresh copy): its starting point is the baseline the stage is judged against.
+                record["eval_before"] = evaluate_stage(cfg, scfg, folder, model)
         (folder / MARKER).write_text(json.dumps(record, indent=2))
         done[stage.name] = (stage.kind, folder)
         if only is not None:
             break
 
 
-def evaluate_stage(cfg: Config, scfg: Config, folder: Path) -> dict:
-    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model; the
-    files go to `<stage>/eval/`.
+def parameter_count(model: Path) -> int | None:
+    """The model's parameter count from its config (None for a shape rlsys.memory_plan does
+    not know)."""
+    shape = model_shape(str(model))
+    return None if shape is None else shape.params()
+
+
+def evaluate_stage(cfg: Config, scfg: Config, folder: Path, model: str | None = None) -> dict:
+    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model, or
+    with `model` of the model it started from; the files go to `<stage>/eval/` (or
+    `<stage>/eval_before/`).
 
     Every stage is evaluated on the run's own task and seed (`data.*`, `trainer.seed`), not on
     what its overrides train on (a task mix, another model's settings), so that the figures of
@@ -135,15 +181,16 @@ def evaluate_stage(cfg: Config, scfg: Config, folder: Path) -> dict:
     """
     ecfg = dataclasses.replace(
         scfg, data=cfg.data,
-        model=dataclasses.replace(scfg.model, path=str(folder / "final")),
+        model=dataclasses.replace(scfg.model, path=model or str(folder / "final")),
         trainer=dataclasses.replace(scfg.trainer, seed=cfg.trainer.seed),
-        eval=dataclasses.replace(scfg.eval, output_dir=str(folder / "eval"), overwrite=True))
+        eval=dataclasses.replace(scfg.eval, output_dir=str(
+            folder / ("eval_before" if model else "eval")), overwrite=True))
     summary = evaluate(ecfg)
     return {k: v for k, v in summary.items() if k not in ("versions", "command", "config")}
 
 
 def _run_stage(stage: StageConfig, scfg: Config, model: str, folder: Path,
-               outputs: dict[str, Path]) -> None:
+               outputs: dict[str, Path], teacher: str | None = None) -> None:
     resume = folder.exists() and (checkpoint.latest_checkpoint(folder) is not None
                                   or any(folder.glob("samples/chunk_*.json")))
     if folder.exists() and not resume:
@@ -158,6 +205,6 @@ def _run_stage(stage: StageConfig, scfg: Config, model: str, folder: Path,
     if stage.kind == "grpo":
         train(scfg)
     elif stage.kind == "sft":
-        run_sft(scfg, model, folder, sft_examples(scfg, outputs))
+        run_sft(scfg, model, folder, sft_examples(scfg, outputs), teacher=teacher)
     else:
         run_rejection_sampling(scfg, model, folder)

@@ -33,7 +33,7 @@ from rlsys.build import (
     render_prompts,
     sampling_pools,
 )
-from rlsys.config import Config
+from rlsys.config import Config, ConfigError
 from rlsys.data import Problem
 from rlsys.data.sft import (
     SFTExample,
@@ -84,8 +84,11 @@ def encode_examples(cfg: Config, tokenizer: PreTrainedTokenizerBase,
     return prompt_ids, response_ids, dropped
 
 
-def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample]) -> Path:
-    """Fine-tune `model_path` on the examples for `sft.epochs`; returns the HF folder.
+def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample],
+            teacher: str | None = None) -> Path:
+    """Fine-tune `model_path` on the examples for `sft.epochs`; returns the HF folder. With a
+    `teacher` (distill.loss=kd) the loss is the KL to the teacher's next-token distribution
+    at every response token instead of the tokens' likelihood (Learner.sft_step).
 
     Every `trainer.checkpoint_every` steps the learner state is checkpointed like a GRPO
     run's; with `trainer.resume=auto` an interrupted stage continues after its latest complete
@@ -93,6 +96,8 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
     exactly the batches the uninterrupted one would have.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if teacher is not None:
+        check_same_vocabulary(model_path, teacher)
     prompts, responses, dropped = encode_examples(cfg, tokenizer, examples)
     if not prompts:
         raise ValueError(f"sft: none of the {len(examples)} examples fits "
@@ -106,7 +111,8 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
         # No reference model (KL 0) and temperature 1: the plain likelihood of the data.
         group = make_learner_group(cfg, model_path,
                                    dataclasses.replace(cfg.algorithm, kl_coef=0.0),
-                                   temperature=1.0, max_response_len=max(map(len, responses)))
+                                   temperature=1.0, max_response_len=max(map(len, responses)),
+                                   teacher_path=teacher)
         metrics = None
         try:
             resume_from, start = checkpoint.resume_point(out, t.resume)
@@ -123,7 +129,8 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
                 metrics.log(step, {"epoch": epoch, "sft/examples": len(idx),
                                    "time/step": time.perf_counter() - t0,
                                    **{f"sft/{k}": v for k, v in m.items()}})
-                log.info("sft step %d/%d: nll %.4f", step, total, m["nll"])
+                log.info("sft step %d/%d: nll %.4f%s", step, total, m["nll"],
+                         f", kd {m['kd']:.4f}" if "kd" in m else "")
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
                     checkpoint.save(out, step, group, {"epoch": epoch}, keep=t.keep_checkpoints)
             final = group.save_pretrained(str(out / "final"))
@@ -132,6 +139,27 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample])
             if metrics is not None:
                 metrics.close()
     return Path(final)
+
+
+def check_same_vocabulary(student: str, teacher: str) -> None:
+    """Logit-level distillation compares distributions token by token: the teacher's and the
+    student's tokenizers must map the same strings to the same ids, and their output layers
+    must have the same width. Raises ConfigError naming the first difference."""
+    from transformers import AutoConfig
+
+    vocab = {}
+    for role, path in (("student", student), ("teacher", teacher)):
+        vocab[role] = (AutoTokenizer.from_pretrained(path).get_vocab(),
+                       AutoConfig.from_pretrained(path).vocab_size)
+    (s_tok, s_width), (t_tok, t_width) = vocab["student"], vocab["teacher"]
+    if s_tok != t_tok:
+        differ = sorted(set(s_tok.items()) ^ set(t_tok.items()))[:1]
+        raise ConfigError(f"distill.loss=kd: the teacher {teacher} and the student {student} "
+                         f"have different tokenizers (first difference: {differ}); use "
+                         "distill.loss=sft, which needs only text")
+    if s_width != t_width:
+        raise ConfigError(f"distill.loss=kd: the teacher {teacher} has {t_width} output logits "
+                         f"and the student {student} {s_width}; they must match")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
