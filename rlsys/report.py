@@ -1,4 +1,5 @@
-"""`python -m rlsys.report RUN_DIR [--out DIR]`: a Markdown page with PNG plots of a run.
+"""`python -m rlsys.report RUN_DIR [--out DIR]`: a Markdown page with PNG plots of a run;
+`python -m rlsys.report RUN_DIR RUN_DIR ... --out DIR` compares runs (e.g. seeds).
 
 metrics.jsonl holds everything, but a few hundred lines of forty numbers each is not something
 a person reads to see whether a run learned. This page answers that at a glance: reward parts,
@@ -10,7 +11,8 @@ time per stage, and each model-making stage's own plots.
 Only what the files hold is drawn: a plot whose metrics are absent is left out, a step missing
 a metric (evaluation runs every N steps) or holding NaN/inf is skipped for that line. It reads
 files only (no Ray, no torch), so it runs on a laptop on a copied run folder, or beside a run
-still in progress.
+still in progress. Comparing runs draws held-out accuracy, entropy, response length and the
+fraction of groups without signal, a line per run, and tabulates each run's accuracy.
 
 Output: `RUN_DIR/report/` (report.md and the PNGs it links relatively), or `--out DIR`. Bad
 input is one line on stderr and exit code 2.
@@ -287,9 +289,9 @@ def run_plots(run: Run, out: Path, prefix: str = "") -> list[tuple[str, str]]:
                 label=lambda k: {"eval/accuracy": "greedy"}.get(k, k.removeprefix("eval/")))
     _panels_plot(run, ["response/length_mean", "response/length_max", "response/reflections"],
                  "responses", out, f"{prefix}response.png", made)
-    _panels_plot(run, ["train/kl", "train/entropy", "train/clip_frac"], "policy update", out,
-                 f"{prefix}update.png", made)
-    _panels_plot(run, ["sft/nll"], "SFT loss", out, f"{prefix}sft.png", made)
+    _panels_plot(run, ["train/kl", "train/entropy", "train/clip_frac", "groups/no_signal_frac"],
+                 "policy update", out, f"{prefix}update.png", made)
+    _panels_plot(run, ["sft/nll", "sft/kd"], "SFT loss", out, f"{prefix}sft.png", made)
     _time_plot(run, out, f"{prefix}time.png", made)
     return made
 
@@ -401,8 +403,11 @@ def _stage_row(stage: Stage) -> list[str]:
     cons_key, cons = stage.cons()
     state = "" if stage.complete else (
         " (in progress)" if stage.record is None else " (trained, not yet evaluated)")
+    before = ((stage.record or {}).get("eval_before") or {}).get("greedy_accuracy")
+    params = _number((stage.record or {}).get("parameters"))
     return [f"{stage.index:02d}", stage.name + state, stage.kind,
             _fmt(seconds / 60 if seconds is not None else None, 2),
+            f"{params / 1e6:.0f}M" if params else "–", _fmt(before),
             _fmt(stage.evaluation.get("greedy_accuracy")), _fmt(stage.evaluation.get("pass@1")),
             f"{_fmt(cons)}" + (f" ({cons_key})" if cons is not None else ""), kept]
 
@@ -423,8 +428,9 @@ def pipeline_report(root: Path, stages: list[Stage], runs: dict[Path, Run], out:
     lines.append(f"{len(stages)} stages, {sum(s.complete for s in stages)} complete, "
                  f"{total / 60:.1f} minutes of stage time.")
     lines += [f"> note: {note}" for note in notes]
-    lines += ["", *_table(["#", "stage", "kind", "minutes", "greedy", "pass@1", "cons@k",
-                           "kept/samples"], [_stage_row(s) for s in stages])]
+    lines += ["", *_table(["#", "stage", "kind", "minutes", "parameters", "greedy before",
+                           "greedy", "pass@1", "cons@k", "kept/samples"],
+                          [_stage_row(s) for s in stages])]
     for stage in stages:
         reasons = (stage.stats or {}).get("reasons")
         if isinstance(reasons, dict) and reasons:
@@ -460,6 +466,54 @@ def pipeline_report(root: Path, stages: list[Stage], runs: dict[Path, Run], out:
     return "\n".join(lines) + "\n"
 
 
+#: What a comparison of runs (e.g. one config over seeds) draws, one panel each, a line per run:
+#: whether it learned, and the usual causes when it did not (entropy collapse, groups without
+#: signal, responses growing or shrinking).
+COMPARED = ("eval/accuracy", "train/entropy", "response/length_mean", "groups/no_signal_frac")
+
+
+def _run_label(run: Run) -> str:
+    seed = ((run.config or {}).get("trainer") or {}).get("seed")
+    return run.path.name + (f" (seed {seed})" if seed is not None else "")
+
+
+def compare_report(runs: list[Run], out: Path) -> str:
+    """report.md comparing runs on the same axes (COMPARED), with each run's first, last and
+    best held-out accuracy and the spread of the last over the runs."""
+    lines = ["# Runs compared", "", *(f"- `{r.path.resolve()}`: {_run_label(r)}" for r in runs),
+             ""]
+    rows, finals = [], []
+    for run in runs:
+        steps, acc = run.series("eval/accuracy")
+        if not steps:
+            rows.append([_run_label(run), "–", "–", "–", "–"])
+            continue
+        after = [a for s, a in zip(steps, acc, strict=True) if s >= 30] or acc
+        finals.append(acc[-1])
+        rows.append([_run_label(run), _fmt(acc[0]), f"{_fmt(acc[-1])} (step {_step(steps[-1])})",
+                     _fmt(max(acc)), _fmt(min(after))])
+    lines += _table(["run", "first", "last", "best", "lowest from step 30"], rows)
+    if len(finals) > 1:
+        mean = sum(finals) / len(finals)
+        lines += ["", f"Last held-out greedy accuracy over {len(finals)} runs: mean "
+                  f"{mean:.3f}, min {min(finals):.3f}, max {max(finals):.3f}."]
+    present = [k for k in COMPARED if any(r.series(k)[0] for r in runs)]
+    if present:
+        fig, axes = _figure(len(present), height=2.6)
+        for ax, key in zip(axes, present, strict=True):
+            for run in runs:
+                xs, ys = run.series(key)
+                if xs:
+                    _line(ax, xs, ys, _run_label(run))
+            ax.set_ylabel(key.split("/", 1)[1])
+            ax.legend(fontsize="x-small", loc="best")
+        axes[0].set_title("runs compared")
+        axes[-1].set_xlabel("step")
+        fig.savefig(out / "compare.png", dpi=100)
+        lines += ["", "![runs compared](compare.png)"]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write `report.md` and its PNGs for a GRPO run or pipeline run folder; returns its path."""
     if not run_dir.is_dir():
@@ -488,22 +542,41 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlsys.report",
-        description="Write a Markdown report with PNG plots of a run or pipeline run folder.")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                        help="a run's trainer.output_dir (metrics.jsonl) or a pipeline's")
+        description="Write a Markdown report with PNG plots of a run or pipeline run folder, "
+                    "or compare several runs (e.g. seeds) on the same axes.")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="a run's trainer.output_dir (metrics.jsonl) or a pipeline's; "
+                             "several runs' folders to compare them")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (default: RUN_DIR/report)")
+                        help="output folder (default: RUN_DIR/report; required to compare)")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # usage errors (2) and --help (0), as a return value
         return int(exc.code or 0)
     try:
-        path = write_report(args.run_dir, args.out)
+        if len(args.run_dirs) == 1:
+            path = write_report(args.run_dirs[0], args.out)
+        else:
+            path = write_comparison(args.run_dirs, args.out)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0
+
+
+def write_comparison(run_dirs: Sequence[Path], out: Path | None) -> Path:
+    """Write `out/report.md` and `out/compare.png` comparing GRPO run folders."""
+    if out is None:
+        raise ReportError("comparing runs needs --out DIR")
+    runs = [read_run(d) for d in run_dirs]  # all read before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create {out}: {exc.strerror}") from None
+    path = out / "report.md"
+    path.write_text(compare_report(runs, out))
+    return path
 
 
 if __name__ == "__main__":

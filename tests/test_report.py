@@ -109,10 +109,11 @@ def test_incomplete_last_line_is_skipped(tmp_path: Path) -> None:
 
 
 def stage(root: Path, name: str, kind: str, seconds: float, eval_: dict | None = None,
-          complete: bool = True) -> Path:
+          complete: bool = True, **extra: object) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
-    record = {"name": name.split("-", 1)[1], "kind": kind, "model": "base", "seconds": seconds}
+    record = {"name": name.split("-", 1)[1], "kind": kind, "model": "base", "seconds": seconds,
+              **extra}
     if eval_ is not None:
         record["eval"] = eval_
     (folder / ("stage.json" if complete else "trained.json")).write_text(json.dumps(record))
@@ -123,7 +124,8 @@ def test_pipeline(tmp_path: Path) -> None:
     root = tmp_path / "pipe"
     sft = stage(root, "01-cold_start", "sft", 153.6,
                 {"k": 4, "greedy_accuracy": 0.74, "pass@1": 0.7575, "pass@4": 0.9,
-                 "cons@4": 0.76})
+                 "cons@4": 0.76}, parameters=134_515_008,
+                eval_before={"greedy_accuracy": 0.46})
     write_metrics(sft, [{"step": s, "time": float(s), "epoch": 0, "sft/nll": 2.0 / s,
                          "time/step": 1.5} for s in range(1, 9)])
     rl = stage(root, "02-reasoning_rl", "grpo", 932.4,
@@ -140,9 +142,11 @@ def test_pipeline(tmp_path: Path) -> None:
     out = root / "report"
     text = (out / "report.md").read_text()
     assert "3 stages, 3 complete, 21.7 minutes of stage time." in text
-    assert "| 01 | cold_start | sft | 2.56 | 0.740 | 0.757 | 0.760 (cons@4) | – |" in text
-    assert "| 02 | reasoning_rl | grpo | 15.54 | 0.800 | 0.790 | – | – |" in text
-    assert "| 03 | rejection_sampling | rejection_sampling | 3.58 | – | – | – | 110/512 |" in text
+    assert ("| 01 | cold_start | sft | 2.56 | 135M | 0.460 | 0.740 | 0.757 | 0.760 (cons@4) | – |"
+            in text)
+    assert "| 02 | reasoning_rl | grpo | 15.54 | – | – | 0.800 | 0.790 | – | – |" in text
+    assert ("| 03 | rejection_sampling | rejection_sampling | 3.58 | – | – | – | – | – | 110/512 |"
+            in text)
     assert "samples by rejection reason: wrong 382, kept 130." in text
     assert "## Stage 01-cold_start (sft)" in text
     assert "## Stage 02-reasoning_rl (grpo)" in text
@@ -214,3 +218,29 @@ def test_nan_only_metric_is_not_plotted(tmp_path: Path) -> None:
     text = (run / "report" / "report.md").read_text()
     assert check_images(run / "report", text) == ["reward.png"]
     assert "`train/kl`" not in text
+
+
+def test_runs_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several run folders (seeds of one config): one page, one line per run in each panel,
+    each run's first/last/best/lowest-after-step-30 accuracy and the spread of the last."""
+    folders = []
+    for seed in range(3):
+        folder = tmp_path / f"seed{seed}"
+        records = [grpo_record(s) | ({"eval/accuracy": 0.5 + 0.1 * seed + s / 1000}
+                                     if s % 10 == 0 else {})
+                   | ({"groups/no_signal_frac": 0.5} if s else {}) for s in range(41)]
+        write_metrics(folder, records)
+        (folder / "config.yaml").write_text(f"trainer:\n  seed: {seed}\n")
+        folders.append(folder)
+    out = tmp_path / "compared"
+    assert main([*map(str, folders), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert check_images(out, text) == ["compare.png"]
+    assert "| seed1 (seed 1) | 0.600 | 0.640 (step 40) | 0.640 | 0.630 |" in text
+    assert "over 3 runs: mean 0.640, min 0.540, max 0.740" in text
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+
+    assert main([*map(str, folders)]) == 2  # comparing needs --out
+    assert "needs --out" in capsys.readouterr().err
+    assert main([str(folders[0]), str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
