@@ -143,7 +143,8 @@ def plan_namespace(device: str, tokens: int, mode: str, row_width: int, backend:
                               device_memory_gb=1e9)
     return SimpleNamespace(learner=learner,
                            algorithm=SimpleNamespace(kl_coef=0.0, entropy_coef=0.0),
-                           rollout=SimpleNamespace(max_model_len=row_width, temperature=1.0))
+                           rollout=SimpleNamespace(max_model_len=row_width, temperature=1.0),
+                           distill=SimpleNamespace(loss="sft", teacher=None))
 
 
 class Update:

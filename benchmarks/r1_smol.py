@@ -44,6 +44,10 @@ def _run(args: list[str]) -> dict:
             row["eval_minutes"] = round(evaluation["timings"]["total_s"] / 60, 2)
         if cons is not None:
             row["cons@k"] = evaluation[cons]
+        if "greedy_accuracy" in (marker.get("eval_before") or {}):
+            row["before_greedy_accuracy"] = marker["eval_before"]["greedy_accuracy"]
+        if marker.get("parameters"):
+            row["parameters"] = marker["parameters"]
         stats = stage_dir(root, i, stage) / "stats.json"
         if stats.is_file():
             kept = json.loads(stats.read_text())
@@ -59,11 +63,13 @@ def _run(args: list[str]) -> dict:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "r1_smol.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'stage':<20} {'kind':<19} {'min':>6} {'eval min':>8} {'greedy':>7} "
-          f"{'pass@1':>7} {'cons@k':>7}")
+    print(f"\n{'stage':<20} {'kind':<19} {'min':>6} {'eval min':>8} {'before':>7} "
+          f"{'greedy':>7} {'pass@1':>7} {'cons@k':>7} {'params':>7}")
     for r in stages:
         figures = " ".join(f"{r[k]:>7.3f}" if k in r else f"{'-':>7}"
-                           for k in ("greedy_accuracy", "pass@1", "cons@k"))
+                           for k in ("before_greedy_accuracy", "greedy_accuracy", "pass@1",
+                                     "cons@k"))
+        figures += f" {r['parameters'] / 1e6:>6.0f}M" if "parameters" in r else f" {'-':>7}"
         evaluation = f"{r['eval_minutes']:>8.1f}" if "eval_minutes" in r else f"{'-':>8}"
         print(f"{r['stage']:<20} {r['kind']:<19} {r['minutes']:>6.1f} {evaluation} {figures}")
     print(f"total: {result['total_minutes']:.1f} min")

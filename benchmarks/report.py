@@ -29,6 +29,7 @@ README = RESULTS.parent / "README.md"
 DASH = "–"
 SMOL_MINUTES, SMOL_ACCURACY, SMOL_FORMAT = 30, 0.80, 0.95
 R1_MINUTES = 45
+DISTILL_GAIN, DISTILL_FLOOR = 0.25, 0.30
 
 
 @dataclass
@@ -174,6 +175,31 @@ def r1_rows(d: dict) -> list[Row]:
     total = get(d, "total_minutes")
     return [Row("R1 recipe minutes, every stage + evaluations", total,
                 target=target("<=", R1_MINUTES, " min"), met=met(None, total, R1_MINUTES, False))]
+
+
+def distill_rows(d: dict) -> list[Row]:
+    teacher = get(d, "teacher") or {}
+    rows = []
+    for s in get(d, "students") or []:
+        after, gain = get(s, "greedy_accuracy"), get(s, "gain")
+        ok = None if after is None or gain is None else (gain >= DISTILL_GAIN
+                                                         and after >= DISTILL_FLOOR)
+        rows.append(Row(f"student greedy accuracy, {get(s, 'student')} "
+                        f"({fmt((get(s, 'parameters') or 0) / 1e6)}M), loss={get(s, 'loss')}",
+                        after, f"before ({get(teacher, 'model')} teacher: "
+                        f"{fmt(get(teacher, 'greedy_accuracy'))})",
+                        get(s, "before_greedy_accuracy"),
+                        target=f"gain >= {DISTILL_GAIN}, to >= {DISTILL_FLOOR}", met=ok))
+    return rows or [Row("student greedy accuracy")]
+
+
+def distill_plots(d: dict, out: Path) -> list[Path | None]:
+    groups = {f"{get(s, 'student')} {get(s, 'loss')}": {
+        "before": get(s, "before_greedy_accuracy"), "after": get(s, "greedy_accuracy")}
+        for s in get(d, "students") or []}
+    groups["teacher"] = {"after": get(d, "teacher", "greedy_accuracy")}
+    return [_png(out / "distill.png", "Held-out greedy accuracy: students before and after, "
+                 "and the teacher", lambda ax: _bars(ax, groups, "greedy accuracy"))]
 
 
 def memory_plan_rows(d: dict) -> list[Row]:
@@ -444,6 +470,11 @@ BENCHMARKS = (
           "on-policy steps.", async_rows, async_plots, optional=True),
     Bench("r1_smol", "Every stage of the R1 recipe (conf/r1_smol.yaml) at toy scale, each "
           "evaluated.", r1_rows, r1_plots, optional=True),
+    Bench("distill", "Distillation into a smaller student (`python -m benchmarks.distill`): the "
+          "teacher's rejection-sampled samples, then a fresh student trained on them with the "
+          "tokens' likelihood (`distill.loss=sft`) or the KL to the teacher's next-token "
+          "distributions (`kd`); held-out greedy accuracy before and after, the teacher's as "
+          "the line.", distill_rows, distill_plots, optional=True),
 )
 
 
@@ -517,8 +548,8 @@ def build(results_dir: Path, readme: Path, quick: bool = False) -> str:
         "Re-run everything with `make bench` (installs TRL, the baseline of trl_grpo, then runs "
         "the six default benchmarks and this report); `make bench ARGS=\"--quick\"` for smoke "
         "runs into `benchmarks/results/quick/`, `ARGS=\"--only NAME ...\"` or "
-        "`ARGS=\"--skip NAME ...\"` for some. `async_rollouts` and `r1_smol` run only when named "
-        "with `--only`.", "",
+        "`ARGS=\"--skip NAME ...\"` for some. `async_rollouts`, `r1_smol`, `distill`, "
+        "`memory_plan` and `gpu_check` run only when named with `--only`.", "",
         "Ratio: rlsys / baseline. Met: the issue's target (– where there is none or a figure is "
         "missing).", "",
         "| benchmark | figure | rlsys | baseline | baseline value | ratio | target | met |",

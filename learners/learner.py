@@ -1,4 +1,5 @@
-"""One rank of the learner group: its shard of the policy and reference, the optimizer, the update.
+"""One rank of the learner group: its shard of the policy and reference (and, for logit-level
+distillation, a frozen teacher), the optimizer, the update.
 
 `LearnerGroup` (learners/group.py) starts tp x dp of these as Ray actors that form one
 torch.distributed world; a single `Learner` in a plain process is the world of one. Its public
