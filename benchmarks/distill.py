@@ -28,16 +28,16 @@ from rlsys.models import resolve_model
 from rlsys.pipeline import run_pipeline
 from rlsys.pipeline.runner import read_marker, stage_dir
 
-DEFAULT_STUDENT = "smollm2-135m-instruct:layers=10"
+DEFAULT_STUDENT = "smollm2-135m-instruct:drop=10-19"
 
 
-def student_stages(students: list[str]) -> str:
+def student_stages(students: list[str], epochs: int, lr: float) -> str:
     """The pipeline.stages value: the teacher's samples, then an sft and a kd stage per
     student (same data, same optimizer settings: only the loss differs)."""
     stages = ["{name: teacher_samples, kind: rejection_sampling}"]
     for i, student in enumerate(students):
-        common = (f"model.path={student}, sft.data=stage:teacher_samples, sft.epochs=3, "
-                  "learner.lr=1.0e-4")
+        common = (f"model.path={student}, sft.data=stage:teacher_samples, sft.epochs={epochs}, "
+                  f"learner.lr={lr}")
         for loss in ("sft", "kd"):
             stages.append(f"{{name: s{i}_{loss}, kind: sft, overrides: [{common}, "
                           f"distill.loss={loss}]}}")
@@ -48,10 +48,13 @@ def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", action="append", metavar="MODEL",
                         help=f"a student model (repeatable; default {DEFAULT_STUDENT})")
+    parser.add_argument("--epochs", type=int, default=1, help="SFT epochs per student")
+    parser.add_argument("--lr", type=float, default=2.0e-4, help="the students' learning rate")
     opts, overrides = parser.parse_known_args(argv)
     students = opts.student or [DEFAULT_STUDENT]
     with run_dir(overrides, "distill-") as args:
-        args = ["conf=distill", *args, f"pipeline.stages={student_stages(students)}"]
+        stages = student_stages(students, opts.epochs, opts.lr)
+        args = ["conf=distill", *args, f"pipeline.stages={stages}"]
         return _run(args, students)
 
 

@@ -74,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlsys.models import ModelError, parse_dropped_layers
+
 if TYPE_CHECKING:  # imported lazily: benchmarks/gpu_check.py plans on machines without omegaconf
     from rlsys.config import Config
 
@@ -181,7 +183,7 @@ def shape_from_config(config: dict, name: str, source: str = "") -> ModelShape:
 
 def model_shape(path: str) -> ModelShape | None:
     """The shape of `model.path`: its config.json if it is a folder here, else the built-in
-    table by name (built-in model names, `smollm2-135m-instruct:layers=N`, or the folder's last
+    table by name (built-in model names, `smollm2-135m-instruct:drop=A-B`, or the folder's last
     component, e.g. /models/Qwen2.5-7B); None when neither knows it."""
     folder = Path(path).expanduser()
     config = folder / "config.json"
@@ -191,11 +193,16 @@ def model_shape(path: str) -> ModelShape | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None  # not a decoder-only config this plan knows; resolve_model reports it
     text = str(path)
-    if ":layers=" in text:
-        base, _, layers = text.partition(":layers=")
+    if ":drop=" in text:
+        base = text.partition(":drop=")[0]
         shape = KNOWN_SHAPES.get(base.lower())
-        if shape is not None and layers.isdigit() and int(layers) >= 1:
-            return dataclasses.replace(shape, name=text, layers=int(layers))
+        try:
+            dropped = parse_dropped_layers(text)
+        except ModelError:
+            return None  # resolve_model reports the malformed range
+        if shape is not None and dropped is not None:
+            layers = shape.layers - (dropped[1] - dropped[0] + 1)
+            return dataclasses.replace(shape, name=text, layers=layers) if layers > 0 else None
         return None
     key = folder.name.lower()
     shape = KNOWN_SHAPES.get(key) or KNOWN_SHAPES.get(key.removesuffix("-instruct"))

@@ -172,7 +172,7 @@ def test_model_shape_sources(tmp_path: Path) -> None:
     assert (shape.kv_heads, shape.dim, shape.tied, shape.attention_bias) == (2, 48, False, False)
     assert shape.source.endswith("config.json")
     assert mp.model_shape("/models/Qwen2.5-1.5B-Instruct").hidden == 1536
-    assert mp.model_shape("smollm2-135m-instruct:layers=10").layers == 10
+    assert mp.model_shape("smollm2-135m-instruct:drop=10-19").layers == 20
     assert mp.model_shape("/models/unknown-model") is None
 
 

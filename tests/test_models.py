@@ -24,6 +24,8 @@ from rlsys.models import (
     ModelError,
     build_tiny_model,
     default_cache_dir,
+    drop_layers,
+    parse_dropped_layers,
     resolve_model,
 )
 
@@ -149,6 +151,43 @@ def test_resolve_missing_path_names_the_setting(tmp_path: pathlib.Path) -> None:
 def test_resolve_unknown_builtin_name(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ModelError, match="built-in: smollm2-135m-instruct, tiny-random"):
         resolve_model("smollm3-huge", tmp_path / "cache")
+
+
+def test_drop_layers_keeps_the_other_layers_and_runs(tmp_path: pathlib.Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = build_tiny_model(tmp_path / "three", num_layers=3)
+    drop_layers(source, tmp_path / "student", 1, 1)
+    teacher = AutoModelForCausalLM.from_pretrained(source)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 2
+    for index, (kept, original) in enumerate(zip(student.model.layers, (0, 2), strict=True)):
+        assert kept.self_attn.layer_idx == index
+        torch.testing.assert_close(kept.mlp.up_proj.weight,
+                                   teacher.model.layers[original].mlp.up_proj.weight)
+    # Cached generation indexes the KV cache by layer_idx: it must run past the first token.
+    out = student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3,
+                           do_sample=False)
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("smollm2-135m-instruct:drop=9", "layer range A-B"),
+    ("smollm2-135m-instruct:drop=5-2", "A <= B"),
+])
+def test_bad_layer_range_is_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message) as info:
+        parse_dropped_layers(spec)
+    assert "\n" not in str(info.value)
+    assert parse_dropped_layers("smollm2-135m-instruct:drop=10-19") == (10, 19)
+    assert parse_dropped_layers("smollm2-135m-instruct") is None
+
+
+def test_drop_beyond_the_model_is_refused(tmp_path: pathlib.Path) -> None:
+    source = build_tiny_model(tmp_path / "two", num_layers=2)
+    with pytest.raises(ModelError, match="layers 0-1"):
+        drop_layers(source, tmp_path / "none", 0, 1)
 
 
 def test_resolve_folder_without_config(tmp_path: pathlib.Path) -> None:
