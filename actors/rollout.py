@@ -202,19 +202,30 @@ class RolloutWorker:
         self.llm.collective_rpc("close_weight_sync")
 
     def update_weights(self, manifest: list[tuple[str, tuple[int, ...], str]],
-                       bucket_bytes: int, version: int) -> int:
-        """Receive a broadcast (the learner sends concurrently) and serve it from now on."""
+                       bucket_bytes: int, version: int, mode: str = "full") -> dict[str, Any]:
+        """Receive a broadcast (the learner sends concurrently) and serve it from now on.
+
+        Returns the engine's figures for it: `version`, `direct` (loaded without vLLM's generic
+        reload), `wait_s` (waiting for the wire), `load_s` (copying, applying and re-packing)
+        and `blocked_s` (how long this engine could not generate: the whole call).
+        """
+        start = time.perf_counter()
         versions = self.llm.collective_rpc("receive_weights",
-                                           args=(manifest, bucket_bytes, version))
+                                           args=(manifest, bucket_bytes, version, mode))
         if any(v != version for v in versions):
             raise RuntimeError(f"{self.name}: workers report versions {versions}, sent {version}")
         # Cached prefix KV blocks were computed with the old weights; reusing them would mix
         # old and new weights within one sequence.
         self.llm.reset_prefix_cache()
         self._weight_version = version
-        self.last_update_stats = self.llm.collective_rpc("weight_sync_stats")[0]
+        stats = self.llm.collective_rpc("weight_sync_stats")[0]
         self._gauges.weights(version)
-        return version
+        self.last_update_stats = stats | {"blocked_s": time.perf_counter() - start}
+        return self.last_update_stats
+
+    def weight_digests(self) -> list[str]:
+        """Per manifest tensor, a hash of what this engine holds (see EngineWeights.digests)."""
+        return self.llm.collective_rpc("weight_digests")[0]
 
     def weight_version(self) -> int:
         versions = self.llm.collective_rpc("weight_version")
@@ -405,9 +416,10 @@ class RolloutPool:
                 for index, worker in enumerate(self.workers)]
 
     def update_weights(self, manifest: list[tuple[str, tuple[int, ...], str]],
-                       bucket_bytes: int, version: int) -> list[Any]:
-        """Start every engine receiving; the caller broadcasts, then waits on the refs."""
-        return [worker.update_weights.remote(manifest, bucket_bytes, version)
+                       bucket_bytes: int, version: int, mode: str = "full") -> list[Any]:
+        """Start every engine receiving; the caller broadcasts, then waits on the refs (each
+        gives that engine's figures, see RolloutWorker.update_weights)."""
+        return [worker.update_weights.remote(manifest, bucket_bytes, version, mode)
                 for worker in self.workers]
 
     def weight_versions(self) -> list[int]:

@@ -17,11 +17,14 @@ import time
 
 import torch
 
+from actors.engine_weights import EngineWeights
 from rlsys.weight_sync import (
     WeightManifest,
+    WeightReceiver,
     close_weight_sync_group,
     init_weight_sync_group,
     receive_weights,
+    single_threaded,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +89,6 @@ class WeightSyncExtension:
         self._weight_sync_group = init_weight_sync_group(
             backend, master_addr, master_port, group_rank, world_size)
         self._weight_version = getattr(self, "_weight_version", 0)
-        _quiet_expected_reload_warnings()
         return group_rank
 
     def close_weight_sync(self) -> None:
@@ -98,33 +100,78 @@ class WeightSyncExtension:
         close_weight_sync_group(getattr(self, "_weight_sync_group", None))
         self._weight_sync_group = None
 
-    def receive_weights(self, manifest: WeightManifest, bucket_bytes: int, version: int) -> int:
-        """Receive one broadcast and load it into the running model; returns `version`.
+    def receive_weights(self, manifest: WeightManifest, bucket_bytes: int, version: int,
+                        mode: str = "full") -> int:
+        """Receive one broadcast (`mode` "full" or "delta") into the running model; returns
+        `version`.
 
-        The received stream goes straight into `Worker.reload_weights(weights_iterator=...)`
+        Directly where `EngineWeights` can map the model (see actors/engine_weights.py): each
+        bucket lands in a reused buffer and is copied (or its delta applied) into place while
+        the next one is on the wire, and only layers with packed CPU kernels are re-packed.
+        Otherwise through vLLM's generic `Worker.reload_weights(weights_iterator=...)`
         (`vllm/model_executor/model_loader/reload/inplace.py`), which takes checkpoint-format
-        (Hugging Face) names, re-runs each layer's post-load processing (CPU packing included)
-        and copies results into the existing parameter storage, so CUDA graphs stay valid.
-        `model.load_weights` alone is not enough on CPU: packed linear layers have an empty
-        `.weight` there (FACTS.md).
+        names, re-runs each layer's post-load processing and copies results into the existing
+        storage, so CUDA graphs stay valid; `model.load_weights` alone is not enough on CPU:
+        packed linear layers have an empty `.weight` there (FACTS.md).
         """
         group = getattr(self, "_weight_sync_group", None)
         if group is None:
             raise RuntimeError("receive_weights called before init_weight_sync")
+        if mode not in ("full", "delta"):
+            raise ValueError(f"mode must be 'full' or 'delta', got {mode!r}")
         start = time.perf_counter()
-        self.reload_weights(weights_iterator=receive_weights(
-            group, manifest, bucket_bytes, device=self.device))
-        reloaded = time.perf_counter()
-        repacked = _repack_kept_cpu_weights(self.model_runner.get_model())
+        plan = self._engine_weights(manifest, bucket_bytes)
+        if plan is not None:
+            from vllm.config import set_current_vllm_config
+
+            receiver = self._weight_receiver
+            with set_current_vllm_config(self.vllm_config), single_threaded(self.device):
+                if mode == "full":
+                    repacked = plan.load_full(receiver.receive_full(group))
+                else:
+                    repacked = plan.load_delta(receiver.receive_delta(group))
+            wait_s = receiver.wait_s
+        elif mode == "delta":
+            raise RuntimeError(f"delta sync needs direct loading, which this engine cannot do: "
+                               f"{self._engine_weights_reason}")
+        else:
+            _quiet_expected_reload_warnings()
+            self.reload_weights(weights_iterator=receive_weights(
+                group, manifest, bucket_bytes, device=self.device))
+            repacked = _repack_kept_cpu_weights(self.model_runner.get_model())
+            wait_s = 0.0  # receiving and loading interleave inside vLLM's loader
+        seconds = time.perf_counter() - start
         self._weight_version = version
         self._weight_sync_stats = {
-            "version": version,
-            "receive_reload_s": reloaded - start,  # receiving and reloading overlap per bucket
-            "repack_s": time.perf_counter() - reloaded,
+            "version": version, "mode": mode, "direct": plan is not None,
+            "seconds": seconds, "wait_s": wait_s, "load_s": seconds - wait_s,
             "repacked_layers": repacked,
         }
-        logger.info("weights v%d reloaded: %s", version, self._weight_sync_stats)
+        logger.info("weights v%d loaded: %s", version, self._weight_sync_stats)
         return version
+
+    def _engine_weights(self, manifest: WeightManifest, bucket_bytes: int
+                        ) -> EngineWeights | None:
+        """The direct-loading plan for this manifest (made once), or None (the reason is kept)."""
+        key = (repr(manifest), bucket_bytes)
+        if getattr(self, "_engine_weights_key", None) != key:
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            plan, reason = EngineWeights.plan(self.model_runner.get_model(), manifest,
+                                              get_tensor_model_parallel_world_size())
+            if plan is None:
+                logger.warning("weights load through vLLM's generic reload: %s", reason)
+            self._engine_weights_plan, self._engine_weights_reason = plan, reason
+            self._weight_receiver = WeightReceiver(manifest, bucket_bytes, self.device)
+            self._engine_weights_key = key
+        return self._engine_weights_plan
+
+    def weight_digests(self) -> list[str]:
+        """Per manifest tensor, a hash of the values this engine holds (direct loading only)."""
+        plan = getattr(self, "_engine_weights_plan", None)
+        if plan is None:
+            raise RuntimeError("weight_digests needs a direct-loading sync first")
+        return plan.digests(self._weight_receiver.manifest)
 
     def weight_sync_stats(self) -> dict[str, float]:
         """Timings of the last `receive_weights`, for the trainer's sync-stage metrics."""

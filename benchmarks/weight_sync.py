@@ -110,7 +110,9 @@ def profile_broadcasts(trainer: object, seconds: float, work: Path) -> dict:
         return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
 
     pids = {"learner": pid(trainer.learner.rank0), "engine": pid(trainer.fleet.rollout.workers[0])}
-    spies = {name: subprocess.Popen(["py-spy", "record", "-p", str(p), "-d", str(int(seconds)),
+    # The venv's py-spy (the [bench] extra), also when the venv is not on PATH.
+    spy_bin = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    spies = {name: subprocess.Popen([spy_bin, "record", "-p", str(p), "-d", str(int(seconds)),
                                      "-r", "100", "-f", "raw", "-o", str(work / f"{name}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, p in pids.items()}

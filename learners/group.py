@@ -202,10 +202,14 @@ class LearnerGroup:
         """Refs to wait on together with the engines' (every member leaves the group)."""
         return [self.rank0.close_weight_sync.remote()]
 
-    def broadcast_weights(self, manifest: weight_sync.WeightManifest,
-                          bucket_bytes: int) -> list[ray.ObjectRef]:
+    def broadcast_weights(self, manifest: weight_sync.WeightManifest, bucket_bytes: int,
+                          mode: str = "full") -> list[ray.ObjectRef]:
         """Refs of every rank's part (gathering shards); rank 0's result holds the figures."""
-        return [w.broadcast_weights.remote(manifest, bucket_bytes) for w in self.workers]
+        return [w.broadcast_weights.remote(manifest, bucket_bytes, mode) for w in self.workers]
+
+    def weight_digests(self, manifest: weight_sync.WeightManifest) -> list[str]:
+        """Hashes of the weights the engines should hold (see Learner.weight_digests)."""
+        return ray.get([w.weight_digests.remote(manifest) for w in self.workers])[0]
 
     def shutdown(self) -> None:
         for worker in self.workers:

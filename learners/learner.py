@@ -144,6 +144,7 @@ class Learner:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
         self.step = 0
         self.sync_group = None
+        self.weight_sender: weight_sync.WeightSender | None = None
 
     def _build_model(self, path: str, checkpoint_activations: bool = False) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -465,13 +466,17 @@ class Learner:
         removed); see `weight_sync.close_weight_sync_group`."""
         weight_sync.close_weight_sync_group(self.sync_group)
         self.sync_group = None
+        self.weight_sender = None  # a new group may hold new engines: the next send is full
 
     @torch.no_grad()
-    def broadcast_weights(self, manifest: weight_sync.WeightManifest,
-                          bucket_bytes: int) -> dict[str, float]:
-        """Gather each full tensor from its shards (all ranks) and send it on (rank 0).
+    def broadcast_weights(self, manifest: weight_sync.WeightManifest, bucket_bytes: int,
+                          mode: str = "full") -> dict[str, float]:
+        """Gather each full tensor from its shards (all ranks) and send it on (rank 0): all of
+        it (`mode="full"`), or only the values that changed since the last send ("delta").
 
-        Rank 0 holds at most one gathered tensor and one bucket at a time, never the model.
+        Rank 0 keeps a `WeightSender` for the group: reused bucket buffers and, with
+        `learner.sync_mode=delta`, what the engines hold (the model's size in the wire dtype).
+        It holds at most one gathered tensor at a time, never the gathered model.
         """
         tensors = parallel.full_tensors(self.model)
         if self.rank != 0:
@@ -480,7 +485,25 @@ class Learner:
             return {}
         if self.sync_group is None:
             raise RuntimeError("init_weight_sync must be called before broadcast_weights")
-        return weight_sync.broadcast_weights(self.sync_group, tensors, manifest, bucket_bytes)
+        sender = self.weight_sender
+        if sender is None or sender.manifest != manifest or sender.bucket_bytes != bucket_bytes:
+            sender = self.weight_sender = weight_sync.WeightSender(
+                manifest, bucket_bytes, weight_sync.wire_device(self.sync_group),
+                keep_held=self.cfg.sync_mode == "delta")
+        if mode == "delta":
+            return sender.send_delta(self.sync_group, tensors)
+        return sender.send_full(self.sync_group, tensors)
+
+    @torch.no_grad()
+    def weight_digests(self, manifest: weight_sync.WeightManifest) -> list[str]:
+        """What the engines should hold after a sync: hashes of the full tensors in their wire
+        dtype (all ranks gather; rank 0's answer counts). Compare with the engines' digests."""
+        tensors = (tensor for _, tensor in parallel.full_tensors(self.model))
+        if self.rank != 0:
+            for _ in tensors:  # the gathers are collective
+                pass
+            return []
+        return weight_sync.digests(tensors, manifest)
 
     # --- checkpoints --------------------------------------------------------------------------
 

@@ -303,6 +303,10 @@ class LearnerConfig:
     num_threads: int = doc("torch threads per learner worker; 0 = the node's cores / (tp x dp)",
                            0)
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
+    sync_mode: str = doc("weight sync to the engines: full (every value, every step) | delta "
+                         "(after a full sync, only the wire-dtype values that changed; new, "
+                         "replaced or resumed engines get a full sync; learner rank 0 keeps a "
+                         "copy of the model in the wire dtype)", "full")
     device_memory_gb: float = doc("GiB of memory of each learner GPU: the memory plan "
                                   "(--print-config) refuses a learner.device=cuda run whose "
                                   "per-GPU peak exceeds it, and sizes activation "
@@ -314,6 +318,7 @@ class LearnerConfig:
         _one_of(self, "learner", "compute_dtype", _DTYPES)
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
         _one_of(self, "learner", "activation_checkpointing", ACTIVATION_CHECKPOINTING)
+        _one_of(self, "learner", "sync_mode", ("full", "delta"))
         _require(self.lr > 0, "learner.lr", self.lr, "must be > 0")
         _at_least(self, "learner", 0, "grad_clip")
         _require(self.device_memory_gb > 0, "learner.device_memory_gb", self.device_memory_gb,

@@ -54,6 +54,9 @@ class EngineFleet:
         world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
         ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])
         self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
+        # What the engines of a new group hold is unknown to the learner's new sender (new or
+        # replaced engines, scaling, resume): the next sync is full, deltas follow it.
+        self.engines_hold_last_send = False
 
     def close(self) -> None:
         """Every member leaves the weight-sync group at once (NCCL may tear down collectively).
@@ -77,14 +80,28 @@ class EngineFleet:
         return self.send_weights() | {"wait_s": time.perf_counter() - t0}
 
     def send_weights(self) -> dict[str, float]:
-        """The learner's weights, as `version`, to every engine (after a resume too)."""
+        """The learner's weights, as `version`, to every engine (after a resume too): only what
+        changed with `learner.sync_mode=delta`, once every engine holds the last send.
+
+        Returns the learner's figures (bytes, changed_frac, convert_s, transfer_s, seconds)
+        and the slowest engine's: load_s, and gen_blocked_s (the time it could not generate).
+        """
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
-        engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version)
-        sent = self.learner.broadcast_weights(self.manifest, bucket)
+        mode = "delta" if self.engines_hold_last_send else "full"
+        engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version, mode)
+        sent = self.learner.broadcast_weights(self.manifest, bucket, mode)
         results = ray.get([*sent, *engine_refs])
-        stats, versions = results[0], results[len(sent):]
-        self.check_versions(versions)
-        return stats
+        stats, engines = results[0], results[len(sent):]
+        self.check_versions([engine["version"] for engine in engines])
+        if self.cfg.learner.sync_mode == "delta" and not self.engines_hold_last_send:
+            generic = [i for i, engine in enumerate(engines) if not engine["direct"]]
+            if generic:
+                log.warning("learner.sync_mode=delta: engine(s) %s load through vLLM's generic "
+                            "reload (see their log), so every sync stays full", generic)
+            self.engines_hold_last_send = not generic
+        return stats | {"load_s": max(e["load_s"] for e in engines),
+                        "gen_blocked_s": max(e["blocked_s"] for e in engines),
+                        "delta": float(mode == "delta")}
 
     def check_versions(self, versions: list[int]) -> None:
         if any(v != self.version for v in versions):

@@ -213,9 +213,14 @@ def step_metrics(batch: Any, learner: dict[str, float], sync: dict[str, float],
         "time/update": timer.seconds.get("update", 0.0),
         "time/sync": timer.seconds.get("sync", 0.0), "time/step": timer.total(),
         "throughput/gen_tokens_per_s": sum(lengths) / max(batch.gen_s, 1e-9),
-        "sync/bytes": sync.get("bytes", 0.0), "sync/seconds": sync.get("seconds", 0.0),
         "time/sync_wait": sync.get("wait_s", 0.0),
     }
+    # The weight sync's own figures (EngineFleet.send_weights): bytes on the wire, the changed
+    # fraction, and its time split into the learner's cast/encode, its wait on the wire, the
+    # engines' loading and the window in which they could not generate.
+    stats |= {f"sync/{key}": sync.get(key, 0.0)
+              for key in ("bytes", "seconds", "changed_frac", "convert_s", "transfer_s",
+                          "load_s", "gen_blocked_s", "delta")}
     if trained_samples:
         # Versions behind the policy that trained on them (0 = on-policy).
         staleness = [trained_version - s["weight_version"] for s in trained_samples]

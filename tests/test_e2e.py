@@ -171,3 +171,45 @@ def test_tiny_run_with_asynchronous_rollouts(ray_cluster, tmp_path):
     for step in (2, 3):
         state = checkpoint.read_trainer_state(out / "checkpoints" / f"step_{step:06d}")
         assert state["task"]["next_index"] == step * b, (step, state["task"])
+
+
+@pytest.mark.timeout(300)
+def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
+    """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
+    values, and after every step the engine holds exactly the learner's weights (bitwise, in
+    the wire dtype), as a full sync would have left it."""
+    import ray
+
+    from rlsys.fleet import EngineFleet
+
+    out = tmp_path / "run"
+    # bfloat16 engines, as on real runs: an fp32 wire would see every value change each step.
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.sync_mode=delta",
+                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
+                       "trainer.save_final=false"])
+    publish = EngineFleet.publish
+    mismatches: list[tuple[int, int]] = []
+
+    def checked_publish(self: EngineFleet, in_flight: list) -> dict[str, float]:
+        stats = publish(self, in_flight)
+        want = self.learner.weight_digests(self.manifest)
+        for engine in self.rollout.workers:
+            got = ray.get(engine.weight_digests.remote())
+            pairs = enumerate(zip(want, got, strict=True))
+            mismatches.extend((self.version, i) for i, (a, b) in pairs if a != b)
+        return stats
+
+    monkeypatch.setattr(EngineFleet, "publish", checked_publish)
+    train(cfg)
+    assert mismatches == []
+    steps = read_metrics(out / "metrics.jsonl")[1:]
+    assert [r["weight_version"] for r in steps] == [1, 2, 3]
+    # The engines start from the checkpoint on disk, which the learner has not sent: the first
+    # sync is full, the later ones are deltas.
+    assert [r["sync/delta"] for r in steps] == [0.0, 1.0, 1.0]
+    assert steps[0]["sync/changed_frac"] == 1.0
+    for r in steps[1:]:
+        assert 0 < r["sync/changed_frac"] < 1 and 0 < r["sync/bytes"] < steps[0]["sync/bytes"]
+    for r in steps:
+        for key in ("sync/convert_s", "sync/transfer_s", "sync/load_s", "sync/gen_blocked_s"):
+            assert r[key] > 0, key

@@ -18,7 +18,8 @@ from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
 # Metrics that depend on wall-clock time or on process warm-up, not on the computation.
-_TIMING = ("time", "time/", "throughput/", "train/tokens_per_s", "sync/seconds", "reward_pool/")
+_TIMING = ("time", "time/", "throughput/", "train/tokens_per_s", "sync/seconds", "sync/convert_s",
+           "sync/transfer_s", "sync/load_s", "sync/gen_blocked_s", "reward_pool/")
 
 
 def _comparable(record: dict) -> dict:

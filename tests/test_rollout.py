@@ -16,8 +16,11 @@ import torch
 from actors.rollout import RolloutPool, rollout_env_vars
 from rlsys.models import resolve_model
 from rlsys.weight_sync import (
+    WeightSender,
     broadcast_weights,
     build_manifest,
+    close_weight_sync_group,
+    digests,
     find_free_port,
     init_weight_sync_group,
 )
@@ -142,7 +145,10 @@ def test_weight_update_changes_engine_logprobs_to_the_new_weights(pool, tiny_mod
     def push(version: int) -> list[int]:
         refs = pool.update_weights(manifest, bucket_bytes, version)
         broadcast_weights(group, model.named_parameters(), manifest, bucket_bytes)
-        return pool_get(refs)
+        engines = pool_get(refs)
+        # The tiny Llama maps onto vLLM's layers: loaded directly, not by vLLM's reload.
+        assert all(e["direct"] and e["blocked_s"] >= e["load_s"] > 0 for e in engines)
+        return [e["version"] for e in engines]
 
     (before,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
     prompt_ids, token_ids = before["prompt_ids"], before["token_ids"]
@@ -172,6 +178,69 @@ def test_weight_update_changes_engine_logprobs_to_the_new_weights(pool, tiny_mod
     assert gap_restored.abs().max().item() < LOGPROB_TOLERANCE
     assert pool.weight_versions() == [2]
     print(f"logprob gap after update: {gap_new:.2e} (vs old weights {gap_old:.2e})")
+    close_weight_sync_group(group)
+    pool_get(pool.close_weight_sync())
+
+
+def _digests(named_tensors, manifest) -> list[str]:
+    return digests([tensor for _, tensor in named_tensors], manifest)
+
+
+def test_delta_sync_leaves_the_engine_bitwise_equal_to_a_full_sync(pool, tiny_model) -> None:
+    """Full sync, then deltas of sparse changes (index and bitmask encodings, untouched tensors
+    skipped) and of a dense one: after each, every tensor the engine holds equals the learner's
+    bit for bit, and its log-probs follow the new weights (so the packed CPU kernels were
+    rebuilt from the patched values, the tied lm_head's included)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    manifest = build_manifest(model.named_parameters())
+    bucket_bytes = 1 << 16
+    port = find_free_port()
+    join_refs = pool.init_weight_sync("127.0.0.1", port, "gloo")
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, pool.weight_sync_world_size,
+                                   timeout_s=60)
+    pool_get(join_refs)
+    sender = WeightSender(manifest, bucket_bytes, torch.device("cpu"), keep_held=True)
+    version = pool.weight_versions()[0]
+
+    def push(mode: str) -> tuple[dict, dict]:
+        nonlocal version
+        version += 1
+        refs = pool.update_weights(manifest, bucket_bytes, version, mode)
+        send = sender.send_full if mode == "full" else sender.send_delta
+        sent = send(group, model.named_parameters())
+        (engine,) = pool_get(refs)
+        assert engine["version"] == version and engine["mode"] == mode
+        assert pool_get([pool.workers[0].weight_digests.remote()])[0] == _digests(
+            model.named_parameters(), manifest)
+        return sent, engine
+
+    full, _ = push("full")
+    generator = torch.Generator().manual_seed(2)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        # A few values of two matrices and of the (tied) embedding: index / bitmask encodings.
+        params["model.layers.0.self_attn.k_proj.weight"].view(-1)[::97] += 0.25
+        params["model.layers.1.mlp.up_proj.weight"].view(-1)[::5] -= 0.5
+        params["model.embed_tokens.weight"][3:5] *= 1.5
+    sparse, engine = push("delta")
+    assert 0 < sparse["changed_frac"] < 0.05 and sparse["bytes"] < full["bytes"] / 10
+    assert engine["repacked_layers"] >= 3  # k's qkv_proj, up's gate_up_proj, the lm_head
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    dense, _ = push("delta")
+    assert dense["changed_frac"] > 0.9
+    unchanged, _ = push("delta")
+    assert unchanged["changed_frac"] == 0 and unchanged["bytes"] < 4096  # the header only
+
+    (after,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
+    expected = _hf_logprobs(model, after["prompt_ids"], after["token_ids"])
+    gap = (torch.tensor(after["logprobs"]) - expected).abs().max().item()
+    assert gap < LOGPROB_TOLERANCE, f"engine does not follow the delta-synced weights ({gap})"
+    close_weight_sync_group(group)
+    pool_get(pool.close_weight_sync())
 
 
 def pool_get(refs):
