@@ -21,26 +21,35 @@ vLLM's generic path, where a delta sync is not possible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 
-from rlsys.weight_sync import WeightManifest, apply_delta, digests, dtype_from_name
+from rlsys.weight_sync import (
+    WeightManifest,
+    apply_delta,
+    digests,
+    dtype_from_name,
+    full_layout,
+)
 
 
 class EngineWeights:
     """The plan for one model and manifest; see the module docstring."""
 
     def __init__(self, views: list[torch.Tensor], repack: list[list[torch.nn.Module]],
-                 unpacked: dict[torch.nn.Module, torch.Tensor]) -> None:
+                 unpacked: dict[torch.nn.Module, torch.Tensor],
+                 buckets: list[torch.Tensor]) -> None:
         self.views = views            # per manifest entry: the storage it is written into
         self.repack = repack          # per manifest entry: layers to re-process when it changes
         self.unpacked = unpacked      # layer → its full weight, kept for layers vLLM packed
+        self.buckets = buckets        # where full syncs land, or [] (reused buffers)
         # layer → the last manifest entry it is made of: once past it, it can be re-packed
         self.last = {id(layer): index for index, layers in enumerate(repack) for layer in layers}
 
     @classmethod
-    def plan(cls, model: torch.nn.Module, manifest: WeightManifest,
+    def plan(cls, model: torch.nn.Module, manifest: WeightManifest, bucket_bytes: int,
              tp_size: int = 1) -> tuple[EngineWeights | None, str]:
         """(plan, "") or (None, why the model cannot be loaded directly)."""
         if tp_size != 1:
@@ -73,6 +82,16 @@ class EngineWeights:
         unpacked: dict[torch.nn.Module, torch.Tensor] = {}
         views, repack = [], []
         by_storage = _packed_users(model)
+        layout = full_layout(manifest, bucket_bytes)
+        packed = [hasattr(t[0], "cpu_linear") and t[1] == "weight" and
+                  getattr(t[0], t[1]).numel() == 0 for t in targets]
+        # Full syncs land in buffers kept for good when some layer is packed: its full weight
+        # is then, where its shards lie back to back in one bucket, a view of that bucket,
+        # written by the wire itself (no copy). Without packed layers (GPUs) buckets rotate.
+        buckets = ([torch.empty(total, dtype=torch.uint8, device=_device(model))
+                    for _, total in layout] if any(packed) else [])
+        where = {index: (number, offset, nbytes) for number, (segments, _) in enumerate(layout)
+                 for index, offset, nbytes in segments}
         for (name, _, _), (module, attr, shard, shape) in zip(manifest, targets, strict=True):
             param = getattr(module, attr)
             fused = rows.get((id(module), attr))
@@ -81,12 +100,17 @@ class EngineWeights:
             offset = sum(fused[i] for i in range(shard)) if fused else 0
             if fused and sorted(fused) != list(range(len(fused))):
                 return None, f"{name!r}: shards {sorted(fused)} of a fused tensor are missing"
-            if attr == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+            if packed[len(views)]:
                 # vLLM packed this layer's weight for its CPU kernel and dropped the original:
                 # keep a full copy here and re-pack from it after each change.
                 if module not in unpacked:
-                    unpacked[module] = torch.empty(full_shape, dtype=param.dtype,
-                                                   device=param.device)
+                    # Its shards, if they are the next entries in shard order (q, k, v).
+                    parts = range(len(views), len(views) + len(fused or [0]))
+                    in_order = all(k < len(targets) and targets[k][0] is module
+                                   and targets[k][2] in (None, k - parts[0]) for k in parts)
+                    view = _in_bucket(buckets, where, parts, full_shape, param.dtype)
+                    unpacked[module] = view if in_order and view is not None else torch.empty(
+                        full_shape, dtype=param.dtype, device=param.device)
                 storage = unpacked[module]
                 users = [module]
             else:
@@ -102,12 +126,11 @@ class EngineWeights:
                 return None, f"{name!r} does not fit its engine tensor"
             views.append(view)
             repack.append(users)
-        return cls(views, repack, unpacked), ""
+        return cls(views, repack, unpacked, buckets), ""
 
     def load_full(self, received: Iterable[tuple[int, torch.Tensor]]) -> int:
         """Copy every received tensor into place; returns how many layers were re-packed."""
-        return self._load((index, lambda view, t=tensor: view.copy_(t))
-                          for index, tensor in received)
+        return self._load((index, _copy_from(tensor)) for index, tensor in received)
 
     def load_delta(self, received: Iterable[tuple[int, int, int, torch.Tensor]]) -> int:
         """Apply each changed tensor's delta in place; returns how many layers were re-packed."""
@@ -160,6 +183,33 @@ def _packed_users(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
         heads = [m for m in modules if isinstance(m, ParallelLMHead)]
         users[key] = heads or modules
     return users
+
+
+def _copy_from(tensor: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    def write(view: torch.Tensor) -> None:
+        if view.data_ptr() != tensor.data_ptr():  # else the wire wrote it in place already
+            view.copy_(tensor)
+    return write
+
+
+def _in_bucket(buckets: list[torch.Tensor], where: dict[int, tuple[int, int, int]],
+               indices: range, shape: tuple[int, ...], dtype: torch.dtype
+               ) -> torch.Tensor | None:
+    """A view of `shape` over the entries `indices` of one bucket, if they lie back to back."""
+    spots = [where[i] for i in indices]
+    number, start, _ = spots[0]
+    end = start
+    for n, offset, nbytes in spots:
+        if n != number or offset != end:
+            return None
+        end = offset + nbytes
+    if not buckets or (end - start) != math.prod(shape) * dtype.itemsize:
+        return None
+    return buckets[number][start:end].view(dtype).view(shape)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _is_vocab(module: torch.nn.Module) -> bool:

@@ -125,10 +125,12 @@ class WeightSyncExtension:
             from vllm.config import set_current_vllm_config
 
             receiver = self._weight_receiver
-            with set_current_vllm_config(self.vllm_config), single_threaded(self.device):
+            with set_current_vllm_config(self.vllm_config):
                 if mode == "full":
-                    repacked = plan.load_full(receiver.receive_full(group))
-                else:
+                    # Loading overlaps the wire, whose threads need the cores too.
+                    with single_threaded(self.device):
+                        repacked = plan.load_full(receiver.receive_full(group))
+                else:  # a delta is small: applying it and re-packing is the work, on all cores
                     repacked = plan.load_delta(receiver.receive_delta(group))
             wait_s = receiver.wait_s
         elif mode == "delta":
@@ -158,11 +160,12 @@ class WeightSyncExtension:
             from vllm.distributed import get_tensor_model_parallel_world_size
 
             plan, reason = EngineWeights.plan(self.model_runner.get_model(), manifest,
-                                              get_tensor_model_parallel_world_size())
+                                              bucket_bytes, get_tensor_model_parallel_world_size())
             if plan is None:
                 logger.warning("weights load through vLLM's generic reload: %s", reason)
             self._engine_weights_plan, self._engine_weights_reason = plan, reason
-            self._weight_receiver = WeightReceiver(manifest, bucket_bytes, self.device)
+            self._weight_receiver = WeightReceiver(manifest, bucket_bytes, self.device,
+                                                   full_buffers=plan.buckets if plan else None)
             self._engine_weights_key = key
         return self._engine_weights_plan
 

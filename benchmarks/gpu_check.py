@@ -140,7 +140,7 @@ def plan_namespace(device: str, tokens: int, mode: str, row_width: int, backend:
     learner = SimpleNamespace(tp=1, dp=1, max_tokens_per_microbatch=tokens,
                               param_dtype="float32", compute_dtype="bfloat16",
                               device=plan_device, activation_checkpointing=mode,
-                              device_memory_gb=1e9)
+                              device_memory_gb=1e9, sync_mode="full")
     return SimpleNamespace(learner=learner,
                            algorithm=SimpleNamespace(kl_coef=0.0, entropy_coef=0.0),
                            rollout=SimpleNamespace(max_model_len=row_width, temperature=1.0),

