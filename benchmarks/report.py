@@ -106,12 +106,18 @@ def weight_sync_rows(d: dict) -> list[Row]:
         r = first(get(x, "ratio"), ratio(get(x, "gb_per_s"), get(x, "raw_gloo_gb_per_s")))
         where = f"{get(x, 'model')}, {get(x, 'engines')} engine(s)"
         rows.append(Row(f"weight sync GB/s into vLLM, {where}", get(x, "gb_per_s"),
-                        "raw gloo broadcast", get(x, "raw_gloo_gb_per_s"), r, target(">=", t),
-                        met(None, r, t)))
+                        "raw gloo broadcast, fresh receive buffers", get(x, "raw_gloo_gb_per_s"),
+                        r, target(">=", t), met(None, r, t)))
+        if get(x, "raw_reused_gb_per_s") is not None:
+            rows.append(Row(f"weight sync GB/s into vLLM, {where}", get(x, "gb_per_s"),
+                            "raw gloo broadcast, reused receive buffers",
+                            get(x, "raw_reused_gb_per_s"), get(x, "ratio_to_reused")))
         if get(x, "transport_gb_per_s") is not None:
             rows.append(Row(f"weight transport GB/s, no vLLM loading, {where}",
-                            get(x, "transport_gb_per_s"), "raw gloo broadcast",
-                            get(x, "raw_gloo_gb_per_s"), get(x, "transport_ratio")))
+                            get(x, "transport_gb_per_s"),
+                            "raw gloo broadcast, reused receive buffers",
+                            get(x, "raw_reused_gb_per_s") or get(x, "raw_gloo_gb_per_s"),
+                            get(x, "transport_ratio")))
         if get(x, "first_generation_s") is not None:
             rows.append(Row(f"seconds to the first token with new weights, {where}",
                             get(x, "first_generation_s")))
@@ -373,7 +379,8 @@ def trl_plots(d: dict, out: Path) -> list[Path | None]:
 def weight_sync_plots(d: dict, out: Path) -> list[Path | None]:
     groups = {f"{get(x, 'model')} x{get(x, 'engines')}": {
         "rlsys into vLLM": get(x, "gb_per_s"), "rlsys transport": get(x, "transport_gb_per_s"),
-        "raw gloo": get(x, "raw_gloo_gb_per_s")}
+        "raw gloo": get(x, "raw_gloo_gb_per_s"),
+        "raw gloo, reused buffers": get(x, "raw_reused_gb_per_s")}
         for x in get(d, "rows") or []}
     steps = [x for x in get(d, "delta_steps") or [] if get(x, "mode") == "delta"]
     per_step = {"delta sync": [(get(x, "step"), get(x, "seconds")) for x in steps],
@@ -440,7 +447,10 @@ def weight_sync_notes(d: dict) -> list[str]:
              f"samples by innermost frame; raw stacks in `{get(p, 'stacks')}`):", ""]
     for process in ("engine", "learner"):
         lines += [f"- {process}: " + "; ".join(f"{share:.0%} {frame}" for frame, share
-                                              in (get(p, process, "self") or [])[:6])]
+                                              in (get(p, process, "self") or [])[:6]),
+                  "  - under (inclusive): " + "; ".join(
+                      f"{share:.0%} {frame}" for frame, share
+                      in (get(p, process, "inclusive") or [])[:5])]
     return [*lines, ""]
 
 
