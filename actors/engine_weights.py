@@ -26,13 +26,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from rlsys.weight_sync import (
-    WeightManifest,
-    apply_delta,
-    digests,
-    dtype_from_name,
-    full_layout,
-)
+from rlsys.weight_delta import apply_delta
+from rlsys.weight_sync import WeightManifest, digests, dtype_from_name, full_layout
 
 
 class EngineWeights:

@@ -36,13 +36,23 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup, TCPStore
 
+from rlsys.weight_delta import (
+    ALIGN_BYTES,
+    FULL,
+    INDEX,
+    MASK,
+    as_bits,
+    choose_encoding,
+    delta_nbytes,
+    pack_bits,
+    padded,
+    typed,
+)
+
 # (parameter name, shape, wire dtype name such as "bfloat16"): plain data, so it pickles through
 # Ray and vLLM's collective_rpc, which cannot carry tensors.
 WeightManifest = list[tuple[str, tuple[int, ...], str]]
 
-# Offsets of tensors inside a packed bucket are rounded up to this many bytes so that every slice
-# can be reinterpreted (`.view(dtype)`) as its own dtype, whatever the element size.
-_ALIGN_BYTES = 64
 
 # Measured on the 2-core CPU box, a SmolLM2-135M-shaped state dict (273 tensors, 269 MB in bf16,
 # cast from fp32 masters), gloo, two processes, median of 6 after a warm-up:
@@ -145,12 +155,8 @@ def build_manifest(
     return manifest
 
 
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
-
-
 def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return _padded(math.prod(shape) * dtype.itemsize)
+    return padded(math.prod(shape) * dtype.itemsize)
 
 
 def _group_sizes(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -180,7 +186,7 @@ def plan_buckets(manifest: WeightManifest, bucket_bytes: int) -> list[list[int]]
     `bucket_bytes <= 0` means one tensor per bucket. A tensor larger than a bucket gets a bucket
     of its own. Sender and receivers call this with the same inputs and get the same plan.
     """
-    sizes = [max(_padded_nbytes(shape, dtype_from_name(dtype)), _ALIGN_BYTES)
+    sizes = [max(_padded_nbytes(shape, dtype_from_name(dtype)), ALIGN_BYTES)
              for _, shape, dtype in manifest]
     return _group_sizes(sizes, bucket_bytes)
 
@@ -193,13 +199,13 @@ Segment = tuple[int, int, int]
 
 def _layout(sizes: list[int], bucket_bytes: int) -> list[tuple[list[Segment], int]]:
     """Buckets of (index, offset, bytes) for payloads of `sizes` bytes, and each bucket's size."""
-    padded = [_padded(n) for n in sizes]
+    slots = [padded(n) for n in sizes]
     layout = []
-    for bucket in _group_sizes(padded, bucket_bytes):
+    for bucket in _group_sizes(slots, bucket_bytes):
         segments, total = [], 0
         for index in bucket:
             segments.append((index, total, sizes[index]))
-            total += padded[index]
+            total += slots[index]
         layout.append((segments, total))
     return layout
 
@@ -228,10 +234,6 @@ class _Buffers:
         return buffer[:nbytes]
 
 
-def _typed(payload: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
-    return payload[:count * dtype.itemsize].view(dtype)
-
-
 def wire_device(group: ProcessGroup) -> torch.device:
     """Where tensors must live to be sent: NCCL moves CUDA memory only, gloo host memory.
 
@@ -241,81 +243,6 @@ def wire_device(group: ProcessGroup) -> torch.device:
     if group.name() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# --- delta encoding: what changed since the receivers' copy, per tensor -------------------------
-
-SKIP, FULL, INDEX, MASK = 0, 1, 2, 3  # how one tensor's changes travel
-ENCODING_NAMES = {SKIP: "skip", FULL: "full", INDEX: "index", MASK: "mask"}
-
-
-def delta_nbytes(encoding: int, changed: int, numel: int, itemsize: int) -> int:
-    """Bytes of a tensor's payload: nothing (skip); all values (full); int32 indices then the
-    changed values (index); a bitmask of ceil(numel/8) bytes then the changed values (mask)."""
-    if encoding == SKIP:
-        return 0
-    if encoding == FULL:
-        return numel * itemsize
-    head = changed * 4 if encoding == INDEX else -(-numel // 8)
-    return _padded(head) + changed * itemsize
-
-
-def choose_encoding(changed: int, numel: int, itemsize: int) -> int:
-    """The smallest payload for `changed` of `numel` values (ties go to the simpler encoding)."""
-    if changed == 0:
-        return SKIP
-    return min((FULL, INDEX, MASK),
-               key=lambda e: (delta_nbytes(e, changed, numel, itemsize), e))
-
-
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-# x * _GATHER_BITS >> 56 moves the low bit of each of x's 8 bytes to bits 0..7 of the result
-# (byte j's to bit j; the other partial products never reach bits 56..63): eight flags packed by
-# one integer multiply, on any device.
-_GATHER_BITS = 0x0102040810204080
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A flat bool tensor → uint8 bitmask, bit j of byte i = mask[8i + j] (any device)."""
-    n = mask.numel()
-    if n % 8:
-        mask = torch.cat([mask, mask.new_zeros(8 - n % 8)])
-    lanes = mask.view(torch.uint8).view(torch.int64)  # 8 flags (0 or 1 bytes) per int64
-    return ((lanes * _GATHER_BITS) >> 56).to(torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first `numel` flags as a bool tensor."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
-    return ((bits[:, None] & weights) != 0).view(-1)[:numel]
-
-
-def apply_delta(target: torch.Tensor, encoding: int, changed: int, payload: torch.Tensor) -> None:
-    """Write one tensor's encoded changes (`payload`, bytes) into `target` in place.
-
-    Values are copied bit for bit: the result equals the sender's tensor exactly.
-    """
-    flat = target.view(-1)
-    if encoding == FULL:
-        flat.copy_(_typed(payload, flat.dtype, flat.numel()))
-        return
-    head = _padded(delta_nbytes(encoding, changed, flat.numel(), flat.element_size())
-                   - changed * flat.element_size())
-    values = _typed(payload[head:], flat.dtype, changed)
-    if encoding == INDEX:
-        flat[_typed(payload, torch.int32, changed).long()] = values
-    elif encoding == MASK:
-        # masked_scatter_ takes the values in order; indexing with a bool mask would first
-        # turn it into indices (measured 10x slower on CPU).
-        flat.masked_scatter_(unpack_bits(payload[:-(-flat.numel() // 8)], flat.numel()), values)
-    elif encoding != SKIP:
-        raise ValueError(f"unknown delta encoding {encoding}")
-
-
-def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The same bytes as integers: changes are compared bit for bit (-0.0 != 0.0, NaN == NaN)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.view(ints[tensor.element_size()])
 
 
 def digests(tensors: Iterable[torch.Tensor], manifest: WeightManifest) -> list[str]:
@@ -369,7 +296,7 @@ class WeightSender:
 
     def _wire_view(self, buffer: torch.Tensor, index: int, offset: int) -> torch.Tensor:
         _, shape, dtype = self.manifest[index]
-        return _typed(buffer[offset:], dtype_from_name(dtype), math.prod(shape)).view(shape)
+        return typed(buffer[offset:], dtype_from_name(dtype), math.prod(shape)).view(shape)
 
     def send_full(self, group: ProcessGroup, named_tensors: Iterable[tuple[str, torch.Tensor]],
                   src: int = 0) -> dict[str, float]:
@@ -430,10 +357,10 @@ class WeightSender:
                                               device=self.device)
                     self._mask = torch.empty(self._stage.numel(), dtype=torch.bool,
                                              device=self.device)
-                new = _typed(self._stage, held.dtype, held.numel())
+                new = typed(self._stage, held.dtype, held.numel())
                 new.copy_(tensor.reshape(-1))
                 mask = self._mask[:held.numel()]
-                torch.ne(_as_bits(new), _as_bits(held), out=mask)
+                torch.ne(as_bits(new), as_bits(held), out=mask)
                 changed = int(torch.count_nonzero(mask))
                 encoding = choose_encoding(changed, held.numel(), held.element_size())
                 header[index, 0], header[index, 1] = encoding, changed
@@ -475,16 +402,16 @@ class WeightSender:
                      positions: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
         held = self._views[index].view(-1)
         if encoding == FULL:
-            _typed(out, held.dtype, held.numel()).copy_(held)
+            typed(out, held.dtype, held.numel()).copy_(held)
             return
         assert positions is not None
         where, bits = positions
         if encoding == INDEX:
-            _typed(out, torch.int32, where.numel()).copy_(where)
+            typed(out, torch.int32, where.numel()).copy_(where)
         else:
             out[:bits.numel()].copy_(bits)
-        start = _padded(out.numel() - where.numel() * held.element_size())
-        torch.index_select(held, 0, where, out=_typed(out[start:], held.dtype, where.numel()))
+        start = padded(out.numel() - where.numel() * held.element_size())
+        torch.index_select(held, 0, where, out=typed(out[start:], held.dtype, where.numel()))
 
 
 def _delta_layout(manifest: WeightManifest, header: list[list[int]],
@@ -616,7 +543,7 @@ class WeightReceiver:
         for segments, buffer in self._receive(group, layout, src, self.full_buffers):
             for index, offset, _ in segments:
                 _, shape, dtype = self.manifest[index]
-                yield index, _typed(buffer[offset:], dtype_from_name(dtype),
+                yield index, typed(buffer[offset:], dtype_from_name(dtype),
                                     math.prod(shape)).view(shape)
 
     def receive_delta(self, group: ProcessGroup, src: int = 0
@@ -650,5 +577,5 @@ def receive_weights(
         group.broadcast(buffer, src).wait()
         for index, offset, _ in segments:
             name, shape, dtype = manifest[index]
-            yield name, _typed(buffer[offset:], dtype_from_name(dtype),
+            yield name, typed(buffer[offset:], dtype_from_name(dtype),
                                math.prod(shape)).view(shape)

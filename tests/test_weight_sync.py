@@ -5,26 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlsys.weight_sync import (
+from rlsys.weight_delta import (
     FULL,
     INDEX,
     MASK,
     SKIP,
+    apply_delta,
+    choose_encoding,
+    delta_nbytes,
+    pack_bits,
+    unpack_bits,
+)
+from rlsys.weight_sync import (
     WeightReceiver,
     WeightSender,
-    apply_delta,
     broadcast_weights,
     build_manifest,
-    choose_encoding,
     close_weight_sync_group,
-    delta_nbytes,
     dtype_from_name,
     find_free_port,
     init_weight_sync_group,
-    pack_bits,
     plan_buckets,
     receive_weights,
-    unpack_bits,
 )
 
 
