@@ -155,7 +155,7 @@ class WeightSyncExtension:
     def _engine_weights(self, manifest: WeightManifest, bucket_bytes: int
                         ) -> EngineWeights | None:
         """The direct-loading plan for this manifest (made once), or None (the reason is kept)."""
-        key = (repr(manifest), bucket_bytes)
+        key = (manifest, bucket_bytes)
         if getattr(self, "_engine_weights_key", None) != key:
             from vllm.distributed import get_tensor_model_parallel_world_size
 

@@ -41,8 +41,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import RESULTS, machine, result_path, versions
 
@@ -73,36 +75,51 @@ def random_model(base: Path, out: Path) -> Path:
 
 # --- rlsys: the training path --------------------------------------------------------------------
 
-def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
-               profile_s: float = 0.0) -> dict:
+@contextmanager
+def demo_trainer(model_path: str, overrides: list[str], work: Path
+                 ) -> Iterator[tuple[Any, Callable[[], float]]]:
+    """rlsys's training path on the demo's config (conf=smol with `overrides`, buckets of
+    BUCKET_MB) in a Ray session of its own, and a function that times one greedy token from the
+    engines: the first use of the weights they hold."""
     from transformers import AutoTokenizer
 
     from rlsys.build import build_task, ray_session, render_prompts
     from rlsys.config import load_config
     from rlsys.trainer import GRPOTrainer
 
-    cfg = load_config(["conf=smol", f"model.path={model_path}", f"rollout.num_workers={engines}",
-                       "algorithm.kl_coef=0.0", f"learner.sync_bucket_mb={BUCKET_MB}",
-                       f"trainer.output_dir={work}"])
+    cfg = load_config(["conf=smol", f"model.path={model_path}",
+                       f"learner.sync_bucket_mb={BUCKET_MB}", f"trainer.output_dir={work}",
+                       *overrides])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = build_task(cfg)
     prompt = render_prompts(cfg, tokenizer, task.sample(1))
-    runs = []
     with ray_session(cfg):
         trainer = GRPOTrainer(cfg, model_path, tokenizer, task, work)
+
+        def first_token() -> float:
+            t0 = time.perf_counter()
+            trainer.fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
+            return time.perf_counter() - t0
+
         try:
-            for _ in range(reps + 1):  # the first one warms up
-                t0 = time.perf_counter()
-                stats = trainer.fleet.publish([])
-                synced = time.perf_counter()
-                trainer.fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
-                first = time.perf_counter()
-                runs.append({"seconds": synced - t0, "bytes": stats["bytes"],
-                             "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
-                             "first_generation_s": first - t0})
-            profile = profile_broadcasts(trainer, profile_s, work) if profile_s else None
+            yield trainer, first_token
         finally:
             trainer.shutdown()
+
+
+def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
+               profile_s: float = 0.0) -> dict:
+    runs = []
+    with demo_trainer(model_path, [f"rollout.num_workers={engines}", "algorithm.kl_coef=0.0"],
+                      work) as (trainer, first_token):
+        for _ in range(reps + 1):  # the first one warms up
+            t0 = time.perf_counter()
+            stats = trainer.fleet.publish([])
+            synced = time.perf_counter() - t0
+            runs.append({"seconds": synced, "bytes": stats["bytes"],
+                         "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
+                         "first_generation_s": synced + first_token()})
+        profile = profile_broadcasts(trainer, profile_s, work) if profile_s else None
     return {"runs": runs[1:], **({"profile": profile} if profile else {})}
 
 
@@ -168,47 +185,28 @@ def time_delta_on_demo(model_path: str, steps: int, work: Path) -> list[dict]:
     """Real GRPO steps of the demo (conf=smol, learner.sync_mode=delta, one engine): per step,
     the delta sync the step paid (changed fraction, bytes, seconds, the split) and, side by
     side on the same weights, a full sync of them and the time to a first token after it."""
-    from transformers import AutoTokenizer
-
-    from rlsys.build import build_task, ray_session, render_prompts
-    from rlsys.config import load_config
-    from rlsys.trainer import GRPOTrainer
-
-    cfg = load_config(["conf=smol", f"model.path={model_path}", "learner.sync_mode=delta",
-                       f"learner.sync_bucket_mb={BUCKET_MB}", f"trainer.output_dir={work}"])
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    task = build_task(cfg)
-    prompt = render_prompts(cfg, tokenizer, task.sample(1))
     rows = []
-    with ray_session(cfg):
-        trainer = GRPOTrainer(cfg, model_path, tokenizer, task, work)
+    with demo_trainer(model_path, ["learner.sync_mode=delta"], work) as (trainer, first_token):
         fleet = trainer.fleet
-        try:
-            for step in range(1, steps + 1):
-                stats = trainer.train_step(step)
-                t0 = time.perf_counter()
-                fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
-                first_token_s = stats["time/sync"] + time.perf_counter() - t0
-                fleet.engines_hold_last_send = False  # the same weights again, in full
-                t0 = time.perf_counter()
-                full = fleet.send_weights()
-                full_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                fleet.rollout.generate(prompt, n=1, temperature=0.0, max_tokens=1)
-                full_first_token_s = full_s + time.perf_counter() - t0
-                rows.append({
-                    "step": step, "mode": "delta" if stats["sync/delta"] else "full",
-                    "changed_frac": round(stats["sync/changed_frac"], 5),
-                    "bytes": stats["sync/bytes"], "seconds": round(stats["time/sync"], 3),
-                    **{k: round(stats[f"sync/{k}"], 3) for k in
-                       ("convert_s", "transfer_s", "load_s", "gen_blocked_s")},
-                    "first_token_s": round(first_token_s, 3),
-                    "full_bytes": full["bytes"], "full_seconds": round(full_s, 3),
-                    "full_first_token_s": round(full_first_token_s, 3),
-                    "reward_accuracy": round(stats.get("reward/accuracy", 0.0), 3)})
-                print(f"step {step}: {rows[-1]}", flush=True)
-        finally:
-            trainer.shutdown()
+        for step in range(1, steps + 1):
+            stats = trainer.train_step(step)
+            first_token_s = stats["time/sync"] + first_token()
+            fleet.engines_hold_last_send = False  # the same weights again, in full
+            t0 = time.perf_counter()
+            full = fleet.send_weights()
+            full_s = time.perf_counter() - t0
+            full_first_token_s = full_s + first_token()
+            rows.append({
+                "step": step, "mode": "delta" if stats["sync/delta"] else "full",
+                "changed_frac": round(stats["sync/changed_frac"], 5),
+                "bytes": stats["sync/bytes"], "seconds": round(stats["time/sync"], 3),
+                **{k: round(stats[f"sync/{k}"], 3) for k in
+                   ("convert_s", "transfer_s", "load_s", "gen_blocked_s")},
+                "first_token_s": round(first_token_s, 3),
+                "full_bytes": full["bytes"], "full_seconds": round(full_s, 3),
+                "full_first_token_s": round(full_first_token_s, 3),
+                "reward_accuracy": round(stats.get("reward/accuracy", 0.0), 3)})
+            print(f"step {step}: {rows[-1]}", flush=True)
     return rows
 
 

@@ -28,7 +28,7 @@ import hashlib
 import math
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup, TCPStore
 
+from rlsys.metrics import PhaseTimer
 from rlsys.weight_delta import (
     ALIGN_BYTES,
     FULL,
@@ -306,31 +307,45 @@ class WeightSender:
 
     def _send_full(self, group: ProcessGroup, tensors: Iterator[tuple[str, torch.Tensor]],
                    src: int) -> dict[str, float]:
-        stats = _Timer()
-        pending: list[Any] = [None] * len(self._full.slots)
-        for number, (segments, total) in enumerate(self.layout):
-            slot = number % len(pending)
-            if pending[slot] is not None:  # the buffer's last broadcast must have left
-                with stats.time("transfer_s"):
-                    pending[slot].wait()
-            buffer = self._full.get(number, total)
-            with stats.time("convert_s"):
-                for index, offset, _ in segments:
-                    view = self._wire_view(buffer, index, offset)
-                    view.copy_(self._check(tensors, index))  # casts and moves in one pass
-                    if self.keep_held:
-                        self._views[index] = view
-            pending[slot] = group.broadcast(buffer, src)
-            stats.add("bytes", total)
+        timer = PhaseTimer()
+
+        def fill(buffer: torch.Tensor, segments: list[Segment]) -> None:
+            for index, offset, _ in segments:
+                view = self._wire_view(buffer, index, offset)
+                view.copy_(self._check(tensors, index))  # casts and moves in one pass
+                if self.keep_held:
+                    self._views[index] = view
+
+        sent = self._stream(group, self.layout, self._full, fill, timer, src)
         if next(tensors, None) is not None:
             raise ValueError("named_tensors has more entries than the manifest")
-        with stats.time("transfer_s"):
+        self.holds = self.keep_held
+        return _sync_stats(timer, sent, buckets=len(self.layout), changed_frac=1.0)
+
+    def _stream(self, group: ProcessGroup, layout: list[tuple[list[Segment], int]],
+                buffers: _Buffers, fill: Callable[[torch.Tensor, list[Segment]], None],
+                timer: PhaseTimer, src: int) -> int:
+        """Broadcast each bucket of `layout` once `fill` has written it into its buffer: the
+        next bucket is filled while the last is on the wire, and a buffer is refilled only
+        after its previous broadcast has left. Returns the bytes sent."""
+        pending: list[Any] = [None] * len(buffers.slots)
+        sent = 0
+        for number, (segments, total) in enumerate(layout):
+            slot = number % len(pending)
+            if pending[slot] is not None:
+                with timer.phase("transfer_s"):
+                    pending[slot].wait()
+            buffer = buffers.get(number, total)
+            with timer.phase("convert_s"):
+                fill(buffer, segments)
+            pending[slot] = group.broadcast(buffer, src)
+            sent += total
+        with timer.phase("transfer_s"):
             for work in pending:
                 if work is not None:
                     work.wait()
             _synchronize(self.device)
-        self.holds = self.keep_held
-        return stats.result(buckets=len(self.layout), changed_frac=1.0)
+        return sent
 
     def send_delta(self, group: ProcessGroup, named_tensors: Iterable[tuple[str, torch.Tensor]],
                    src: int = 0) -> dict[str, float]:
@@ -341,13 +356,13 @@ class WeightSender:
 
     def _send_delta(self, group: ProcessGroup, tensors: Iterator[tuple[str, torch.Tensor]],
                     src: int) -> dict[str, float]:
-        stats = _Timer()
+        timer = PhaseTimer()
         header = torch.zeros(len(self.manifest), 2, dtype=torch.int64)
         # index → (positions of the changed values, bitmask or None); values are read from
         # `held` once it holds the new ones.
         encoded: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         changed_total = numel_total = 0
-        with stats.time("convert_s"):
+        with timer.phase("convert_s"):
             for index in range(len(self.manifest)):
                 tensor = self._check(tensors, index)
                 held = self._views[index].view(-1)
@@ -373,30 +388,19 @@ class WeightSender:
                 numel_total += held.numel()
         if next(tensors, None) is not None:
             raise ValueError("named_tensors has more entries than the manifest")
-        with stats.time("transfer_s"):
+        with timer.phase("transfer_s"):
             group.broadcast(header.to(self.device), src).wait()
         layout = _delta_layout(self.manifest, header.tolist(), self.bucket_bytes)
-        pending: list[Any] = [None, None]
+
+        def fill(buffer: torch.Tensor, segments: list[Segment]) -> None:
+            for index, offset, nbytes in segments:
+                self._encode_into(buffer[offset:offset + nbytes], index,
+                                  int(header[index, 0]), encoded.pop(index, None))
+
         with single_threaded(self.device):
-            for number, (segments, total) in enumerate(layout):
-                if pending[number % 2] is not None:
-                    with stats.time("transfer_s"):
-                        pending[number % 2].wait()
-                buffer = self._delta.get(number, total)
-                with stats.time("convert_s"):
-                    for index, offset, nbytes in segments:
-                        self._encode_into(buffer[offset:offset + nbytes], index,
-                                          int(header[index, 0]), encoded.pop(index, None))
-                pending[number % 2] = group.broadcast(buffer, src)
-                stats.add("bytes", total)
-            with stats.time("transfer_s"):
-                for work in pending:
-                    if work is not None:
-                        work.wait()
-                _synchronize(self.device)
-        stats.add("bytes", header.numel() * header.element_size())
-        return stats.result(buckets=len(layout),
-                            changed_frac=changed_total / max(numel_total, 1))
+            sent = self._stream(group, layout, self._delta, fill, timer, src)
+        return _sync_stats(timer, sent + header.numel() * header.element_size(),
+                           buckets=len(layout), changed_frac=changed_total / max(numel_total, 1))
 
     def _encode_into(self, out: torch.Tensor, index: int, encoding: int,
                      positions: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
@@ -444,28 +448,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-class _Timer:
-    """Adds up the seconds spent in named phases, and counters, for sync metrics."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextmanager
-    def time(self, key: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(key, time.perf_counter() - t0)
-
-    def add(self, key: str, value: float) -> None:
-        self.totals[key] = self.totals.get(key, 0.0) + value
-
-    def result(self, **extra: float) -> dict[str, float]:
-        out = {"bytes": 0.0, "convert_s": 0.0, "transfer_s": 0.0, **self.totals}
-        return out | {"seconds": time.perf_counter() - self.start,
-                      **{k: float(v) for k, v in extra.items()}}
+def _sync_stats(timer: PhaseTimer, sent: int, **extra: float) -> dict[str, float]:
+    """A send's figures for logging: bytes on the wire, seconds in all, and the split."""
+    return {"bytes": float(sent), "seconds": timer.total(),
+            "convert_s": timer.seconds.get("convert_s", 0.0),
+            "transfer_s": timer.seconds.get("transfer_s", 0.0),
+            **{key: float(value) for key, value in extra.items()}}
 
 
 def broadcast_weights(
