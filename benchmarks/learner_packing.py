@@ -1,7 +1,7 @@
 """Learner throughput with packed micro-batches against the padded batch, on a mixed-length batch.
 
-    python -m benchmarks.learner_packing [--quick] [--jemalloc] [--variants V ...] [--reps N]
-                                         [--profile VARIANT] [--out PATH]
+    python -m benchmarks.learner_packing [--quick] [--few-shot] [--jemalloc] [--variants V ...]
+                                         [--reps N] [--profile VARIANT] [--out PATH]
 
 One GRPO update (forward, backward, AdamW step) of SmolLM2-135M-Instruct in the learner's
 settings (fp32 master weights, bf16 compute, token-mean GRPO loss, grad clip 1.0, one optimizer
@@ -20,7 +20,13 @@ subprocess so that its peak RSS is its own:
                  the learner, so the comparison is of the packing alone;
 * padded_sorted: as padded, rows sorted by length first (the usual trick to cut padding);
 * packed_loop:   packed micro-batches through padded's own loop (autocast, no Learner), which
-                 separates the effect of packing from that of the learner's machinery.
+                 separates the effect of packing from that of the learner's machinery;
+* packed_unshared: the real learner with the prompts' common prefix packed once per prompt, as
+                 before prefixes were shared (each prompt whole, once per micro-batch).
+
+--few-shot: the demo's shape instead (conf=smol: 8 prompts x G=8 behind a common 140-token
+few-shot prefix, 20-28 tokens of their own, responses of 18-40 tokens), packed against
+packed_unshared and padded; writes results/learner_packing_few_shot.json.
 
 Per variant: the median seconds per update over --reps timed updates after one warm-up, tokens/s
 (real prompt + response tokens of all sequences per second: the same numerator for every
@@ -54,7 +60,7 @@ from pathlib import Path
 from benchmarks.common import machine, result_path, versions
 
 TARGET_RATIO = 1.5
-VARIANTS = ("packed", "padded", "padded_sorted", "packed_loop")
+VARIANTS = ("packed", "padded", "padded_sorted", "packed_loop", "packed_unshared")
 REPO = Path(__file__).resolve().parent.parent
 
 FULL = {"prompts": 8, "group": 8, "prompt_len": [60, 120], "response_len": [16, 256],
@@ -62,6 +68,9 @@ FULL = {"prompts": 8, "group": 8, "prompt_len": [60, 120], "response_len": [16, 
         "variants": ["packed", "padded", "padded_sorted"]}
 QUICK = {"prompts": 4, "group": 4, "prompt_len": [60, 120], "response_len": [16, 128],
          "truncated_frac": 0.2, "budget": 2048, "reps": 2, "variants": ["packed", "padded"]}
+FEW_SHOT = {"prompts": 8, "group": 8, "shared_prefix": 140, "prompt_len": [20, 28],
+            "response_len": [18, 40], "truncated_frac": 0.0, "budget": 4096, "reps": 5,
+            "variants": ["packed", "packed_unshared", "padded"]}
 
 
 # --- the batch ----------------------------------------------------------------------------------
@@ -70,13 +79,16 @@ def make_batch(spec: dict, vocab_size: int) -> dict:
     """A GRPO batch: prompt-major, G completions per prompt, fixed seed.
 
     Response lengths: with probability `truncated_frac` the maximum (a completion cut off at
-    max_new_tokens), otherwise uniform in [min, max].
+    max_new_tokens), otherwise uniform in [min, max]. Every prompt begins with the same
+    `shared_prefix` tokens (few-shot examples), then `prompt_len` tokens of its own.
     """
     rng = random.Random(spec["seed"])
     lo, hi = spec["response_len"]
+    prefix = [rng.randrange(10, vocab_size) for _ in range(spec.get("shared_prefix", 0))]
     prompts, responses = [], []
     for _ in range(spec["prompts"]):
-        prompt = [rng.randrange(10, vocab_size) for _ in range(rng.randint(*spec["prompt_len"]))]
+        prompt = prefix + [rng.randrange(10, vocab_size)
+                           for _ in range(rng.randint(*spec["prompt_len"]))]
         for _ in range(spec["group"]):
             n = hi if rng.random() < spec["truncated_frac"] else rng.randint(lo, hi)
             prompts.append(prompt)
@@ -120,6 +132,9 @@ def batch_stats(batch: dict, budget: int) -> dict:
         "response_lens": [len(r) for r in responses],
         "packed": {"microbatches": len(packed), "tokens": sum(mb.num_tokens for mb in packed),
                    "tokens_per_microbatch": [mb.num_tokens for mb in packed]},
+        # Each distinct prompt whole (once per micro-batch it is in), as packed_unshared runs.
+        "unshared_tokens": (sum(len(p) for p in {tuple(p) for p in prompts})
+                            + sum(r_lens)),
     }
     for name, sort in (("padded", False), ("padded_sorted", True)):
         mbs = padded_microbatches(seq_lens, budget, sort)
@@ -259,7 +274,11 @@ def run_variant(variant: str, spec: dict, profile: bool = False) -> dict:
     batch = make_batch(spec, AutoConfig.from_pretrained(path).vocab_size)
     max_response_len = spec["response_len"][1]
     t0 = time.perf_counter()
-    if variant == "packed":
+    if variant == "packed_unshared":
+        import learners.packing
+
+        learners.packing.shared_prefix_len = lambda prompts: 0
+    if variant in ("packed", "packed_unshared"):
         from learners.learner import Learner
         from rlsys.config import AlgorithmConfig, LearnerConfig
 
@@ -366,6 +385,8 @@ def _git_state() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, fewer reps (< 3 min)")
+    parser.add_argument("--few-shot", action="store_true",
+                        help="the demo's shape: prompts behind a shared few-shot prefix")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--reps", type=int, help="timed updates per variant (after 1 warm-up)")
     parser.add_argument("--budget", type=int, help="tokens per micro-batch")
@@ -387,8 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("RESULT " + json.dumps(result), flush=True)
         return result
 
-    spec = {**(QUICK if args.quick else FULL), "model": args.model, "threads": args.threads,
-            "seed": args.seed}
+    shape = FEW_SHOT if args.few_shot else QUICK if args.quick else FULL
+    spec = {**shape, "model": args.model, "threads": args.threads, "seed": args.seed}
     for key in ("reps", "budget", "variants"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
@@ -455,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'variant':<14} {'tokens':>7} {'s/update':>9} {'min s':>7} {'tok/s':>8} "
           f"{'vs padded':>9} {'peak MB':>8} {'update +MB':>10}")
     for variant, f in figures.items():
-        tokens = stats[variant]["tokens"] if variant in stats else stats["packed"]["tokens"]
+        tokens = (stats["unshared_tokens"] if variant == "packed_unshared" else
+                  stats[variant]["tokens"] if variant in stats else stats["packed"]["tokens"])
         print(f"{variant:<14} {tokens:>7} {f['median_s']:>9.2f} {f['min_s']:>7.2f} "
               f"{f['tokens_per_s']:>8.1f} "
               f"{ratios.get(variant, float('nan')):>8.2f}x {f['peak_rss_mb']:>8.0f} "
@@ -464,7 +486,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"target packed/padded >= {TARGET_RATIO}: "
               f"{'met' if result['meets_target'] else 'NOT met'}")
 
-    out = args.out or result_path("learner_packing", args.quick)
+    if "packed_unshared" in figures and "packed" in figures:
+        speedup = figures["packed_unshared"]["median_s"] / figures["packed"]["median_s"]
+        result["shared_prefix_speedup"] = round(speedup, 3)
+        print(f"sharing the prompts' common prefix: {stats['unshared_tokens']} -> "
+              f"{stats['packed']['tokens']} tokens, {speedup:.2f}x faster updates")
+    name = "learner_packing_few_shot" if args.few_shot else "learner_packing"
+    out = args.out or result_path(name, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -76,7 +76,8 @@ class LearnerGroup:
 
     def __init__(self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig, *,
                  temperature: float, max_response_len: int, seed: int,
-                 runtime_env: dict | None = None, teacher_path: str | None = None) -> None:
+                 runtime_env: dict | None = None, teacher_path: str | None = None,
+                 total_steps: int = 0) -> None:
         self.tp, self.dp = learner.tp, learner.dp
         world = self.tp * self.dp
         bundle = {"CPU": learner.num_cpus} | ({"GPU": learner.num_gpus}
@@ -99,7 +100,7 @@ class LearnerGroup:
                           ).remote(model_path, learner, algorithm, temperature=temperature,
                                    max_response_len=max_response_len, seed=seed, rank=rank,
                                    master_addr=addr, master_port=port,
-                                   teacher_path=teacher_path)
+                                   teacher_path=teacher_path, total_steps=total_steps)
             for rank in range(world)]
         # Construction includes the process-group rendezvous: all ranks come up together.
         ray.get([w.__ray_ready__.remote() for w in self.workers])

@@ -23,6 +23,7 @@ starts; a learner given "auto" does not checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -62,6 +63,28 @@ def _lens_mask(lens: list[int], device: torch.device) -> torch.Tensor:
     return torch.arange(width, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
 
 
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of learner.lr.
+
+    Warm-up: (step + 1) / warmup for step < warmup. Then, with progress
+    p = (step - warmup) / (total - warmup) in [0, 1] and the floor m = min_ratio:
+
+        constant: 1
+        linear:   m + (1 - m) (1 - p)
+        cosine:   m + (1 - m) (1 + cos(pi p)) / 2
+
+    so the last step (step = total - 1, p just under 1) trains at about m x lr. `total` is
+    the stage's number of optimizer steps; without one (0) the rate stays constant.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    p = min(1.0, (step - warmup) / (total - warmup))
+    decay = 1 - p if schedule == "linear" else (1 + math.cos(math.pi * p)) / 2
+    return min_ratio + (1 - min_ratio) * decay
+
+
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Metrics of the whole batch from each dp rank's metrics of its shard.
 
@@ -89,7 +112,8 @@ class Learner:
     def __init__(self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  *, temperature: float = 1.0, max_response_len: int = 128, seed: int = 0,
                  rank: int = 0, master_addr: str = "127.0.0.1",
-                 master_port: int | None = None, teacher_path: str | None = None) -> None:
+                 master_port: int | None = None, teacher_path: str | None = None,
+                 total_steps: int = 0) -> None:
         from transformers import AutoTokenizer
 
         self.cfg, self.algo = learner, algorithm
@@ -139,9 +163,10 @@ class Learner:
                                            lr=learner.lr,
                                            betas=tuple(learner.betas),
                                            weight_decay=learner.weight_decay, fused=True)
-        warmup = learner.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+            self.optimizer, functools.partial(lr_factor, warmup=learner.warmup_steps,
+                                              total=total_steps, schedule=learner.lr_schedule,
+                                              min_ratio=learner.min_lr_ratio))
         self.step = 0
         self.sync_group = None
         self.weight_sender: weight_sync.WeightSender | None = None

@@ -6,8 +6,16 @@ A GRPO batch holds G completions of every prompt. A micro-batch is one row of pa
 
 Each prompt is packed once and shared by its responses (their position ids restart at the
 prompt's end, so every response sees exactly the sequence `prompt + response` it was sampled
-as), and nothing else is shared: no token attends across sequences. Every linear layer, which
-is where the work is, runs on real tokens only.
+as). The prompts' common prefix (few-shot examples, a system prompt, a chat template's header)
+is packed once per micro-batch too, and each prompt's own tokens follow it as their context:
+
+    [shared prefix][rest of prompt a][response a1]...[rest of prompt b][response b1]...
+
+Both are exact, since a causal model's states for a prefix do not depend on what follows it
+(their gradients add up over everything that attends to them); nothing else is shared, and no
+token attends across sequences. Every linear layer, which is where the work is, runs on real
+tokens only, and each shared token runs once: the demo's 64 completions of 8 few-shot prompts
+(164 prompt tokens each, ~25 response tokens) pack into ~1,900 tokens instead of ~2,900.
 
 Attention is the only part that needs to know the layout. `packed_attention` (registered with
 transformers as the "rlsys_packed" attention implementation) sees every sequence as one row:
@@ -143,27 +151,30 @@ def pack_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]]
                       max_tokens: int) -> list[PackedMicroBatch]:
     """Pack a batch into micro-batches of at most `max_tokens` tokens each.
 
-    A unit is one prompt with as many of its responses as fit the budget (a group that does not
-    fit is split, and its prompt repeated); units are then placed first-fit-decreasing, which
-    fills micro-batches to within one unit of the budget.
+    A unit is one prompt (less the batch's shared prefix) with as many of its responses as fit
+    the budget (a group that does not fit is split, and its prompt repeated); units are then
+    placed first-fit-decreasing, which fills micro-batches to within one unit of the budget.
+    Every micro-batch starts with the shared prefix, the longest one all the batch's distinct
+    prompts begin with (a batch whose prompts share nothing, or of one prompt, has none).
     """
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompt_ids):
         if not p or not response_ids[i]:
             raise ValueError(f"completion {i}: prompt and response must each have a token")
         by_prompt.setdefault(tuple(p), []).append(i)
+    shared = shared_prefix_len(list(by_prompt))
     units: list[tuple[tuple[int, ...], list[int], int]] = []
     for prompt, members in by_prompt.items():
         piece: list[int] = []
-        size = len(prompt)
+        own = size = len(prompt) - shared
         for i in members:
             width = len(response_ids[i])
             if len(prompt) + width > max_tokens:
                 raise ValueError(f"a sequence of {len(prompt) + width} tokens exceeds "
                                  f"learner.max_tokens_per_microbatch={max_tokens}")
-            if piece and size + width > max_tokens:
+            if piece and shared + size + width > max_tokens:
                 units.append((prompt, piece, size))
-                piece, size = [], len(prompt)
+                piece, size = [], own
             piece.append(i)
             size += width
         units.append((prompt, piece, size))
@@ -175,8 +186,24 @@ def pack_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]]
                 bins[b] = (used + unit[2], [*members, unit])
                 break
         else:
-            bins.append((unit[2], [unit]))
-    return [_collate([(p, m) for p, m, _ in members], response_ids) for _, members in bins]
+            bins.append((shared + unit[2], [unit]))
+    return [_collate([(p, m) for p, m, _ in members], response_ids, shared)
+            for _, members in bins]
+
+
+def shared_prefix_len(prompts: list[tuple[int, ...]]) -> int:
+    """Tokens all `prompts` begin with, leaving each at least one of its own; 0 for < 2 prompts.
+
+    A response's first token is predicted from its prompt's last token, which must be that
+    prompt's own: the prefix stops one token short of the shortest prompt.
+    """
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
 
 
 def _rowset(rows: list[tuple[list[int], list[int]]]) -> tuple[RowSet, list[int]]:
@@ -211,10 +238,12 @@ def _varlen_rows(rows: list[tuple[list[int], list[int]]]) -> VarlenRows:
         cu_q=cumulative(q_lens), cu_k=cumulative(k_lens), max_q=max(q_lens), max_k=max(k_lens))
 
 
-def _collate(units: list[tuple[tuple[int, ...], list[int]]],
-             response_ids: list[list[int]]) -> PackedMicroBatch:
-    tokens: list[int] = []
-    position_ids: list[int] = []
+def _collate(units: list[tuple[tuple[int, ...], list[int]]], response_ids: list[list[int]],
+             shared: int) -> PackedMicroBatch:
+    tokens: list[int] = list(units[0][0][:shared])
+    position_ids: list[int] = list(range(shared))
+    prefix_span = list(range(shared))
+    prefix_rows: list[tuple[list[int], list[int]]] = [([], prefix_span)] if shared else []
     prompt_rows: list[tuple[list[int], list[int]]] = []
     response_rows: list[tuple[list[int], list[int]]] = []
     predict: list[int] = []
@@ -222,10 +251,11 @@ def _collate(units: list[tuple[tuple[int, ...], list[int]]],
     index: list[int] = []
     for prompt, members in units:
         start = len(tokens)
-        prompt_span = list(range(start, start + len(prompt)))
-        tokens += prompt
-        position_ids += range(len(prompt))
-        prompt_rows.append(([], prompt_span))
+        own_span = list(range(start, start + len(prompt) - shared))
+        tokens += prompt[shared:]
+        position_ids += range(shared, len(prompt))
+        prompt_rows.append((prefix_span, own_span))
+        prompt_span = prefix_span + own_span
         for i in members:
             response = response_ids[i]
             start = len(tokens)
@@ -236,14 +266,19 @@ def _collate(units: list[tuple[tuple[int, ...], list[int]]],
             predict += [prompt_span[-1], *span[:-1]]
             targets += response
             index.append(i)
-    prompts, order_p = _rowset(prompt_rows)
-    responses, order_r = _rowset(response_rows)
+    # One block per kind of row: the prefix is long, prompts' own parts and responses short.
+    rowsets, order = [], []
+    for rows in (prefix_rows, prompt_rows, response_rows):
+        if rows:
+            rowset, positions = _rowset(rows)
+            rowsets.append(rowset)
+            order += positions
     inverse = torch.empty(len(tokens), dtype=torch.long)
-    inverse[torch.tensor(order_p + order_r)] = torch.arange(len(tokens))
+    inverse[torch.tensor(order)] = torch.arange(len(tokens))
     return PackedMicroBatch(
         input_ids=torch.tensor(tokens), position_ids=torch.tensor(position_ids),
-        layout=PackedLayout([prompts, responses], inverse,
-                            _varlen_rows(prompt_rows + response_rows)),
+        layout=PackedLayout(rowsets, inverse,
+                            _varlen_rows(prefix_rows + prompt_rows + response_rows)),
         predict_index=torch.tensor(predict), targets=torch.tensor(targets),
         response_lens=[len(response_ids[i]) for i in index], index=index)
 

@@ -49,9 +49,10 @@ def build_task(cfg: Config) -> Task:
 
 def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig, *,
                        temperature: float, max_response_len: int,
-                       teacher_path: str | None = None) -> LearnerGroup:
+                       teacher_path: str | None = None, total_steps: int = 0) -> LearnerGroup:
     """`learner.tp` x `learner.dp` learner actors holding `model_path` (and a frozen teacher
-    for logit-level distillation), as configured.
+    for logit-level distillation), as configured. `total_steps` is the stage's number of
+    optimizer steps, over which `learner.lr_schedule` decays.
 
     `learner.activation_checkpointing=auto` is resolved here by the memory plan (full when the
     plan without it exceeds learner.device_memory_gb): the learners only see none or full.
@@ -64,7 +65,7 @@ def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig,
     world = lc.tp * lc.dp
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
-        seed=cfg.trainer.seed, teacher_path=teacher_path,
+        seed=cfg.trainer.seed, teacher_path=teacher_path, total_steps=total_steps,
         runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
 
 

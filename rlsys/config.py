@@ -280,6 +280,9 @@ class RewardConfig:
         self.model.validate(cfg)
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class LearnerConfig:
     device: str = doc("cpu | cuda; the collective backend follows (gloo | nccl)", "cpu")
@@ -289,6 +292,9 @@ class LearnerConfig:
     weight_decay: float = doc("AdamW weight decay", 0.0)
     betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.99])
     warmup_steps: int = doc("linear learning-rate warm-up steps", 0)
+    lr_schedule: str = doc("the learning rate after warm-up: constant | cosine | linear (both "
+                           "decay to lr x min_lr_ratio at the stage's last step)", "constant")
+    min_lr_ratio: float = doc("where cosine / linear decay ends, as a fraction of lr", 0.0)
     grad_clip: float = doc("max global gradient norm; 0 disables clipping", 1.0)
     param_dtype: str = doc("master weight dtype", "float32")
     compute_dtype: str = doc("forward/backward dtype (FSDP casts the masters): bfloat16 | "
@@ -319,6 +325,9 @@ class LearnerConfig:
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
         _one_of(self, "learner", "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         _one_of(self, "learner", "sync_mode", ("full", "delta"))
+        _one_of(self, "learner", "lr_schedule", LR_SCHEDULES)
+        _require(0 <= self.min_lr_ratio <= 1, "learner.min_lr_ratio", self.min_lr_ratio,
+                 "must be in [0, 1]")
         _require(self.lr > 0, "learner.lr", self.lr, "must be > 0")
         _at_least(self, "learner", 0, "grad_clip")
         _require(self.device_memory_gb > 0, "learner.device_memory_gb", self.device_memory_gb,

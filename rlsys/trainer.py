@@ -93,7 +93,9 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             self.learner = make_learner_group(cfg, model_path, cfg.algorithm,
                                               temperature=r.temperature,
-                                              max_response_len=r.max_new_tokens)
+                                              max_response_len=r.max_new_tokens,
+                                              total_steps=cfg.trainer.steps
+                                              * cfg.algorithm.updates_per_batch)
             self.fleet = EngineFleet(cfg, model_path, out / ".vllm", self.learner,
                                      self.controller)
             self.rewards = make_reward_pool(cfg)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learners.learner import Learner
+from learners.learner import Learner, lr_factor
 from learners.packing import pack_microbatches
 from rlsys.config import AlgorithmConfig, LearnerConfig
 from rlsys.models import resolve_model
@@ -317,3 +317,23 @@ def test_kd_sft_step_is_the_token_mean_kl_to_the_teacher(tiny_path, tmp_path):
                    teacher_path=tiny_path)
     zero = same.sft_step({"prompt_ids": prompts, "response_ids": responses})
     assert zero["kd"] == pytest.approx(0.0, abs=1e-6) and zero["grad_norm"] < 1e-5
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor():
+    def curve(schedule: str, total: int = 12, min_ratio: float = 0.1) -> list[float]:
+        return [lr_factor(s, warmup=2, total=total, schedule=schedule, min_ratio=min_ratio)
+                for s in range(total)]
+
+    for schedule in ("constant", "linear", "cosine"):
+        assert curve(schedule)[:3] == [0.5, 1.0, 1.0]  # warm-up, then the full rate
+    assert curve("constant") == [0.5] + [1.0] * 11
+    assert [lr_factor(s, warmup=0, total=0, schedule="cosine", min_ratio=0.1)
+            for s in range(5)] == [1.0] * 5  # no horizon: constant
+    for schedule in ("linear", "cosine"):
+        decay = curve(schedule)[2:]
+        assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+        assert 0.1 < decay[-1] < 0.2  # the last step trains at about min_ratio x lr
+        assert lr_factor(12, warmup=2, total=12, schedule=schedule, min_ratio=0.1) == (
+            pytest.approx(0.1))
+    assert curve("linear")[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
+    assert curve("cosine")[7] == pytest.approx(0.1 + 0.9 * 0.5)

@@ -9,8 +9,9 @@ The same GRPO batch is run two ways on the tiny random model in float32:
   separately loaded model with its default (SDPA) attention and an attention mask, log-softmax
   gathered at the response positions, one loss over the whole batch.
 
-Per-token log-probs, the GRPO loss and its gradients must agree; packing must add no token and
-let no token see another sequence.
+Per-token log-probs, the GRPO loss and its gradients must agree, with the prompts distinct and
+with a prefix they all share (packed once per micro-batch); packing must add no token and let
+no token see another sequence.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def _batch() -> tuple[list[list[int]], list[list[int]]]:
 
 
 PROMPTS, RESPONSES = _batch()
+# The same prompts behind a common 12-token prefix, as few-shot examples or a system prompt are.
+PREFIX = torch.randint(2, 512, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+SHARED_PROMPTS = [PREFIX + p for p in PROMPTS]
+# name -> (prompts, micro-batch budget): the same micro-batches of responses either way.
+BATCHES = {"distinct": (PROMPTS, BUDGET), "shared_prefix": (SHARED_PROMPTS, BUDGET + len(PREFIX))}
 ADVANTAGES = torch.linspace(-1.5, 1.5, len(RESPONSES))[torch.randperm(
     len(RESPONSES), generator=torch.Generator().manual_seed(1))]
 # Old log-probs a little off the current ones, so that some ratios are clipped.
@@ -136,11 +142,13 @@ def test_the_batch_packs_into_several_microbatches_and_splits_a_group():
     assert max(groups_per_prompt.values()) > 1  # some group's prompt is repeated
 
 
-def test_packed_logprobs_equal_the_padded_batch(packed_model, plain_model):
+@pytest.mark.parametrize("batch", BATCHES)
+def test_packed_logprobs_equal_the_padded_batch(packed_model, plain_model, batch):
+    prompts, budget = BATCHES[batch]
     with torch.no_grad():
-        want, mask = padded_logprobs(plain_model, PROMPTS, RESPONSES)
+        want, mask = padded_logprobs(plain_model, prompts, RESPONSES)
         seen = set()
-        for mb in pack_microbatches(PROMPTS, RESPONSES, BUDGET):
+        for mb in pack_microbatches(prompts, RESPONSES, budget):
             got = packed_logprobs(packed_model, mb)
             for i, lp in zip(mb.index, got.split(mb.response_lens), strict=True):
                 torch.testing.assert_close(lp, want[i, :len(RESPONSES[i])], atol=ATOL, rtol=0)
@@ -149,14 +157,17 @@ def test_packed_logprobs_equal_the_padded_batch(packed_model, plain_model):
     assert int(mask.sum()) == sum(len(r) for r in RESPONSES)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_packed_loss_and_gradients_equal_the_padded_batch(packed_model, plain_model, mode):
+def test_packed_loss_and_gradients_equal_the_padded_batch(packed_model, plain_model, mode,
+                                                          batch):
+    prompts, budget = BATCHES[batch]
     n = len(RESPONSES)
     num_tokens, num_seqs = float(sum(len(r) for r in RESPONSES)), float(n)
 
     # Padded: one forward, one loss over the whole batch.
     plain_model.zero_grad(set_to_none=True)
-    logprobs, mask = padded_logprobs(plain_model, PROMPTS, RESPONSES)
+    logprobs, mask = padded_logprobs(plain_model, prompts, RESPONSES)
     want = _loss(logprobs, mask, list(range(n)), mode, num_tokens, num_seqs)
     want.backward()
     want_grads = _grads(plain_model)
@@ -164,7 +175,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(packed_model, plain_mo
     # Packed: per micro-batch losses with the global normalisers, gradients accumulated.
     packed_model.zero_grad(set_to_none=True)
     got = torch.zeros(())
-    for mb in pack_microbatches(PROMPTS, RESPONSES, BUDGET):
+    for mb in pack_microbatches(prompts, RESPONSES, budget):
         lp = _pad_rows(packed_logprobs(packed_model, mb), mb.response_lens)
         loss = _loss(lp, _lens_mask(mb.response_lens), mb.index, mode, num_tokens, num_seqs)
         loss.backward()
@@ -181,24 +192,29 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(packed_model, plain_mo
         torch.testing.assert_close(got_grads[name], g, atol=ATOL * scale, rtol=1e-4, msg=name)
 
 
-def test_packing_adds_no_padding_and_respects_the_budget():
-    for budget in (BUDGET, 80, 160, 1000):
-        mbs = pack_microbatches(PROMPTS, RESPONSES, budget)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_packing_adds_no_padding_and_respects_the_budget(batch):
+    prompts, _ = BATCHES[batch]
+    shared = len(PREFIX) if batch == "shared_prefix" else 0
+    distinct_all = {tuple(p) for p in prompts}
+    whole = shared + sum(len(p) - shared for p in distinct_all) + sum(map(len, RESPONSES))
+    for budget in (BUDGET + shared, 80 + shared, 160, 1000):
+        mbs = pack_microbatches(prompts, RESPONSES, budget)
         assert sorted(i for mb in mbs for i in mb.index) == list(range(len(RESPONSES)))
         total = 0
         for mb in mbs:
             assert mb.num_tokens <= budget
-            distinct = {tuple(PROMPTS[i]) for i in mb.index}
-            expected = (sum(len(p) for p in distinct)
-                        + sum(len(RESPONSES[i]) for i in mb.index))
-            assert mb.num_tokens == expected
-            assert len(mb.position_ids) == len(mb.targets) + sum(len(p) for p in distinct)
+            # The shared prefix once, then each distinct prompt's own tokens once.
+            distinct = {tuple(prompts[i]) for i in mb.index}
+            prompt_tokens = shared + sum(len(p) - shared for p in distinct)
+            assert mb.num_tokens == prompt_tokens + sum(len(RESPONSES[i]) for i in mb.index)
+            assert mb.input_ids[:shared].tolist() == PREFIX[:shared]
+            assert len(mb.position_ids) == len(mb.targets) + prompt_tokens
             assert mb.response_lens == [len(RESPONSES[i]) for i in mb.index]
             total += mb.num_tokens
-        if budget >= sum(len(p) for p in {tuple(p) for p in PROMPTS}) + sum(map(len, RESPONSES)):
+        if budget >= whole:
             assert len(mbs) == 1  # everything fits: one micro-batch, each prompt once
-        assert total >= sum(len(p) for p in {tuple(p) for p in PROMPTS}) + sum(
-            len(r) for r in RESPONSES)
+        assert total >= whole
 
 
 def test_no_token_attends_across_sequences(packed_model):
@@ -295,3 +311,50 @@ def test_packed_row_layout():
         ctx, own = spans[i]
         assert predict.tolist() == [ctx[-1], *own[:-1]]
         assert targets.tolist() == responses[i]
+
+
+def test_a_shared_prefix_is_packed_once_and_isolates_the_prompts(packed_model):
+    """Prompts behind a common prefix: the prefix once at positions 0.., each prompt's own
+    tokens after it at positions that continue it, and changing one prompt's own tokens moves
+    only its responses."""
+    prefix = [30, 31, 32, 33]
+    prompts = [[*prefix, 5, 6]] * 2 + [[*prefix, 7]] * 2 + [[*prefix, 8, 9, 10]]
+    responses = [[11, 12], [13], [14, 15, 16], [17], [18, 19]]
+    (mb,) = pack_microbatches(prompts, responses, max_tokens=1000)
+    assert mb.num_tokens == 4 + 2 + 1 + 3 + sum(map(len, responses))
+    assert mb.input_ids[:4].tolist() == prefix
+    assert mb.position_ids[:4].tolist() == [0, 1, 2, 3]
+    order = [tuple(prompts[i]) for i in mb.index]
+    own = {p: list(p[4:]) for p in order}
+    tokens, positions = mb.input_ids.tolist(), mb.position_ids.tolist()
+    cursor, seen = 4, set()
+    for i, p in zip(mb.index, order, strict=True):
+        if p not in seen:
+            seen.add(p)
+            assert tokens[cursor: cursor + len(own[p])] == own[p]
+            assert positions[cursor: cursor + len(own[p])] == list(range(4, len(p)))
+            cursor += len(own[p])
+        assert tokens[cursor: cursor + len(responses[i])] == responses[i]
+        assert positions[cursor: cursor + len(responses[i])] == list(
+            range(len(p), len(p) + len(responses[i])))
+        cursor += len(responses[i])
+
+    def logprobs(prompts) -> dict[int, torch.Tensor]:
+        (mb,) = pack_microbatches(prompts, responses, max_tokens=1000)
+        with torch.no_grad():
+            lp = packed_logprobs(packed_model, mb).split(mb.response_lens)
+        return dict(zip(mb.index, lp, strict=True))
+
+    base = logprobs(prompts)
+    changed = [list(p) for p in prompts]
+    changed[2] = changed[3] = [*prefix, 99]
+    after = logprobs(changed)
+    for i in range(len(responses)):
+        if i in (2, 3):
+            assert not torch.allclose(after[i], base[i])
+        else:
+            torch.testing.assert_close(after[i], base[i], atol=1e-6, rtol=0)
+    # One distinct prompt, or prompts that differ from their first token: nothing is shared.
+    (one,) = pack_microbatches(prompts[:2], responses[:2], max_tokens=1000)
+    assert one.num_tokens == len(prompts[0]) + 3
+    assert len(one.layout.rowsets) == 2

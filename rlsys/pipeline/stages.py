@@ -112,7 +112,7 @@ def run_sft(cfg: Config, model_path: str, out: Path, examples: list[SFTExample],
         group = make_learner_group(cfg, model_path,
                                    dataclasses.replace(cfg.algorithm, kl_coef=0.0),
                                    temperature=1.0, max_response_len=max(map(len, responses)),
-                                   teacher_path=teacher)
+                                   teacher_path=teacher, total_steps=total)
         metrics = None
         try:
             resume_from, start = checkpoint.resume_point(out, t.resume)
