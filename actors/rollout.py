@@ -11,6 +11,11 @@ after top-k/top-p masking (`vllm/v1/sample/sampler.py: Sampler.forward`). The le
 its logits by the same temperature, so with top_p = 1 (as in training) the two agree up to
 numerics, and the train-vs-rollout gap and importance ratios compare like with like.
 
+Continuous generation (`rollout.inflight`, actors/engine_stream.py): `stream_start` runs the
+engine's step loop on a thread of the actor; groups are added with `stream_add` and collected
+with `stream_take` while it runs, and `update_weights` lands between two decode steps without
+finishing or dropping the running sequences. While a stream runs, `generate` goes through it.
+
 Failures: a batch is split into chunks, one per engine; a chunk whose engine died is run again
 on a live engine with the same prompts and seeds (so with the same samples), and the pool drops
 the dead engine and names it in `lost`, for the fleet (rlsys/fleet.py) to re-form the
@@ -20,12 +25,17 @@ weight-sync group and start a replacement. Scaling (`add_workers`, `remove_worke
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+
+from actors.engine_stream import EngineStream
 
 EXTENSION_CLS = "actors.vllm_ext.WeightSyncExtension"
 
@@ -135,6 +145,10 @@ class RolloutWorker:
         self._gauges = _EngineGauges(name)
         self._weight_version = 0
         self.last_update_stats: dict[str, float] = {}
+        # Held for every engine step, weight update and batch generate (see engine_stream.py).
+        self._engine_lock = threading.Lock()
+        self.stream: EngineStream | None = None
+        self._stream_calls = itertools.count()
 
     def ping(self) -> dict[str, Any]:
         """Liveness plus the facts worth logging once per engine."""
@@ -162,12 +176,17 @@ class RolloutWorker:
         """
         from vllm import SamplingParams
 
+        sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+                    "stop": stop}
+        if self.stream is not None:
+            return self._generate_streamed(prompts, n, sampling, seed)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
                                  max_tokens=max_tokens, stop=stop, logprobs=0,
                                  flat_logprobs=True, seed=None if seed is None else seed + i)
                   for i in range(len(prompts))]
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with self._engine_lock:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         results: list[dict[str, Any]] = []
         for request in outputs:
@@ -187,11 +206,73 @@ class RolloutWorker:
         self._gauges.generated(sum(len(r["token_ids"]) for r in results), elapsed)
         return results, elapsed
 
+    def _generate_streamed(self, prompts: list[str], n: int, sampling: dict[str, Any],
+                           seed: int | None) -> tuple[list[dict[str, Any]], float]:
+        """`generate` while a stream runs: the prompts join it (seeded, as `generate` seeds
+        them; no update comes in between, the caller waits for them) and are collected alone."""
+        assert self.stream is not None
+        call = next(self._stream_calls)
+        requests = [{"id": f"generate-{call}-{i}", "prompt": prompt, "n": n,
+                     "sampling": sampling | ({} if seed is None else {"seed": seed + i})}
+                    for i, prompt in enumerate(prompts)]
+        start = time.perf_counter()
+        self.stream.add(requests)
+        waiting, done = {r["id"] for r in requests}, {}
+        while waiting:
+            for group in self.stream.take(timeout=60.0, ids=waiting):
+                done[group["id"]] = group["samples"]
+                waiting.discard(group["id"])
+        elapsed = time.perf_counter() - start
+        results = [dict(sample, weight_version=self._weight_version)
+                   for r in requests for sample in done[r["id"]]]
+        self._gauges.generated(sum(len(r["token_ids"]) for r in results), elapsed)
+        return results, elapsed
+
+    # --- continuous generation (rollout.inflight) --------------------------------------------
+
+    def stream_start(self) -> None:
+        """Start the engine's step loop on a thread (once; later calls do nothing)."""
+        if self.stream is None:
+            self.stream = EngineStream(self.llm, self._engine_lock, self.name,
+                                       self._weight_version)
+
+    def stream_add(self, requests: list[dict[str, Any]]) -> None:
+        """Start groups: each {"id", "prompt", "n", "sampling"} (EngineStream.add)."""
+        self._require_stream().add(requests)
+
+    def stream_take(self, timeout: float = 0.0) -> dict[str, Any]:
+        """The groups finished since the last call (waiting up to `timeout` s for one) and the
+        stream's counters (EngineStream.stats)."""
+        stream = self._require_stream()
+        groups = stream.take(timeout)
+        self._gauges.generated(sum(len(s["token_ids"]) for g in groups for s in g["samples"]),
+                               0.0)
+        return {"groups": groups, "stats": stream.stats()}
+
+    def stream_abort(self, ids: list[str]) -> None:
+        self._require_stream().abort(ids)
+
+    def stream_stop(self) -> None:
+        """Stop the loop; requests in flight are dropped."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def _holding_engine(self) -> contextlib.AbstractContextManager:
+        """The engine to oneself, between two decode steps if a stream runs."""
+        return self.stream.pause() if self.stream is not None else self._engine_lock
+
+    def _require_stream(self) -> EngineStream:
+        if self.stream is None:
+            raise RuntimeError(f"{self.name}: no stream is running (stream_start first)")
+        return self.stream
+
     def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
                          backend: str) -> list[int]:
         """Join the learner's weight-sync group (blocks until every rank has joined)."""
-        return self.llm.collective_rpc(
-            "init_weight_sync", args=(master_addr, master_port, rank, world_size, backend))
+        with self._holding_engine():
+            return self.llm.collective_rpc(
+                "init_weight_sync", args=(master_addr, master_port, rank, world_size, backend))
 
     def close_weight_sync(self) -> None:
         """Leave the weight-sync group; the engine keeps serving its current weights.
@@ -199,7 +280,8 @@ class RolloutWorker:
         Calls to an engine run one at a time, so this returns only after any generate or
         update that was queued before it: the pool also uses it to drain an engine.
         """
-        self.llm.collective_rpc("close_weight_sync")
+        with self._holding_engine():
+            self.llm.collective_rpc("close_weight_sync")
 
     def update_weights(self, manifest: list[tuple[str, tuple[int, ...], str]],
                        bucket_bytes: int, version: int, mode: str = "full") -> dict[str, Any]:
@@ -210,13 +292,22 @@ class RolloutWorker:
         and `blocked_s` (how long this engine could not generate: the whole call).
         """
         start = time.perf_counter()
-        versions = self.llm.collective_rpc("receive_weights",
-                                           args=(manifest, bucket_bytes, version, mode))
-        if any(v != version for v in versions):
-            raise RuntimeError(f"{self.name}: workers report versions {versions}, sent {version}")
-        # Cached prefix KV blocks were computed with the old weights; reusing them would mix
-        # old and new weights within one sequence.
-        self.llm.reset_prefix_cache()
+        with self._holding_engine():
+            versions = self.llm.collective_rpc("receive_weights",
+                                               args=(manifest, bucket_bytes, version, mode))
+            if any(v != version for v in versions):
+                raise RuntimeError(f"{self.name}: workers report versions {versions}, "
+                                   f"sent {version}")
+            if self.stream is not None:
+                # Between two decode steps, sequences may be running: vLLM preempts them and
+                # recomputes their KV cache under the new weights, so their later tokens are
+                # sampled (and log-probbed) by the new policy given the whole prefix.
+                self.llm.llm_engine.set_weight_version(str(version))
+                self.llm.reset_prefix_cache(reset_running_requests=True)
+            else:
+                # Cached prefix KV blocks were computed with the old weights; reusing them
+                # would mix old and new weights within one sequence.
+                self.llm.reset_prefix_cache()
         self._weight_version = version
         stats = self.llm.collective_rpc("weight_sync_stats")[0]
         self._gauges.weights(version)
@@ -225,10 +316,12 @@ class RolloutWorker:
 
     def weight_digests(self) -> list[str]:
         """Per manifest tensor, a hash of what this engine holds (see EngineWeights.digests)."""
-        return self.llm.collective_rpc("weight_digests")[0]
+        with self._holding_engine():
+            return self.llm.collective_rpc("weight_digests")[0]
 
     def weight_version(self) -> int:
-        versions = self.llm.collective_rpc("weight_version")
+        with self._holding_engine():
+            versions = self.llm.collective_rpc("weight_version")
         if any(v != self._weight_version for v in versions):
             raise RuntimeError(f"{self.name}: worker versions {versions} != {self._weight_version}")
         return self._weight_version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -241,6 +242,82 @@ def test_delta_sync_leaves_the_engine_bitwise_equal_to_a_full_sync(pool, tiny_mo
     assert gap < LOGPROB_TOLERANCE, f"engine does not follow the delta-synced weights ({gap})"
     close_weight_sync_group(group)
     pool_get(pool.close_weight_sync())
+
+
+def test_an_update_lands_between_decode_steps_of_running_responses(pool, tiny_model) -> None:
+    """rollout.inflight: responses that are generating when new weights arrive keep going.
+    Each token records the version that sampled it, and its log-prob is that version's given
+    the whole prefix (the running sequences' KV cache was recomputed under the new weights)."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    old_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    manifest = build_manifest(model.named_parameters())
+    bucket_bytes = 1 << 16
+    port = find_free_port()
+    join_refs = pool.init_weight_sync("127.0.0.1", port, "gloo")
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, pool.weight_sync_world_size,
+                                   timeout_s=60)
+    pool_get(join_refs)
+    worker = pool.workers[0]
+    pool_get(worker.stream_start.remote())
+    try:
+        # The engine first serves this model's weights (earlier tests left others).
+        before = pool.weight_versions()[0] + 1
+        refs = pool.update_weights(manifest, bucket_bytes, before)
+        broadcast_weights(group, model.named_parameters(), manifest, bucket_bytes)
+        pool_get(refs)
+        after = before + 1
+        pool_get(worker.stream_add.remote([{
+            "id": "group-0", "prompt": "the cat sat on the mat", "n": 2,
+            "sampling": {"temperature": 1.0, "max_tokens": 160, "ignore_eos": True}}]))
+        # Some decode steps done, most of the 160 still to go: then the update arrives.
+        deadline = time.time() + 60
+        while pool_get(worker.stream_take.remote())["stats"]["steps"] < 8:
+            assert time.time() < deadline, "the stream took no steps"
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        refs = pool.update_weights(manifest, bucket_bytes, after)
+        broadcast_weights(group, model.named_parameters(), manifest, bucket_bytes)
+        (engine,) = pool_get(refs)
+        assert engine["version"] == after
+        groups = []
+        while not groups:
+            groups = pool_get(worker.stream_take.remote(30.0))["groups"]
+        (finished,) = groups
+        assert finished["id"] == "group-0" and len(finished["samples"]) == 2
+        new_state = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for sample in finished["samples"]:
+            versions = sample["token_versions"]
+            assert len(sample["token_ids"]) == len(versions) == 160
+            assert versions == sorted(versions) and versions[0] == before
+            assert versions[-1] == after  # the response spans the update
+            assert sample["weight_version"] == before  # its oldest token's
+            split = versions.index(after)
+            lp = torch.tensor(sample["logprobs"])
+            for state, tokens in ((old_state, slice(0, split)), (new_state, slice(split, None))):
+                model.load_state_dict(state, strict=False)
+                expected = _hf_logprobs(model, sample["prompt_ids"], sample["token_ids"])
+                gap = (lp[tokens] - expected[tokens]).abs().max().item()
+                assert gap < LOGPROB_TOLERANCE, f"tokens {tokens}: not their version's ({gap})"
+            # ... and not the other version's: the split is where the weights changed.
+            model.load_state_dict(old_state, strict=False)
+            stale = _hf_logprobs(model, sample["prompt_ids"], sample["token_ids"])[split:]
+            assert (lp[split:] - stale).abs().max().item() > 100 * LOGPROB_TOLERANCE
+        # While a stream runs, a batch generate goes through it (new weights, whole responses).
+        model.load_state_dict(new_state, strict=False)
+        (sample,) = pool.generate([PROMPT], n=1, temperature=0.0, max_tokens=10)
+        expected = _hf_logprobs(model, sample["prompt_ids"], sample["token_ids"])
+        assert (torch.tensor(sample["logprobs"]) - expected).abs().max().item() < (
+            LOGPROB_TOLERANCE)
+        assert sample["weight_version"] == after
+    finally:
+        ray.get(worker.stream_stop.remote())
+        close_weight_sync_group(group)
+        pool_get(pool.close_weight_sync())
 
 
 def pool_get(refs):
