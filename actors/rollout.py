@@ -456,7 +456,7 @@ class RolloutPool:
                     failed.append(i)
             if not failed:
                 break
-            self._forget([chunks[i].worker for i in failed])
+            self.forget([chunks[i].worker for i in failed])
             if not self.workers:
                 if recover is None:
                     raise EnginesLost("every rollout engine died")
@@ -482,10 +482,11 @@ class RolloutPool:
                 ray.get(worker.ping.remote())
             except ray.exceptions.RayActorError:
                 dead.append(worker)
-        self._forget(dead)
+        self.forget(dead)
         return list(self.lost)
 
-    def _forget(self, dead: list[Any]) -> None:
+    def forget(self, dead: list[Any]) -> None:
+        """Drop dead engines from `workers`; their names go to `lost` (see `collect`)."""
         import ray
 
         for worker in dict.fromkeys(dead):  # a worker may have failed several chunks

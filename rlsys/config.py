@@ -162,6 +162,11 @@ class RolloutConfig:
                              "k > 0 = engines sample the next k steps' prompts while the "
                              "learner trains, with weights at most k versions old (pair with "
                              "algorithm.rollout_is)", 0)
+    inflight: bool = doc("continuous generation: engines never drain, the trainer draws "
+                         "finished groups from them, and new weights land between decode "
+                         "steps while responses run (a response may span versions); "
+                         "rollout.max_staleness bounds the age of a group's oldest token "
+                         "(older groups are dropped)", False)
     num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
     num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
@@ -172,6 +177,9 @@ class RolloutConfig:
         _at_least(self, "rollout", 1, "num_workers", "prompts_per_step", "max_new_tokens",
                   "tensor_parallel_size", "max_sampling_rounds")
         _at_least(self, "rollout", 0, "max_staleness")
+        _require(not self.inflight or self.max_staleness >= 1, "rollout.max_staleness",
+                 self.max_staleness, "rollout.inflight needs >= 1: a group that an update "
+                 "overtakes is one version old when it is trained on")
         _require(self.temperature > 0, "rollout.temperature", self.temperature,
                  "sampling needs temperature > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")

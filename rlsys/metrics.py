@@ -226,6 +226,13 @@ def step_metrics(batch: Any, learner: dict[str, float], sync: dict[str, float],
         staleness = [trained_version - s["weight_version"] for s in trained_samples]
         stats |= {"rollout/staleness_mean": statistics.fmean(staleness),
                   "rollout/staleness_max": max(staleness)}
+        if all("token_versions" in s for s in trained_samples):
+            # Continuous generation: a response may span versions; each token has its own age.
+            token_ages = [trained_version - v for s in trained_samples for v in s["token_versions"]]
+            stats |= {"rollout/token_staleness_mean": statistics.fmean(token_ages or [0]),
+                      "rollout/token_staleness_max": max(token_ages, default=0),
+                      "rollout/cross_version_frac": statistics.fmean(
+                          len(set(s["token_versions"])) > 1 for s in trained_samples)}
     if learner:
         stats |= {"advantage/abs_mean": float(advantages.abs().mean()),
                   "time/ref_and_old_logprobs": learner["time/ref_and_old_logprobs"],

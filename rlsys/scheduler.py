@@ -12,12 +12,13 @@ The training loop asks `next_batch(step)` for B groups of G scored completions. 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rlsys.build import fitting_prompts
 from rlsys.sampling import score_samples
@@ -166,3 +167,211 @@ class RolloutScheduler:
     def request_seed(self, step: int, stream: int) -> int:
         """Base seed of the engines' per-prompt seeds for one generate call of a step."""
         return random.Random(f"{self.cfg.trainer.seed}|{step}|{stream}").randrange(2**30)
+
+
+@dataclass
+class _Queued:
+    """A group the engines are generating: its problem, prompt, engine, and the data sampler
+    as it was before the problem was drawn (`order` counts draws)."""
+
+    problem: Problem
+    prompt: str
+    worker: Any
+    task_state: dict
+    order: int
+
+
+class StreamScheduler(RolloutScheduler):
+    """`rollout.inflight`: the engines generate continuously and never drain.
+
+    Every engine runs its step loop (actors/engine_stream.py); this keeps
+    B x (1 + rollout.max_staleness) groups in flight across them, least-loaded engine first,
+    and `next_batch` takes finished groups as they come, scores them and keeps those that are
+    fresh enough: a group whose oldest token is more than `rollout.max_staleness` versions
+    behind the policy about to train on it is dropped and counted (`rollout/stale_dropped`),
+    not re-generated: a fresh draw costs the same and the data order stays simple. Groups
+    beyond B wait for the next step. Weight updates reach the engines between decode steps
+    (`EngineFleet.publish` does not wait for anything in flight).
+
+    Dynamic sampling: groups without signal are dropped as in batch mode; a step that has
+    taken B x `rollout.max_sampling_rounds` groups without B good ones trains on what it has.
+    An engine that dies loses nothing: its groups in flight start again on the others.
+    Checkpoints keep the sampler as it was before the oldest group in flight was drawn, so a
+    resumed run draws every group that was in flight again (a group that finished out of order
+    before the checkpoint may be drawn twice). Streamed samples are unseeded: which tokens an
+    update splits depends on timing, so an in-flight run is not reproducible sample for sample.
+    """
+
+    POLL_S = 0.2  # longest an engine's stream_take waits; a weight update may queue behind it
+
+    def __init__(self, cfg: Config, task: Task, tokenizer: PreTrainedTokenizerBase,
+                 fleet: EngineFleet, rewards: RewardPool) -> None:
+        super().__init__(cfg, task, tokenizer, fleet, rewards)
+        self.queued: dict[str, _Queued] = {}
+        self.polls: dict[Any, Any] = {}  # engine -> its outstanding stream_take ref
+        # Scored groups not trained on yet, with (draw order, sampler state before the draw).
+        self.finished: deque[tuple[Group, int, dict]] = deque()
+        self.ids = itertools.count()
+        self.engine_counters: dict[Any, dict[str, float]] = {}
+        self.stale_dropped = 0
+        self.window = {"engine_busy_s": 0.0, "engine_wall_s": 0.0, "trainer_wait_s": 0.0,
+                       "since": time.perf_counter()}
+
+    @property
+    def capacity(self) -> int:
+        r = self.cfg.rollout
+        return r.prompts_per_step * (1 + r.max_staleness)
+
+    def next_batch(self, step: int) -> Batch:
+        r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
+        batch, taken = Batch([], [], rounds=1), 0
+        wait_start = time.perf_counter()
+        while len(batch.groups) < r.prompts_per_step:
+            if not self.finished:
+                self.refill(batch)
+                self.poll(batch)
+                continue
+            group, _, _ = self.finished.popleft()
+            taken += 1
+            oldest = min(s["weight_version"] for s in group.samples)
+            if self.fleet.version - oldest > r.max_staleness:
+                self.stale_dropped += 1
+                continue
+            batch.drawn.append(group)
+            if group.has_signal or not dynamic:
+                batch.groups.append(group)
+            elif taken >= r.prompts_per_step * r.max_sampling_rounds:
+                break
+        batch.gen_wait_s = time.perf_counter() - wait_start - batch.reward_s
+        batch.gen_s = self.window["engine_busy_s"]  # engine seconds since the last step
+        self.window["trainer_wait_s"] += batch.gen_wait_s
+        return batch
+
+    def refill(self, batch: Batch) -> None:
+        """Draw prompts until `capacity` groups are in flight, least-loaded engine first."""
+        self.fleet_changes()
+        room = self.capacity - len(self.queued) - len(self.finished)
+        if room <= 0:
+            return
+        task_state = self.task.state_dict()
+        problems, prompts, skipped = fitting_prompts(self.cfg, self.tokenizer,
+                                                     self.task.sample(room))
+        batch.skipped += skipped
+        order = next(self.ids)
+        self.submit([_Queued(problem, prompt, None, task_state, order)
+                     for problem, prompt in zip(problems, prompts, strict=True)])
+
+    def submit(self, items: list[_Queued]) -> None:
+        """Start the groups on the least-loaded engines."""
+        import ray
+
+        workers = self.fleet.rollout.workers
+        load = {w: sum(q.worker is w for q in self.queued.values()) for w in workers}
+        per_worker: dict[Any, list[dict]] = {}
+        for item in items:
+            item.worker = min(workers, key=lambda w: load[w])
+            load[item.worker] += 1
+            request_id = f"group-{next(self.ids)}"
+            self.queued[request_id] = item
+            per_worker.setdefault(item.worker, []).append(
+                {"id": request_id, "prompt": item.prompt, "n": self.cfg.rollout.group_size,
+                 "sampling": self.sampling()})
+        # Adds are quick; waiting for them keeps an engine's failure at its add here.
+        ray.get([w.stream_add.remote(requests) for w, requests in per_worker.items()])
+
+    def sampling(self) -> dict:
+        r = self.cfg.rollout
+        return {"temperature": r.temperature, "top_p": r.top_p, "max_tokens": r.max_new_tokens}
+
+    def poll(self, batch: Batch) -> None:
+        """Wait for some engine's finished groups (at most POLL_S), score them into
+        `finished`; an engine found dead has its groups start again on the others."""
+        import ray
+
+        pool = self.fleet.rollout
+        for worker in pool.workers:
+            if worker not in self.polls:
+                self.polls[worker] = worker.stream_take.remote(self.POLL_S)
+        done, _ = ray.wait(list(self.polls.values()), num_returns=1,
+                           timeout=10 * self.POLL_S)
+        by_ref = {ref: w for w, ref in self.polls.items()}
+        arrived: list[tuple[_Queued, list[dict]]] = []
+        for ref in done:
+            worker = by_ref[ref]
+            del self.polls[worker]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pool.forget([worker])
+                continue
+            self.count_engine(worker, result["stats"])
+            for group in result["groups"]:
+                queued = self.queued.pop(group["id"], None)
+                if queued is not None:
+                    arrived.append((queued, group["samples"]))
+        if arrived:
+            t0 = time.perf_counter()
+            n = self.cfg.rollout.group_size
+            samples = [s for _, group in arrived for s in group]
+            scores = self.score([q.problem for q, _ in arrived], samples, n)
+            self.finished.extend(
+                (Group(q.problem, samples[i * n:(i + 1) * n], scores[i * n:(i + 1) * n]),
+                 q.order, q.task_state) for i, (q, _) in enumerate(arrived))
+            batch.reward_s += time.perf_counter() - t0
+        self.fleet_changes()
+
+    def fleet_changes(self) -> None:
+        """Engines gone (died, scaled down): their groups start again on the others; new
+        engines (scaled up, replacements) start their step loop."""
+        import ray
+
+        pool = self.fleet.rollout
+        if not pool.workers:
+            self.fleet.replace_all_engines()
+        live = set(pool.workers)
+        orphans = [self.queued.pop(i) for i, q in list(self.queued.items())
+                   if q.worker not in live]
+        for worker in [w for w in self.polls if w not in live]:
+            del self.polls[worker]
+        new = [w for w in pool.workers if w not in self.engine_counters]
+        if new:
+            ray.get([w.stream_start.remote() for w in new])
+            for w in new:
+                self.engine_counters[w] = {}
+        if orphans:
+            self.submit(orphans)
+
+    def count_engine(self, worker: Any, stats: dict[str, float]) -> None:
+        last = self.engine_counters.get(worker) or {}
+        self.window["engine_busy_s"] += stats["busy_s"] - last.get("busy_s", 0.0)
+        self.window["engine_wall_s"] += stats["wall_s"] - last.get("wall_s", 0.0)
+        self.engine_counters[worker] = stats
+
+    def step_stats(self) -> dict[str, float]:
+        """rollout/trainer_idle_frac (time the trainer waited for groups), engine_idle_frac
+        (time engines had nothing to do or were held, e.g. by a weight update), stale_dropped
+        and in_flight, since the last call (the previous step)."""
+        now = time.perf_counter()
+        w = self.window
+        wall = max(now - w["since"], 1e-9)
+        stats = {"rollout/trainer_idle_frac": w["trainer_wait_s"] / wall,
+                 "rollout/engine_idle_frac": (1 - w["engine_busy_s"] / w["engine_wall_s"]
+                                              if w["engine_wall_s"] else 0.0),
+                 "rollout/stale_dropped": float(self.stale_dropped),
+                 "rollout/in_flight": float(len(self.queued))}
+        self.window = {"engine_busy_s": 0.0, "engine_wall_s": 0.0, "trainer_wait_s": 0.0,
+                       "since": now}
+        return stats
+
+    def sample_ahead(self, step: int) -> None:
+        """Nothing to do: the engines always have `capacity` groups in flight."""
+
+    def in_flight(self) -> list:
+        """Nothing for a weight update to wait for: it lands between decode steps."""
+        return []
+
+    def state_dict(self) -> dict:
+        """The sampler before the oldest group still in flight or waiting was drawn."""
+        held = [(q.order, q.task_state) for q in self.queued.values()]
+        held += [(order, state) for _, order, state in self.finished]
+        return min(held, key=lambda h: h[0])[1] if held else self.task.state_dict()

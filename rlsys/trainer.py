@@ -12,8 +12,10 @@ For each step:
        (rlsys/fleet.py)
     5. the step's metrics are logged (rlsys.metrics.step_metrics)
 With `rollout.max_staleness` = k > 0 the engines sample the next k steps' first rounds during
-steps 2-3. Between steps the fleet brings the engines to the count `python -m rlsys.scale`
-asked for; an engine that dies mid-step has its prompts re-run on another and is replaced.
+steps 2-3; with `rollout.inflight` they generate continuously, and step 4 lands between their
+decode steps (rlsys.scheduler.StreamScheduler). Between steps the fleet brings the engines to
+the count `python -m rlsys.scale` asked for; an engine that dies mid-step has its prompts re-run
+on another and is replaced.
 Every K steps the held-out split is evaluated (rlsys.eval.evaluator, the figures
 `python -m rlsys.eval` gives), and every N steps a resumable checkpoint is written.
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.
@@ -46,7 +48,7 @@ from rlsys.data import Task
 from rlsys.eval.evaluator import evaluate_problems, held_out
 from rlsys.fleet import EngineFleet
 from rlsys.metrics import PhaseTimer, step_metrics
-from rlsys.scheduler import Batch, RolloutScheduler
+from rlsys.scheduler import Batch, RolloutScheduler, StreamScheduler
 
 log = logging.getLogger("rlsys")
 
@@ -99,7 +101,8 @@ class GRPOTrainer:
             self.fleet = EngineFleet(cfg, model_path, out / ".vllm", self.learner,
                                      self.controller)
             self.rewards = make_reward_pool(cfg)
-            self.scheduler = RolloutScheduler(cfg, task, tokenizer, self.fleet, self.rewards)
+            scheduler = StreamScheduler if r.inflight else RolloutScheduler
+            self.scheduler = scheduler(cfg, task, tokenizer, self.fleet, self.rewards)
             log.info("actors ready in %.1fs: %d rollout engine(s), %d reward worker(s), "
                      "%d learner worker(s) (tp=%d x dp=%d)", time.perf_counter() - t0,
                      r.num_workers, cfg.reward.num_workers, lc.tp * lc.dp, lc.tp, lc.dp)
@@ -155,6 +158,8 @@ class GRPOTrainer:
                              reflection_words=self.cfg.trainer.reflection_words,
                              advantages=advantages)
         stats |= extra | self.fleet.stats() | {"rollout/queue_depth": len(self.scheduler.pending)}
+        if isinstance(self.scheduler, StreamScheduler):
+            stats |= self.scheduler.step_stats()
         return stats | {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
 
     def update(self, step: int, batch: Batch

@@ -173,6 +173,45 @@ def test_tiny_run_with_asynchronous_rollouts(ray_cluster, tmp_path):
         assert state["task"]["next_index"] == step * b, (step, state["task"])
 
 
+@pytest.mark.timeout(400)
+def test_tiny_run_with_inflight_weight_updates_and_resume(ray_cluster, tmp_path):
+    """rollout.inflight=true: the engines generate continuously, weights land while responses
+    run (each token records its version), groups are at most max_staleness versions old, and
+    a run resumed from a checkpoint taken with groups in flight draws them again and goes on."""
+    from rlsys import checkpoint
+
+    out = tmp_path / "run"
+    args = ["conf=tiny", f"trainer.output_dir={out}", "rollout.inflight=true",
+            "rollout.max_staleness=2", "algorithm.rollout_is=token",
+            "algorithm.dynamic_sampling=false", "rollout.max_new_tokens=200",
+            "rollout.max_model_len=384",
+            "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2", "trainer.eval_size=0",
+            "trainer.save_final=false"]
+    cfg = load_config([*args, "trainer.steps=4"])
+    train(cfg)
+    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    state = checkpoint.read_trainer_state(out / "checkpoints" / "step_000002")
+    # Taken with groups in flight (capacity b x (1 + 2)): the sampler from before the oldest
+    # of them was drawn, so not past what two steps could have trained on in order.
+    assert 0 <= state["task"]["next_index"] <= 2 * b
+    train(load_config([*args, "trainer.steps=5", "trainer.resume=auto"]))  # from step 4
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
+    steps = records[1:]
+    for r in steps:
+        assert r["groups/trained"] == b and r["rollout/samples"] >= b * g, r["step"]
+        assert 0 <= r["rollout/token_staleness_max"] <= 2 and r["rollout/staleness_max"] <= 2
+        assert 0 <= r["rollout/trainer_idle_frac"] <= 1
+        assert 0 <= r["rollout/engine_idle_frac"] <= 1
+        assert r["sync/gen_blocked_s"] > 0 and math.isfinite(r["train/rollout_is/mean"])
+    assert [r["weight_version"] for r in steps] == [1, 2, 3, 4, 5]
+    # Once the engines have groups in flight during updates (from step 2 or 3 on, when
+    # generation is the slower side), some trained responses were begun by one version and
+    # finished by the next.
+    assert max(r["rollout/cross_version_frac"] for r in steps) > 0
+    assert max(r["rollout/token_staleness_max"] for r in steps) >= 1
+
+
 @pytest.mark.timeout(300)
 def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
     """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
