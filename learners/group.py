@@ -134,22 +134,24 @@ class LearnerGroup:
                 raise LearnerFailed(rank, self.names[rank], exc) from None
         return [results[ref] for ref in refs]
 
-    def train_step(self, batch: dict[str, list]) -> dict[str, float]:
-        """One GRPO update of the whole batch; returns the batch's metrics."""
-        return self._update("train_step", batch)
+    def train_step(self, batch: dict[str, list], entropy_coef: float | None = None
+                   ) -> dict[str, float]:
+        """One GRPO update of the whole batch; returns the batch's metrics. `entropy_coef`
+        overrides algorithm.entropy_coef (the trainer's adaptive weight)."""
+        return self._update("train_step", batch, entropy_coef)
 
     def sft_step(self, batch: dict[str, list]) -> dict[str, float]:
         """One supervised (next-token) update on prompt/response pairs; the batch's metrics."""
         return self._update("sft_step", batch)
 
-    def _update(self, method: str, batch: dict[str, list]) -> dict[str, float]:
+    def _update(self, method: str, batch: dict[str, list], *args: Any) -> dict[str, float]:
         t0 = time.perf_counter()
         shards = shard_for_data_parallel(batch["prompt_ids"], batch["response_ids"], self.dp)
         refs = []
         for rank, worker in enumerate(self.workers):
             shard = shards[rank // self.tp]
             refs.append(getattr(worker, method).remote(
-                {key: [values[i] for i in shard] for key, values in batch.items()}))
+                {key: [values[i] for i in shard] for key, values in batch.items()}, *args))
         per_rank = self._gather(refs)
         metrics = combine_rank_metrics(per_rank[:: self.tp])  # one report per dp index
         metrics["tokens_per_s"] = metrics.pop("seq_tokens") / (time.perf_counter() - t0)

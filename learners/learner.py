@@ -260,7 +260,7 @@ class Learner:
             dist.all_reduce(t, group=self.dp_group)
         return t.tolist()
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict, entropy_coef: float | None = None) -> dict[str, float]:
         """One GRPO update on this rank's shard of a rollout batch.
 
         `batch` holds, per completion: "prompt_ids", "response_ids", "rollout_logprobs" (lists)
@@ -285,6 +285,8 @@ class Learner:
         in_loss = torch.tensor(batch.get("loss_mask", [True] * n), dtype=torch.bool).reshape(n)
         rollout_lp = batch["rollout_logprobs"]
         updates = self.algo.updates_per_batch
+        # The trainer's weight when it adapts one (algorithm.entropy_target), else the fixed one.
+        entropy_coef = self.algo.entropy_coef if entropy_coef is None else entropy_coef
 
         ref_lp: list[list[float]] | None = batch.get("ref_logprobs")
         if ref_lp is None and self.ref_model is not None and not self.algo.kl_in_reward:
@@ -321,13 +323,13 @@ class Learner:
                 lens = mb.response_lens
                 mask = _lens_mask(lens, dev)
                 lp_flat, ent_flat = self._logprobs(self.model, mb,
-                                                   entropy_grad=self.algo.entropy_coef > 0)
+                                                   entropy_grad=entropy_coef > 0)
                 logprobs = _to_padded(lp_flat, lens)
                 old = (_to_padded(self._flat(old_lp, idx).to(dev), lens) if old_lp is not None
                        else logprobs.detach())
                 ref = (_to_padded(self._flat(ref_lp, idx).to(dev), lens)
                        if ref_lp is not None else None)
-                entropies = _to_padded(ent_flat, lens) if self.algo.entropy_coef > 0 else None
+                entropies = _to_padded(ent_flat, lens) if entropy_coef > 0 else None
                 loss_mask = mask & in_loss[idx].to(dev)[:, None]
                 rollout_flat = self._flat(rollout_lp, idx)
                 is_weights, is_metrics = None, {}
@@ -339,7 +341,7 @@ class Learner:
                     logprobs, old, advantages[idx].to(dev), loss_mask,
                     ref_logprobs=ref, kl_coef=kl_coef,
                     kl_estimator=self.algo.kl_estimator, entropies=entropies,
-                    entropy_coef=self.algo.entropy_coef, clip_low=self.algo.clip_low,
+                    entropy_coef=entropy_coef, clip_low=self.algo.clip_low,
                     clip_high=self.algo.clip_high, dual_clip=self.algo.dual_clip,
                     loss_agg=self.algo.loss_agg, is_weights=is_weights, **agg)
                 parallel.backward(loss, self.cfg.tp > 1)

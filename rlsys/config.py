@@ -365,7 +365,14 @@ class AlgorithmConfig:
                           "min(pi_old/pi_rollout, rollout_is_cap) per token, or by the "
                           "truncated product over each sequence", "none")
     rollout_is_cap: float = doc("C, the truncation of the rollout importance weight (> 1)", 2.0)
-    entropy_coef: float = doc("weight of an entropy bonus; 0 = off", 0.0)
+    entropy_coef: float = doc("weight of an entropy bonus; 0 = off (with entropy_target: the "
+                              "starting weight)", 0.0)
+    entropy_target: float = doc("adaptive entropy control (Skywork-OR1): after each step the "
+                                "bonus weight moves by entropy_coef_step towards keeping the "
+                                "policy's mean token entropy at this value (up below it, down "
+                                "above it, within [0, entropy_coef_max]); 0 = off", 0.0)
+    entropy_coef_step: float = doc("how far the adaptive entropy weight moves per step", 0.005)
+    entropy_coef_max: float = doc("the adaptive entropy weight's ceiling", 0.05)
     loss_agg: str = doc("token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                         "seq-mean-token-sum-norm", "token-mean")
     normalize_std: bool = doc("divide advantages by the group std (False = Dr. GRPO)", True)
@@ -383,7 +390,8 @@ class AlgorithmConfig:
         _at_least(self, "algorithm", 0, "clip_high")
         _require(self.dual_clip is None or self.dual_clip > 1, "algorithm.dual_clip",
                  self.dual_clip, "must be > 1 or null")
-        _at_least(self, "algorithm", 0, "kl_coef")
+        _at_least(self, "algorithm", 0, "kl_coef", "entropy_coef", "entropy_target",
+                  "entropy_coef_step", "entropy_coef_max")
         _one_of(self, "algorithm", "kl_estimator", ("k1", "k2", "k3"))
         _one_of(self, "algorithm", "loss_agg", LOSS_AGG_MODES)
         _one_of(self, "algorithm", "rollout_is", ROLLOUT_IS_MODES)

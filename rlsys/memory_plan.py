@@ -401,7 +401,7 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
                       fix=fewer, note=f"{saved_full / tokens / 2**20:.3f} MiB/token: the "
                       "layer boundaries"))
     kd = cfg.distill.loss == "kd"
-    chunked = tp == 1 and algo.entropy_coef == 0 and not kd
+    chunked = tp == 1 and algo.entropy_coef == 0 and algo.entropy_target == 0 and not kd
     logits = logits_bytes(tokens, shape.vocab / tp, cb, chunked, cfg.rollout.temperature)
     how = ("logits + gradient, chunked fp32 log-softmax" if chunked
            else "fp32 log-softmax over vocab / tp")

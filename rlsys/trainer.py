@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from actors.controller import start_controller, stop_controller
 from learners.group import LearnerFailed
 from rlsys import checkpoint
-from rlsys.algo import group_advantages, kl_shaped_rewards
+from rlsys.algo import adapt_entropy_coef, group_advantages, kl_shaped_rewards
 from rlsys.build import (
     make_learner_group,
     make_metrics_logger,
@@ -88,6 +88,8 @@ class GRPOTrainer:
                  task: Task, out: Path) -> None:
         self.cfg, self.task, self.tokenizer, self.out = cfg, task, tokenizer, out
         r, lc = cfg.rollout, cfg.learner
+        # The entropy bonus weight: fixed, or adapted each step (algorithm.entropy_target).
+        self.entropy_coef = cfg.algorithm.entropy_coef
         # First, so that a second run in the same Ray namespace stops before starting actors;
         # `python -m rlsys.scale` reaches the run through it (see EngineFleet.apply_scaling).
         self.controller = start_controller(r.num_workers)
@@ -182,7 +184,12 @@ class GRPOTrainer:
         advantages = group_advantages(rewards, self.cfg.rollout.group_size,
                                       normalize_std=a.normalize_std)
         learner_batch["advantages"] = advantages.tolist()
-        learner_stats = self.learner.train_step(learner_batch)
+        learner_stats = self.learner.train_step(learner_batch, self.entropy_coef)
+        if a.entropy_target:
+            extra["train/entropy_coef"] = self.entropy_coef
+            self.entropy_coef = adapt_entropy_coef(self.entropy_coef, learner_stats["entropy"],
+                                                   a.entropy_target, a.entropy_coef_step,
+                                                   a.entropy_coef_max)
         if a.ref_update_every and step % a.ref_update_every == 0:
             self.learner.update_reference()
         return advantages, learner_stats, extra
@@ -224,7 +231,8 @@ class GRPOTrainer:
     def save_checkpoint(self, step: int) -> Path:
         return checkpoint.save(self.out, step, self.learner,
                                {"weight_version": self.fleet.version,
-                                "task": self.scheduler.state_dict()},
+                                "task": self.scheduler.state_dict(),
+                                "entropy_coef": self.entropy_coef},
                                keep=self.cfg.trainer.keep_checkpoints)
 
     def restore(self, path: Path) -> int:
@@ -232,6 +240,7 @@ class GRPOTrainer:
         state = checkpoint.restore(path, self.learner)
         self.scheduler.load_state_dict(state["task"])
         self.fleet.version = state["weight_version"]
+        self.entropy_coef = state.get("entropy_coef", self.cfg.algorithm.entropy_coef)
         self.fleet.send_weights()
         return int(state["step"])
 

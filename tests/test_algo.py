@@ -15,6 +15,7 @@ from rlsys.algo import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
     ROLLOUT_IS_MODES,
+    adapt_entropy_coef,
     aggregate_loss,
     entropy_from_logits,
     group_advantages,
@@ -618,3 +619,12 @@ def test_kl_shaped_rewards_errors():
         kl_shaped_rewards(t([1.0]), lp, t([[0.0]]), torch.ones(1, 2), kl_coef=0.1)
     with pytest.raises(ValueError, match="k1, k2, k3"):
         kl_shaped_rewards(t([1.0]), lp, lp, torch.ones(1, 2), kl_coef=0.1, estimator="kl")
+
+
+def test_adaptive_entropy_coef_moves_towards_the_target_within_bounds():
+    step = dict(target=0.2, step=0.005, ceiling=0.012)
+    assert adapt_entropy_coef(0.0, 0.05, **step) == pytest.approx(0.005)  # below: more bonus
+    assert adapt_entropy_coef(0.01, 0.05, **step) == pytest.approx(0.012)  # capped
+    assert adapt_entropy_coef(0.01, 0.5, **step) == pytest.approx(0.005)  # above: less
+    assert adapt_entropy_coef(0.002, 0.5, **step) == 0.0  # never negative
+    assert adapt_entropy_coef(0.004, 0.2, **step) == 0.004  # on target: unchanged

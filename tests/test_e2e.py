@@ -144,9 +144,11 @@ def test_tiny_run_with_kl_in_reward_and_rollout_is(ray_cluster, tmp_path):
 @pytest.mark.timeout(300)
 def test_tiny_run_with_asynchronous_rollouts(ray_cluster, tmp_path):
     """rollout.max_staleness=1: step s+1's prompts are sampled while step s trains, with the
-    weights of version s-1; the checkpoint keeps the sampler from before that draw."""
+    weights of version s-1; the checkpoint keeps the sampler from before that draw. Also
+    adaptive entropy control, with a target above any entropy: its weight rises every step."""
     out = tmp_path / "run"
     cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.max_staleness=1",
+                       "algorithm.entropy_target=100", "algorithm.entropy_coef_step=0.01",
                        "algorithm.rollout_is=token", "algorithm.dynamic_sampling=false",
                        "trainer.steps=3", "trainer.checkpoint_every=2",
                        "trainer.keep_checkpoints=2", "trainer.eval_size=0",
@@ -160,6 +162,7 @@ def test_tiny_run_with_asynchronous_rollouts(ray_cluster, tmp_path):
     assert [r["rollout/staleness_mean"] for r in steps] == [0, 1, 1]
     assert [r["rollout/queue_depth"] for r in steps] == [1, 1, 0]
     assert [r["weight_version"] for r in steps] == [1, 2, 3]
+    assert [r["train/entropy_coef"] for r in steps] == pytest.approx([0.0, 0.01, 0.02])
     for r in steps:
         assert r["groups/trained"] == cfg.rollout.prompts_per_step
         assert math.isfinite(r["train/rollout_is/mean"]) and r["time/gen"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -331,7 +332,7 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor():
             for s in range(5)] == [1.0] * 5  # no horizon: constant
     for schedule in ("linear", "cosine"):
         decay = curve(schedule)[2:]
-        assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+        assert all(a > b for a, b in itertools.pairwise(decay))
         assert 0.1 < decay[-1] < 0.2  # the last step trains at about min_ratio x lr
         assert lr_factor(12, warmup=2, total=12, schedule=schedule, min_ratio=0.1) == (
             pytest.approx(0.1))

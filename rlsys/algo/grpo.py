@@ -403,6 +403,24 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(probs * finite_logp).sum(dim=-1)
 
 
+def adapt_entropy_coef(coef: float, entropy: float, target: float, step: float,
+                       ceiling: float) -> float:
+    """Adaptive entropy control (Skywork-OR1): the entropy bonus weight for the next step,
+
+        c_{k+1} = clip(c_k + step * sign(target - H_k), 0, ceiling)
+
+    where H_k is the mean token entropy of step k's batch under the policy being trained. The
+    bonus grows while entropy is below the target and shrinks (to 0, no bonus) above it, so
+    the policy keeps exploring without a fixed weight that would either be too weak to stop a
+    collapse or strong enough to blow the entropy up.
+    """
+    if entropy < target:
+        return min(ceiling, coef + step)
+    if entropy > target:
+        return max(0.0, coef - step)
+    return coef
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
