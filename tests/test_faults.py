@@ -174,3 +174,27 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
     engine_versions, trainer_version = versions_after[5]
     assert engine_versions == [trainer_version] * 2 and trainer_version == 4
     assert steps[-1]["weight_version"] == 8  # every later broadcast reached both engines
+
+
+@pytest.mark.timeout(400)
+def test_engine_killed_mid_stream_loses_no_group(ray_cluster, tmp_path):
+    """rollout.inflight with two engines: rollout-1 is killed after step 1 while the engines
+    generate continuously. Whatever it held starts again on rollout-0, every step still trains
+    B whole groups, the weight-sync group is re-formed without it and the run ends normally."""
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "rollout.inflight=true", "rollout.max_staleness=2",
+                       "algorithm.dynamic_sampling=false", "trainer.steps=5",
+                       "trainer.eval_size=0", "trainer.save_final=false"])
+    killer = kill_after_step(out, 1, "rollout-1")
+    train(cfg)
+    killer.join()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 6))
+    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    for r in steps:
+        assert r["groups/trained"] == b and r["rollout/samples"] >= b * g, r["step"]
+    assert steps[-1]["rollout/engine_restarts"] == 1
+    assert min(r["rollout/engines"] for r in steps) == 1
+    assert steps[-1]["weight_version"] == 5
