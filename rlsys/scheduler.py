@@ -226,6 +226,9 @@ class StreamScheduler(RolloutScheduler):
         r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
         batch, taken = Batch([], [], rounds=1), 0
         wait_start = time.perf_counter()
+        # Top up first, whatever is waiting: the engines hold the weights of the last update,
+        # and groups drawn now are trained max_staleness steps from now, at that age.
+        self.refill(batch)
         while len(batch.groups) < r.prompts_per_step:
             if not self.finished:
                 self.refill(batch)
