@@ -1,6 +1,7 @@
 """The CPU demo's learning curve: held-out accuracy and format reward against wall-clock time.
 
     python -m benchmarks.smol_learning [--quick] [key=value ...]      # e.g. trainer.steps=30
+    python -m benchmarks.smol_learning --from-run RUN_DIR   # the figures of a finished run
 
 Runs the demo config (conf/smol.yaml) end to end on a local Ray cluster, then writes the curve
 and a summary to benchmarks/results/smol_learning.json and prints a table. The issue's targets:
@@ -30,7 +31,15 @@ QUICK_OVERRIDES = ["trainer.steps=6", "trainer.eval_every=3", "trainer.eval_size
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes' smoke run")
+    parser.add_argument("--from-run", type=Path, help="summarize a finished demo run's "
+                        "output_dir (its config.yaml and metrics.jsonl) instead of training")
     opts, overrides = parser.parse_known_args(argv)
+    if opts.from_run:
+        cfg = load_config(["conf=config"], conf_dir=opts.from_run)  # its config.yaml
+        # The run's own clock: from its first record (the step-0 evaluation) on, so actor
+        # start-up (~40 s) is not counted.
+        start = read_metrics(opts.from_run / "metrics.jsonl")[0]["time"]
+        return _summarize(cfg, opts.from_run, start, quick=False)
     # The caller's overrides come last: later ones win in load_config.
     overrides = [*QUICK_OVERRIDES, *overrides] if opts.quick else overrides
     with run_dir(overrides, "smol-learning-") as args:
@@ -41,6 +50,10 @@ def _run(cfg: Config, quick: bool = False) -> dict:
     out = Path(cfg.trainer.output_dir)
     start = time.time()
     train(cfg)
+    return _summarize(cfg, out, start, quick)
+
+
+def _summarize(cfg: Config, out: Path, start: float, quick: bool) -> dict:
     records = read_metrics(out / "metrics.jsonl")
 
     curve = [{"step": r["step"], "minutes": round((r["time"] - start) / 60, 2),
@@ -56,7 +69,7 @@ def _run(cfg: Config, quick: bool = False) -> dict:
         "best_eval_accuracy": max(c["eval_accuracy"] for c in curve),
         "final_eval_format": curve[-1]["eval_format"],
         "minutes_to_80pct_with_format_95": reached,
-        "total_minutes": round((time.time() - start) / 60, 2),
+        "total_minutes": round((records[-1]["time"] - start) / 60, 2),
         "median_step_s": statistics.median(r["time/step"] for r in steps),
         "median_gen_s": statistics.median(r["time/gen"] for r in steps),
         "median_update_s": statistics.median(r["time/update"] for r in steps),
