@@ -142,7 +142,8 @@ def plan_namespace(device: str, tokens: int, mode: str, row_width: int, backend:
                               device=plan_device, activation_checkpointing=mode,
                               device_memory_gb=1e9, sync_mode="full")
     return SimpleNamespace(learner=learner,
-                           algorithm=SimpleNamespace(kl_coef=0.0, entropy_coef=0.0),
+                           algorithm=SimpleNamespace(kl_coef=0.0, entropy_coef=0.0,
+                                                     entropy_target=0.0),
                            rollout=SimpleNamespace(max_model_len=row_width, temperature=1.0),
                            distill=SimpleNamespace(loss="sft", teacher=None))
 
