@@ -84,10 +84,12 @@ class _EngineGauges:
                              tag_keys=("engine",))
         self.version.set(0, tags=self.tags)
 
-    def generated(self, tokens: int, seconds: float) -> None:
+    def generated(self, tokens: int, seconds: float | None) -> None:
+        """Count `tokens`; with `seconds` (one generate call's), also gauge their rate."""
         if tokens:
             self.tokens.inc(tokens, tags=self.tags)
-        self.tokens_per_s.set(tokens / max(seconds, 1e-9), tags=self.tags)
+        if seconds is not None:
+            self.tokens_per_s.set(tokens / max(seconds, 1e-9), tags=self.tags)
 
     def weights(self, version: int) -> None:
         self.version.set(version, tags=self.tags)
@@ -245,8 +247,9 @@ class RolloutWorker:
         stream's counters (EngineStream.stats)."""
         stream = self._require_stream()
         groups = stream.take(timeout)
+        # Groups finish at their own pace: count their tokens, no per-call rate.
         self._gauges.generated(sum(len(s["token_ids"]) for g in groups for s in g["samples"]),
-                               0.0)
+                               None)
         return {"groups": groups, "stats": stream.stats()}
 
     def stream_abort(self, ids: list[str]) -> None:
