@@ -39,9 +39,18 @@ def results(tmp_path: Path) -> Path:
     _write(tmp_path, "weight_sync", {"machine": MACHINE, "target_ratio": 0.8, "rows": [
         {"model": "m", "engines": 1, "gb_per_s": 0.9, "raw_gloo_gb_per_s": 1.0, "ratio": 0.9},
         {"model": "m", "engines": 2, "gb_per_s": 0.5, "raw_gloo_gb_per_s": 1.0}]})
-    _write(tmp_path, "smol_learning", {"machine": MACHINE, "summary": {}, "curve": [
-        {"step": 0, "minutes": 2.0, "eval_accuracy": 0.5, "eval_format": 0.9},
-        {"step": 10, "minutes": 20.0, "eval_accuracy": 0.85, "eval_format": 0.97}]})
+    _write(tmp_path, "smol_learning", {
+        "machine": MACHINE, "targets": {"final_eval_accuracy": 0.85, "max_drop_from_step_30":
+                                        0.06, "final_eval_format": 0.95, "total_minutes": 30,
+                                        "stable_from_step": 30},
+        "runs": [{"seed": 0, "summary": {"initial_eval_accuracy": 0.5,
+                                         "final_eval_accuracy": 0.86,
+                                         "max_drop_from_step_30": 0.03, "final_eval_format": 0.97,
+                                         "total_minutes": 31.5},
+                  "curve": [{"step": 0, "eval_accuracy": 0.5}, {"step": 40, "eval_accuracy": 0.86}],
+                  "per_step": [{"step": 1, "entropy": 0.4, "response_length": 30.0,
+                                "no_signal_frac": 0.2}]},
+                 {"seed": 1, "summary": {}}]})  # a run without figures: dashes, not a crash
     _write(tmp_path, "sandbox_throughput", {"figures": {}})  # keys missing: dashes
     return tmp_path
 
@@ -64,7 +73,11 @@ def test_report_table_sections_and_plots(results: Path) -> None:
     sync = _rows(text, "weight_sync")
     assert [r[5:] for r in sync] == [["0.90x", ">= 0.8x", "yes"], ["0.50x", ">= 0.8x", "no"]]
     smol = _rows(text, "smol_learning")
-    assert [r[-1] for r in smol] == ["yes", "yes", "–"]  # no summary key: unknown, not "no"
+    assert [(r[1], r[2], r[-1]) for r in smol[:4]] == [
+        ("seed 0: final held-out accuracy", "0.86", "yes"),
+        ("seed 0: largest drop below its best, step 30 on", "0.03", "yes"),
+        ("seed 0: final format reward", "0.97", "yes"), ("seed 0: minutes", "31.5", "no")]
+    assert [r[-1] for r in smol[4:]] == ["–"] * 4  # no summary key: unknown, not "no"
     assert _rows(text, "sandbox_throughput")[0][2] == "–"
     assert not _rows(text, "r1_smol")  # optional and not run: left out
 
