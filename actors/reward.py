@@ -168,7 +168,8 @@ class RewardPool:
                  timeout_s: float = 60.0, name_prefix: str = "reward", max_retries: int = 2,
                  parts: Mapping[str, RewardFn] | None = None,
                  per_task: Mapping[str, dict[str, float]] | None = None,
-                 model: Mapping[str, Any] | None = None) -> None:
+                 model: Mapping[str, Any] | None = None,
+                 resources: Mapping[str, float] | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_retries < 0:
@@ -182,6 +183,7 @@ class RewardPool:
         self._model = dict(model) if model else None
         self._actor_cls = ray.remote(RewardWorker)
         self._num_cpus = num_cpus
+        self._resources = dict(resources or {})  # Ray custom resources (reward.resources)
         # retries: chunk re-submissions; restarts: workers replaced; errors: items that raised.
         self.stats: dict[str, int] = {"retries": 0, "restarts": 0, "errors": 0}
         self.workers = [self._spawn(i) for i in range(num_workers)]
@@ -192,7 +194,7 @@ class RewardPool:
         while True:
             try:
                 opts = self._actor_cls.options(name=name, num_cpus=self._num_cpus,
-                                               max_concurrency=1)
+                                               resources=self._resources, max_concurrency=1)
                 return opts.remote(self._weights, self._parts, self._per_task, self._model)
             except ValueError:  # name still held by the actor we just killed
                 if time.monotonic() > deadline:

@@ -111,9 +111,14 @@ class RolloutWorker:
         max_num_batched_tokens: int | None = None,
         gpu_memory_utilization: float = 0.8,
         num_threads: int | None = None,
+        cpu_cores: list[int] | None = None,
     ) -> None:
         import torch
 
+        if cpu_cores:
+            # Before any engine thread exists: threads inherit their creator's affinity, so
+            # the whole engine (its step loop, its OMP pool) stays on these cores.
+            os.sched_setaffinity(0, cpu_cores)
         # Before vLLM is imported: its CPU worker replaces torch.set_num_threads with a no-op
         # once the engine starts, so this is the last chance to size the thread pool.
         if num_threads is not None:
@@ -156,6 +161,7 @@ class RolloutWorker:
         """Liveness plus the facts worth logging once per engine."""
         return {"name": self.name, "pid": os.getpid(), "engine_start_s": self.engine_start_s,
                 "torch_threads": self.torch_threads, "weight_version": self._weight_version,
+                "cpu_cores": sorted(os.sched_getaffinity(0)),
                 "last_update": self.last_update_stats}
 
     def generate(
@@ -251,6 +257,10 @@ class RolloutWorker:
         self._gauges.generated(sum(len(s["token_ids"]) for g in groups for s in g["samples"]),
                                None)
         return {"groups": groups, "stats": stream.stats()}
+
+    def stream_stats(self) -> dict[str, float]:
+        """The stream's counters (EngineStream.stats), without taking finished groups."""
+        return self._require_stream().stats()
 
     def stream_abort(self, ids: list[str]) -> None:
         self._require_stream().abort(ids)
@@ -367,6 +377,7 @@ class RolloutPool:
         num_gpus_per_worker: float,
         env_vars: dict[str, str],
         name_prefix: str = "rollout",
+        resources: dict[str, float] | None = None,
     ) -> None:
         import ray
 
@@ -377,7 +388,9 @@ class RolloutPool:
         self.tensor_parallel_size = int(self.worker_kwargs.get("tensor_parallel_size", 1))
         # Kept to start more engines later (`add_workers`) exactly like the first ones.
         self.model_path, self.name_prefix, self.env_vars = model_path, name_prefix, env_vars
-        self.options = {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker}
+        # `resources`: Ray custom resources (rollout.resources), e.g. the rollout nodes' own.
+        self.options = {"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker,
+                        "resources": dict(resources or {})}
         self._remote_cls = ray.remote(RolloutWorker)
         self._next_index = 0
         # Engines started by `add_workers` that have not joined `workers` yet: (handle, ping).

@@ -80,8 +80,10 @@ class LearnerGroup:
                  total_steps: int = 0) -> None:
         self.tp, self.dp = learner.tp, learner.dp
         world = self.tp * self.dp
+        # learner.resources (Ray custom resources, e.g. the learner nodes' own) go into every
+        # bundle, so the whole group lands where they are advertised.
         bundle = {"CPU": learner.num_cpus} | ({"GPU": learner.num_gpus}
-                                              if learner.num_gpus else {})
+                                              if learner.num_gpus else {}) | learner.resources
         # PACK keeps a tensor-parallel group on as few nodes as the cluster allows.
         self.placement_group = placement_group([bundle] * world, strategy="PACK")
         ray.get(self.placement_group.ready())
@@ -96,6 +98,7 @@ class LearnerGroup:
         self.workers = [
             actor.options(name=f"learner-dp{rank // self.tp}-tp{rank % self.tp}",
                           num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+                          resources=dict(learner.resources),
                           scheduling_strategy=on_bundle(rank), runtime_env=runtime_env,
                           ).remote(model_path, learner, algorithm, temperature=temperature,
                                    max_response_len=max_response_len, seed=seed, rank=rank,

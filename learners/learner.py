@@ -119,10 +119,13 @@ class Learner:
         self.cfg, self.algo = learner, algorithm
         self.device = torch.device(learner.device)
         world = learner.tp * learner.dp
+        if learner.cpu_cores:
+            # Before torch's thread pool exists: its threads inherit this affinity.
+            os.sched_setaffinity(0, learner.cpu_cores)
         if learner.device == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the learner and the
             # engines take turns on the cores, so use them all while updating.
-            cores = os.cpu_count() or 1
+            cores = len(learner.cpu_cores) or os.cpu_count() or 1
             torch.set_num_threads(learner.num_threads or max(1, cores // world))
         elif learner.device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each learner actor its own GPU only

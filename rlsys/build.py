@@ -66,7 +66,8 @@ def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig,
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
         seed=cfg.trainer.seed, teacher_path=teacher_path, total_steps=total_steps,
-        runtime_env=_threads_env(lc.num_threads or max(1, (os.cpu_count() or 1) // world)))
+        runtime_env=_threads_env(lc.num_threads or max(
+            1, (len(lc.cpu_cores) or os.cpu_count() or 1) // world)))
 
 
 def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
@@ -79,10 +80,12 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
                            tensor_parallel_size=r.tensor_parallel_size,
                            max_num_batched_tokens=r.max_num_batched_tokens,
                            gpu_memory_utilization=r.gpu_memory_utilization,
-                           num_threads=r.num_threads or None),
+                           num_threads=r.num_threads or None,
+                           cpu_cores=list(r.cpu_cores)),
         num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
+        resources=dict(r.resources),
         env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
-                                  r.num_threads or os.cpu_count() or 1))
+                                  r.num_threads or len(r.cpu_cores) or os.cpu_count() or 1))
 
 
 @contextmanager
@@ -118,7 +121,7 @@ def make_reward_pool(cfg: Config) -> RewardPool:
                       timeout_s=rw.timeout_s,
                       per_task={k: dict(v) for k, v in rw.per_task.items()},
                       parts={"language": make_language_reward(rw.language_target)},
-                      model=reward_model_options(cfg))
+                      model=reward_model_options(cfg), resources=dict(rw.resources))
 
 
 def reward_model_options(cfg: Config) -> dict | None:

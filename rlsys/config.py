@@ -52,6 +52,32 @@ def _one_of(section: Any, prefix: str, name: str, choices: Any, why: str = "") -
     _require(value in choices, f"{prefix}.{name}", value, why or f"one of {', '.join(choices)}")
 
 
+def _resources(section: Any, prefix: str) -> None:
+    """`section.resources` (config key `prefix.resources`): Ray custom resources, each >= 0;
+    CPUs, GPUs and memory have their own keys (num_cpus, num_gpus)."""
+    for name, amount in section.resources.items():
+        key = f"{prefix}.resources.{name}"
+        _require(name not in _RAY_BUILTIN_RESOURCES, key, amount,
+                 f"set {prefix}.num_cpus / num_gpus instead: {name} is one of Ray's own")
+        _require(isinstance(amount, int | float) and not isinstance(amount, bool)
+                 and amount >= 0, key, amount, "an amount >= 0")
+
+
+def _cpu_cores(section: Any, prefix: str) -> None:
+    for core in section.cpu_cores:
+        _require(core >= 0, f"{prefix}.cpu_cores", list(section.cpu_cores),
+                 "core numbers are >= 0")
+
+
+CPU_CORES_DOC = ("CPU cores {who} is pinned to (os.sched_setaffinity), e.g. [0]; [] = any. On a "
+                 "CPU node that hosts engines and learners, give each its own cores (and "
+                 "{other}.cpu_cores the rest) so that overlapping them (rollout.inflight, "
+                 "rollout.max_staleness) runs in parallel: vLLM's CPU engine otherwise keeps "
+                 "every core busy whatever its thread count")
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+RESOURCES_DOC = ("Ray custom resources {{name: amount}} {what} asks for, on top of CPUs and GPUs: "
+                 "a cluster whose nodes advertise them (ray start --resources='{{\"{node}\": "
+                 "1}}') places {who} on those nodes only, e.g. {{{node}: 1}}")
 _DTYPES = ("bfloat16", "float16", "float32")
 # learner.activation_checkpointing; the learner itself only ever sees "none" or "full".
 ACTIVATION_CHECKPOINTING = ("none", "full", "auto")
@@ -169,7 +195,12 @@ class RolloutConfig:
                          "(older groups are dropped)", False)
     num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
+    resources: dict[str, float] = doc(RESOURCES_DOC.format(what="each engine",
+                                                           node="rollout_node",
+                                                           who="the engines"), factory=dict)
     num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
+    cpu_cores: list[int] = doc(CPU_CORES_DOC.format(who="each engine's process",
+                                                    other="learner"), factory=list)
 
     def validate(self, cfg: Config) -> None:
         _require(self.group_size >= 2, "rollout.group_size", self.group_size,
@@ -177,6 +208,8 @@ class RolloutConfig:
         _at_least(self, "rollout", 1, "num_workers", "prompts_per_step", "max_new_tokens",
                   "tensor_parallel_size", "max_sampling_rounds")
         _at_least(self, "rollout", 0, "max_staleness")
+        _resources(self, "rollout")
+        _cpu_cores(self, "rollout")
         _require(not self.inflight or self.max_staleness >= 1, "rollout.max_staleness",
                  self.max_staleness, "rollout.inflight needs >= 1: a group that an update "
                  "overtakes is one version old when it is trained on")
@@ -255,6 +288,10 @@ class RewardConfig:
                          "mask (no loss, DAPO's overlong filtering)", "keep")
     timeout_s: float = doc("seconds a reward call may take before it is retried", 60.0)
     num_cpus: float = doc("Ray CPUs reserved per reward worker", 0.5)
+    resources: dict[str, float] = doc(RESOURCES_DOC.format(what="each reward worker",
+                                                           node="reward_node",
+                                                           who="the reward workers"),
+                                      factory=dict)
     model: RewardModelConfig = doc("the reward model of the 'preference' part (R1's "
                                    "all-scenario RL); it runs on reward.num_cpus threads (1 "
                                    "below 1): raise that for a reward model",
@@ -270,6 +307,7 @@ class RewardConfig:
 
         max_new_tokens = cfg.rollout.max_new_tokens
         _at_least(self, "reward", 1, "num_workers")
+        _resources(self, "reward")
         _require(0 <= self.overlong_buffer <= max_new_tokens, "reward.overlong_buffer",
                  self.overlong_buffer, f"must be in [0, rollout.max_new_tokens={max_new_tokens}]")
         _at_least(self, "reward", 0, "overlong_factor")
@@ -314,6 +352,13 @@ class LearnerConfig:
         "auto")
     num_cpus: float = doc("Ray CPUs reserved per learner worker (tp x dp of them)", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per learner worker (tp x dp of them)", 0.0)
+    resources: dict[str, float] = doc(RESOURCES_DOC.format(what="each learner worker's "
+                                                           "placement-group bundle",
+                                                           node="learner_node",
+                                                           who="the learner group"),
+                                      factory=dict)
+    cpu_cores: list[int] = doc(CPU_CORES_DOC.format(who="each learner worker's process",
+                                                    other="rollout"), factory=list)
     num_threads: int = doc("torch threads per learner worker; 0 = the node's cores / (tp x dp)",
                            0)
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
@@ -328,6 +373,8 @@ class LearnerConfig:
 
     def validate(self, cfg: Config) -> None:
         _at_least(self, "learner", 1, "max_tokens_per_microbatch", "tp", "dp")
+        _resources(self, "learner")
+        _cpu_cores(self, "learner")
         _one_of(self, "learner", "param_dtype", _DTYPES)
         _one_of(self, "learner", "compute_dtype", _DTYPES)
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")

@@ -517,17 +517,19 @@ def resource_plan(cfg: Config) -> list[str]:
     """What the run reserves from Ray, one line per actor kind and the total."""
     r, rw, lr = cfg.rollout, cfg.reward, cfg.learner
 
-    def bundle(cpus: float, gpus: float) -> str:
-        gpu = f", GPU: {gpus:g}" if gpus else ""
-        return f"{{CPU: {cpus:g}{gpu}}}"
+    def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> str:
+        parts = [f"CPU: {cpus:g}"] + ([f"GPU: {gpus:g}"] if gpus else [])
+        parts += [f"{name}: {amount:g}" for name, amount in custom.items()]
+        return "{" + ", ".join(parts) + "}"
 
     world = lr.tp * lr.dp
     lines = [
-        f"rollout: {r.num_workers} engine(s) x {bundle(r.num_cpus, r.num_gpus)}"
+        f"rollout: {r.num_workers} engine(s) x {bundle(r.num_cpus, r.num_gpus, r.resources)}"
         f" (vLLM tensor_parallel_size {r.tensor_parallel_size})",
-        f"reward:  {rw.num_workers} worker(s) x {bundle(rw.num_cpus, 0)}",
+        f"reward:  {rw.num_workers} worker(s) x {bundle(rw.num_cpus, 0, rw.resources)}",
         f"learner: {world} worker(s) (dp {lr.dp} x tp {lr.tp}) x "
-        f"{bundle(lr.num_cpus, lr.num_gpus)}, one placement group, device {lr.device}",
+        f"{bundle(lr.num_cpus, lr.num_gpus, lr.resources)}, one placement group, "
+        f"device {lr.device}",
     ]
     cpus = r.num_workers * r.num_cpus + rw.num_workers * rw.num_cpus + world * lr.num_cpus
     gpus = r.num_workers * r.num_gpus + world * lr.num_gpus

@@ -12,6 +12,7 @@ The training loop asks `next_batch(step)` for B groups of G scored completions. 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -181,17 +182,37 @@ class _Queued:
     order: int
 
 
+def inflight_capacity(prompts_per_step: int, steps: int, signal_frac: float,
+                      max_sampling_rounds: int) -> int:
+    """Groups that `steps` steps consume: B x steps groups with signal, expected at the last
+    step's rate,
+
+        ceil(B x steps / max(signal_frac, 1 / max_sampling_rounds)).
+
+    With dynamic sampling a step consumes B / signal_frac groups, not B: starting only B per
+    step would leave the trainer waiting, each step, for the groups it drops. The floor on the
+    rate caps the draw at what a step may take.
+    """
+    rate = max(signal_frac, 1 / max_sampling_rounds)
+    return math.ceil(prompts_per_step * steps / rate - 1e-9)
+
+
 class StreamScheduler(RolloutScheduler):
     """`rollout.inflight`: the engines generate continuously and never drain.
 
-    Every engine runs its step loop (actors/engine_stream.py); this keeps
-    B x (1 + rollout.max_staleness) groups in flight across them, least-loaded engine first,
-    and `next_batch` takes finished groups as they come, scores them and keeps those that are
-    fresh enough: a group whose oldest token is more than `rollout.max_staleness` versions
-    behind the policy about to train on it is dropped and counted (`rollout/stale_dropped`),
-    not re-generated: a fresh draw costs the same and the data order stays simple. Groups
-    beyond B wait for the next step. Weight updates reach the engines between decode steps
-    (`EngineFleet.publish` does not wait for anything in flight).
+    Every engine runs its step loop (actors/engine_stream.py). Once a step has taken its
+    batch, and before its update, this starts the groups of the next rollout.max_staleness = k
+    steps (`capacity`) across the engines, least-loaded first: they generate under the weights
+    the step trains from, while the learner updates, and are at most k versions old when their
+    turn comes. (Keeping k + 1 steps' worth in hand, as this did at first, ages the extra groups
+    past k before their turn: measured, 6 of 8 dropped at a step and a 34 s wait.) `next_batch`
+    takes finished groups as they come, starting more only if those in hand cannot fill the
+    batch (the first step; dynamic sampling dropping more than expected), scores them and keeps
+    those that are fresh enough: a group whose oldest token is more than
+    `rollout.max_staleness` versions behind the policy about to train on it is dropped and
+    counted (`rollout/stale_dropped`), not re-generated: a fresh draw costs the same and the
+    data order stays simple. Groups beyond B wait for the next step. Weight updates reach the
+    engines between decode steps (`EngineFleet.publish` does not wait for anything in flight).
 
     Dynamic sampling: groups without signal are dropped as in batch mode; a step that has
     taken B x `rollout.max_sampling_rounds` groups without B good ones trains on what it has.
@@ -214,24 +235,30 @@ class StreamScheduler(RolloutScheduler):
         self.ids = itertools.count()
         self.engine_counters: dict[Any, dict[str, float]] = {}
         self.stale_dropped = 0
+        # Of the fresh groups the last step took, the fraction with signal (dynamic sampling).
+        self.signal_frac = 1.0
         self.window = {"engine_busy_s": 0.0, "engine_wall_s": 0.0, "trainer_wait_s": 0.0,
                        "since": time.perf_counter()}
 
     @property
     def capacity(self) -> int:
+        """Groups to hold after a step's take: what the next max_staleness steps consume."""
         r = self.cfg.rollout
-        return r.prompts_per_step * (1 + r.max_staleness)
+        return inflight_capacity(r.prompts_per_step, r.max_staleness, self.signal_frac,
+                                 r.max_sampling_rounds)
+
+    def wanted(self, missing: int) -> int:
+        """Groups in hand that should fill the `missing` places of the batch being taken."""
+        r = self.cfg.rollout
+        return inflight_capacity(missing, 1, self.signal_frac, r.max_sampling_rounds)
 
     def next_batch(self, step: int) -> Batch:
         r, dynamic = self.cfg.rollout, self.cfg.algorithm.dynamic_sampling
         batch, taken = Batch([], [], rounds=1), 0
         wait_start = time.perf_counter()
-        # Top up first, whatever is waiting: the engines hold the weights of the last update,
-        # and groups drawn now are trained max_staleness steps from now, at that age.
-        self.refill(batch)
         while len(batch.groups) < r.prompts_per_step:
             if not self.finished:
-                self.refill(batch)
+                self.refill(batch, self.wanted(r.prompts_per_step - len(batch.groups)))
                 self.poll(batch)
                 continue
             group, _, _ = self.finished.popleft()
@@ -245,15 +272,20 @@ class StreamScheduler(RolloutScheduler):
                 batch.groups.append(group)
             elif taken >= r.prompts_per_step * r.max_sampling_rounds:
                 break
+        fresh = len(batch.drawn)
+        if dynamic and fresh:
+            self.signal_frac = len(batch.groups) / fresh
         batch.gen_wait_s = time.perf_counter() - wait_start - batch.reward_s
-        batch.gen_s = self.window["engine_busy_s"]  # engine seconds since the last step
         self.window["trainer_wait_s"] += batch.gen_wait_s
+        # The next steps' groups, under the weights this batch trains from (see the class).
+        self.refill(batch, self.capacity)
         return batch
 
-    def refill(self, batch: Batch) -> None:
-        """Draw prompts until `capacity` groups are in flight, least-loaded engine first."""
+    def refill(self, batch: Batch, target: int) -> None:
+        """Draw prompts until `target` groups are in hand (in flight, or finished and not yet
+        trained on), least-loaded engine first."""
         self.fleet_changes()
-        room = self.capacity - len(self.queued) - len(self.finished)
+        room = target - len(self.queued) - len(self.finished)
         if room <= 0:
             return
         task_state = self.task.state_dict()
@@ -353,19 +385,36 @@ class StreamScheduler(RolloutScheduler):
         if orphans:
             self.submit(orphans)
 
+    def refresh_engine_counters(self) -> None:
+        """Read every engine's counters now: polls alone would leave out what an engine did
+        since the step's last poll (e.g. all of an update's overlap), putting it in the next
+        step's figures instead."""
+        import ray
+
+        refs = {w: w.stream_stats.remote() for w in self.fleet.rollout.workers
+                if w in self.engine_counters}
+        for worker, ref in refs.items():
+            # One found gone is left to the next poll, which starts its groups again elsewhere.
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                self.count_engine(worker, ray.get(ref))
+
     def count_engine(self, worker: Any, stats: dict[str, float]) -> None:
         last = self.engine_counters.get(worker) or {}
         self.window["engine_busy_s"] += stats["busy_s"] - last.get("busy_s", 0.0)
         self.window["engine_wall_s"] += stats["wall_s"] - last.get("wall_s", 0.0)
         self.engine_counters[worker] = stats
 
-    def step_stats(self) -> dict[str, float]:
-        """rollout/trainer_idle_frac (time the trainer waited for groups), engine_idle_frac
-        (time engines had nothing to do or were held, e.g. by a weight update), stale_dropped
-        and in_flight, since the last call (the previous step)."""
+    def step_stats(self, batch: Batch) -> dict[str, float]:
+        """Close the step `batch` was sampled for: its `gen_s` becomes the engines' busy seconds
+        since the last call (the previous step), overlap with the update included; returns
+        rollout/trainer_idle_frac (time the trainer waited for groups), engine_idle_frac (time
+        engines had nothing to do or were held, e.g. by a weight update), stale_dropped and
+        in_flight over the same window."""
+        self.refresh_engine_counters()
         now = time.perf_counter()
         w = self.window
         wall = max(now - w["since"], 1e-9)
+        batch.gen_s = w["engine_busy_s"]
         stats = {"rollout/trainer_idle_frac": w["trainer_wait_s"] / wall,
                  "rollout/engine_idle_frac": (1 - w["engine_busy_s"] / w["engine_wall_s"]
                                               if w["engine_wall_s"] else 0.0),
@@ -376,7 +425,7 @@ class StreamScheduler(RolloutScheduler):
         return stats
 
     def sample_ahead(self, step: int) -> None:
-        """Nothing to do: the engines always have `capacity` groups in flight."""
+        """Nothing to do: `next_batch` has started the next steps' groups already."""
 
     def in_flight(self) -> list:
         """Nothing for a weight update to wait for: it lands between decode steps."""

@@ -40,12 +40,12 @@ def results(tmp_path: Path) -> Path:
         {"model": "m", "engines": 1, "gb_per_s": 0.9, "raw_gloo_gb_per_s": 1.0, "ratio": 0.9},
         {"model": "m", "engines": 2, "gb_per_s": 0.5, "raw_gloo_gb_per_s": 1.0}]})
     _write(tmp_path, "smol_learning", {
-        "machine": MACHINE, "targets": {"final_eval_accuracy": 0.85, "max_drop_from_step_30":
+        "machine": MACHINE, "targets": {"final_eval_accuracy": 0.85, "max_drop_after_step_30":
                                         0.06, "final_eval_format": 0.95, "total_minutes": 30,
-                                        "stable_from_step": 30},
+                                        "stable_after_step": 30},
         "runs": [{"seed": 0, "summary": {"initial_eval_accuracy": 0.5,
                                          "final_eval_accuracy": 0.86,
-                                         "max_drop_from_step_30": 0.03, "final_eval_format": 0.97,
+                                         "max_drop_after_step_30": 0.03, "final_eval_format": 0.97,
                                          "total_minutes": 31.5},
                   "curve": [{"step": 0, "eval_accuracy": 0.5}, {"step": 40, "eval_accuracy": 0.86}],
                   "per_step": [{"step": 1, "entropy": 0.4, "response_length": 30.0,
@@ -75,7 +75,7 @@ def test_report_table_sections_and_plots(results: Path) -> None:
     smol = _rows(text, "smol_learning")
     assert [(r[1], r[2], r[-1]) for r in smol[:4]] == [
         ("seed 0: final held-out accuracy", "0.86", "yes"),
-        ("seed 0: largest drop below its best, step 30 on", "0.03", "yes"),
+        ("seed 0: largest drop below its best after step 30", "0.03", "yes"),
         ("seed 0: final format reward", "0.97", "yes"), ("seed 0: minutes", "31.5", "no")]
     assert [r[-1] for r in smol[4:]] == ["–"] * 4  # no summary key: unknown, not "no"
     assert _rows(text, "sandbox_throughput")[0][2] == "–"
@@ -135,3 +135,19 @@ def test_weight_sync_profile_summary_and_note(tmp_path: Path) -> None:
     text = report.build(tmp_path, tmp_path / "README.md")
     assert "- engine: 60% copy; 30% pack; 10% idle" in text
     assert "- learner: 70% wait" in text
+
+
+def test_r1_rows_hold_each_stage_to_its_target() -> None:
+    stages = [{"stage": "cold_start", "greedy_accuracy": 0.79, "before_greedy_accuracy": 0.0},
+              {"stage": "reasoning_rl", "greedy_accuracy": 0.82},
+              {"stage": "rejection_sampling", "kept": 10},
+              {"stage": "sft", "greedy_accuracy": 0.77},  # cold start - 0.02: kept, exactly
+              {"stage": "all_scenario_rl", "greedy_accuracy": 0.79},  # best (0.82) - 0.03
+              {"stage": "distill_student", "greedy_accuracy": 0.31,
+               "before_greedy_accuracy": 0.05, "parameters": 99e6}]
+    rows = {r.figure: r for r in report.r1_rows({"stages": stages, "total_minutes": 46.0})}
+    assert [(r.value, r.target, r.met) for r in rows.values()] == [
+        (0.79, "–", None), (0.82, ">= 0.82", True), (0.77, ">= 0.77", True),
+        (0.79, ">= 0.8", False), (0.31, "gain >= 0.25, to >= 0.3", True),
+        (46.0, "<= 45 min", False)]
+    assert "distill_student greedy accuracy (99.0M)" in rows

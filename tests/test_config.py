@@ -68,6 +68,10 @@ def test_r1_zero_has_the_papers_settings():
     (["learner.min_lr_ratio=2"], "bad value for 'learner.min_lr_ratio': 2.0 (must be in [0, 1])"),
     (["trainer.wandb_mode=cloud"], "bad value for 'trainer.wandb_mode': 'cloud' (online, "
                                    "offline or disabled)"),
+    (["rollout.resources={GPU: 1}"], "bad value for 'rollout.resources.GPU': 1.0 (set "
+                                     "rollout.num_cpus / num_gpus instead"),
+    (["learner.resources={learner_node: -1}"], "bad value for 'learner.resources.learner_node'"
+                                               ": -1.0 (an amount >= 0)"),
 ])
 def test_errors_name_the_problem(args, message):
     with pytest.raises(ConfigError) as info:
@@ -96,6 +100,13 @@ def test_cli_print_config_and_exit_codes():
     assert "learner: 16 worker(s) (dp 4 x tp 4) x {CPU: 4, GPU: 1}" in r1.stdout
     assert "rollout: 8 engine(s) x {CPU: 4, GPU: 1}" in r1.stdout
     assert "total:   CPU 112, GPU 24" in r1.stdout
+    # Node pools: each role's custom resources join its reservation.
+    pools = subprocess.run([*run, *args, "rollout.resources={rollout_node: 1}",
+                            "learner.resources={learner_node: 1}", "--print-config"],
+                           capture_output=True, text=True)
+    assert "rollout: 1 engine(s) x {CPU: 1, rollout_node: 1}" in pools.stdout, pools.stderr
+    assert "x {CPU: 1, learner_node: 1}, one placement group" in pools.stdout
+    assert "reward:  1 worker(s) x {CPU: 0.5}\n" in pools.stdout
     bad = subprocess.run([*run, "conf=tiny", "rollout.grup_size=3"], capture_output=True,
                          text=True)
     assert bad.returncode == 2

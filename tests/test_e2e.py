@@ -194,8 +194,8 @@ def test_tiny_run_with_inflight_weight_updates_and_resume(ray_cluster, tmp_path)
     train(cfg)
     b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
     state = checkpoint.read_trainer_state(out / "checkpoints" / "step_000002")
-    # Taken with groups in flight (capacity b x (1 + 2)): the sampler from before the oldest
-    # of them was drawn, so not past what two steps could have trained on in order.
+    # Taken with groups in flight (two steps' b started after each take): the sampler from
+    # before the oldest of them was drawn, so not past what two steps could have trained on.
     assert 0 <= state["task"]["next_index"] <= 2 * b
     train(load_config([*args, "trainer.steps=5", "trainer.resume=auto"]))  # from step 4
     records = read_metrics(out / "metrics.jsonl")

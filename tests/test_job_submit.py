@@ -1,7 +1,11 @@
-"""`ray job submit --working-dir . -- python -m rlsys.run ...` against a `ray start --head` cluster
-with Ray's token authentication on, as the README's "On a GPU cluster" section runs it.
+"""rlsys on a real multi-node Ray cluster with token authentication on, as the README's
+"Multi-node" section runs it: a head started with `ray start --head` advertising the learner
+pool's resource and a second raylet joined with `ray start --address=...` advertising the
+rollout pool's, both on this machine. Runs go through `ray job submit` and through
+$RAY_ADDRESS, with `rollout.resources` / `learner.resources` naming the pools, and Ray's state
+API shows where every actor ran.
 
-The head node is this test's own: its own temp dir, ports and token (a file named by
+The cluster is this module's own: its own temp dir, ports and token (a file named by
 RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written). It is torn down by
 killing its own processes, not with `ray stop`, which stops every Ray process on the machine
 (the session's `ray_cluster` included).
@@ -39,9 +43,14 @@ AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 @dataclass
 class Head:
-    url: str  # the dashboard, which serves the job API
+    url: str  # the dashboard, which serves the job and state APIs
     token: str
-    env: dict[str, str]  # what the head was started with (auth on, token by path)
+    env: dict[str, str]  # what the nodes were started with (auth on, token by path)
+    gcs_address: str  # what $RAY_ADDRESS names to join the cluster
+    nodes: dict[str, str]  # node id of each pool: learner_node (the head), rollout_node
+
+
+POOLS = ["rollout.resources={rollout_node: 1}", "learner.resources={learner_node: 1}"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -112,9 +121,36 @@ def _stop_head(start: subprocess.Popen[bytes], token_path: Path) -> list[str]:
             and p.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.fixture
+def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`ray start --block ARGS` in a session of its own (so its processes can be killed as a
+    group), output to `log`; each node gets its own OS-chosen ports."""
+    node, objm, agent_http, agent_grpc, rtenv, metrics = _free_ports(6)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [RAY, "start", "--block", *args, f"--node-manager-port={node}",
+             f"--object-manager-port={objm}", f"--dashboard-agent-listen-port={agent_http}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rtenv}",
+             f"--metrics-export-port={metrics}",
+             "--min-worker-port=0", "--max-worker-port=0",  # OS-chosen, like ray.init's
+             "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+
+
+def _alive_nodes(url: str, token: str) -> list[dict]:
+    try:
+        status, body = _get(f"{url}/api/v0/nodes?limit=100", token)
+    except OSError:
+        return []
+    if status != 200:
+        return []
+    return [n for n in json.loads(body)["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+
+@pytest.fixture(scope="module")
 def auth_head() -> Iterator[Head]:
-    """A one-node cluster from `ray start --head`, token authentication on, 8 logical CPUs."""
+    """Two raylets from `ray start`, token authentication on: the head (8 logical CPUs,
+    advertising learner_node) and a second node (4 CPUs, advertising rollout_node)."""
     root = Path(tempfile.mkdtemp(prefix="rlsys-js-"))  # short: Ray's socket paths are limited
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
     token_path = root / "auth_token"
@@ -125,32 +161,59 @@ def auth_head() -> Iterator[Head]:
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
             # On SIGTERM, stop at once rather than first drain the node (a wait for Serve).
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    gcs, dash, client, node, objm, agent_http, agent_grpc, rtenv, metrics = _free_ports(9)
-    log = root / "ray_start.log"
-    with open(log, "wb") as out:
-        start = subprocess.Popen(
-            [RAY, "start", "--head", "--block", f"--temp-dir={root}", f"--port={gcs}",
-             f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             f"--node-manager-port={node}", f"--object-manager-port={objm}",
-             f"--dashboard-agent-listen-port={agent_http}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rtenv}",
-             f"--metrics-export-port={metrics}",
-             "--min-worker-port=0", "--max-worker-port=0",  # OS-chosen, like ray.init's
-             "--num-cpus=8", "--include-dashboard=true", "--disable-usage-stats"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-    head = Head(f"http://127.0.0.1:{dash}", token, env)
+    gcs, dash, client = _free_ports(3)
+    started = [_ray_start(
+        ["--head", f"--temp-dir={root}", f"--port={gcs}", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", "--num-cpus=8", "--include-dashboard=true",
+         '--resources={"learner_node": 1}'], env, root / "head.log")]
+    url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
-        while not _answers(f"{head.url}/api/jobs/", token):
-            assert start.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, log.read_text()[-3000:]
+        while not _answers(f"{url}/api/jobs/", token):
+            assert started[0].poll() is None, (root / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, (root / "head.log").read_text()[-3000:]
             time.sleep(1)
-        yield head
+        started.append(_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
+                                   '--resources={"rollout_node": 2}'], env, root / "node.log"))
+        nodes: dict[str, str] = {}
+        while len(nodes) < 2:
+            assert started[1].poll() is None, (root / "node.log").read_text()[-3000:]
+            assert time.time() < deadline, (root / "node.log").read_text()[-3000:]
+            time.sleep(1)
+            nodes = {pool: n["node_id"] for n in _alive_nodes(url, token)
+                     for pool in ("learner_node", "rollout_node")
+                     if pool in n["resources_total"]}
+        yield Head(url, token, env, f"127.0.0.1:{gcs}", nodes)
     finally:
-        survivors = _stop_head(start, token_path)
+        for start in started[1:]:  # the second node first (SIGTERM stops its raylet) ...
+            start.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                start.wait(timeout=30)
+        survivors = _stop_head(started[0], token_path)  # ... then all the cluster has left
         assert not survivors, survivors
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _placement(head: Head) -> dict[str, set[str]]:
+    """Pools (by resource name; "?" for any other node) each actor class has run on."""
+    status, body = _get(f"{head.url}/api/v0/actors?limit=1000", head.token)
+    assert status == 200, body
+    pool_of = {node: pool for pool, node in head.nodes.items()}
+    where: dict[str, set[str]] = {}
+    for actor in json.loads(body)["data"]["result"]["result"]:
+        where.setdefault(actor["class_name"], set()).add(pool_of.get(actor["node_id"], "?"))
+    return where
+
+
+def _assert_ran_on_pools(head: Head, out: Path, steps: int) -> None:
+    where = _placement(head)
+    assert where.get("RolloutWorker") == {"rollout_node"}, where
+    assert where.get("Learner") == {"learner_node"}, where
+    assert "RewardWorker" in where, where
+    # Every step's weights reached the engines across nodes, each version confirmed.
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["weight_version"] for r in records if r["step"] > 0] == list(
+        range(1, steps + 1)), records
 
 
 @pytest.mark.timeout(600)
@@ -178,7 +241,7 @@ def test_job_submit_to_a_cluster_with_token_auth(auth_head, cache_dir, tmp_path)
         [RAY, "job", "submit", "--address", head.url, "--submission-id", job_id,
          "--working-dir", ".", "--", "python", "-m", "rlsys.run", "conf=tiny",
          "trainer.steps=1", "trainer.eval_size=0", f"trainer.output_dir={out}",
-         f"model.cache_dir={cache_dir}"],
+         f"model.cache_dir={cache_dir}", *POOLS],
         env=client, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=420)
     assert submit.returncode == 0, submit.stdout[-5000:]
@@ -186,16 +249,32 @@ def test_job_submit_to_a_cluster_with_token_auth(auth_head, cache_dir, tmp_path)
     status, body = _get(f"{head.url}/api/jobs/{job_id}", head.token)
     assert status == 200, body
     assert json.loads(body)["status"] == "SUCCEEDED", body
-    # The only job: the refused submission left nothing behind.
+    # The only submitted job: the refused submission left nothing behind.
     jobs = json.loads(_get(f"{head.url}/api/jobs/", head.token)[1])
-    assert [j["submission_id"] for j in jobs] == [job_id]
+    assert [j["submission_id"] for j in jobs if j.get("type") == "SUBMISSION"] == [job_id]
 
-    # Its actors ran on this cluster (the driver joined $RAY_ADDRESS, no cluster of its own).
-    status, body = _get(f"{head.url}/api/v0/actors?limit=1000", head.token)
-    assert status == 200, body
-    classes = {a["class_name"] for a in json.loads(body)["data"]["result"]["result"]}
-    assert {"RolloutWorker", "RewardWorker", "Learner"} <= classes, classes
-
+    # Its actors ran on this cluster (the driver joined $RAY_ADDRESS, no cluster of its own),
+    # each on its pool's node.
+    _assert_ran_on_pools(head, out, steps=1)
     records = read_metrics(out / "metrics.jsonl")
-    assert records[-1]["step"] == 1 and "train/loss" in records[-1], records
+    assert "train/loss" in records[-1], records
     assert (out / "final" / "config.json").is_file()
+
+
+@pytest.mark.timeout(420)
+def test_run_joins_a_cluster_through_ray_address(auth_head, cache_dir, tmp_path):
+    """`RAY_ADDRESS=... python -m rlsys.run` (no job API): the driver joins the cluster, the
+    engines land on the rollout node, the learner on the learner node, and the weights cross
+    between them every step."""
+    head = auth_head
+    out = tmp_path / "run"
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env |= {"RAY_ADDRESS": head.gcs_address, "RAY_AUTH_TOKEN": head.token}
+    run = subprocess.run(
+        [sys.executable, "-m", "rlsys.run", "conf=tiny", "trainer.steps=2",
+         "trainer.eval_size=0", "trainer.save_final=false", f"trainer.output_dir={out}",
+         f"model.cache_dir={cache_dir}", *POOLS],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=360)
+    assert run.returncode == 0, run.stdout[-5000:]
+    _assert_ran_on_pools(head, out, steps=2)

@@ -43,7 +43,8 @@ def pool(ray_cluster, tiny_model):
     cache_root = tempfile.mkdtemp(prefix="rlsys-rollout-test-")
     rollout_pool = RolloutPool(
         tiny_model, 1,
-        worker_kwargs={"dtype": "float32", "max_model_len": 256, "num_threads": THREADS},
+        worker_kwargs={"dtype": "float32", "max_model_len": 256, "num_threads": THREADS,
+                       "cpu_cores": [0]},  # pinned (rollout.cpu_cores): the whole engine
         num_cpus_per_worker=THREADS, num_gpus_per_worker=0,
         env_vars=rollout_env_vars(cache_root, kv_cache_gb=1, num_threads=THREADS),
         name_prefix=f"test-rollout-{os.getpid()}",
@@ -68,6 +69,7 @@ def test_pool_starts_named_engine_with_configured_threads(pool) -> None:
     assert info["name"] == f"test-rollout-{os.getpid()}-0"
     assert ray.get(ray.get_actor(info["name"]).ping.remote())["pid"] == info["pid"]
     assert info["torch_threads"] == THREADS
+    assert info["cpu_cores"] == [0]
     assert info["weight_version"] == 0
     print(f"engine start inside Ray: {info['engine_start_s']:.1f} s")
 
