@@ -41,7 +41,7 @@ from learners.packing import (
 )
 from rlsys import weight_sync
 from rlsys.algo import grpo_loss, rollout_is_weights
-from rlsys.config import AlgorithmConfig, LearnerConfig
+from rlsys.config import AlgorithmConfig, LearnerConfig, usable_cores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss
@@ -125,8 +125,8 @@ class Learner:
         if learner.device == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the learner and the
             # engines take turns on the cores, so use them all while updating.
-            cores = len(learner.cpu_cores) or os.cpu_count() or 1
-            torch.set_num_threads(learner.num_threads or max(1, cores // world))
+            torch.set_num_threads(learner.num_threads
+                                  or max(1, usable_cores(learner.cpu_cores) // world))
         elif learner.device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each learner actor its own GPU only
         parallel.init_learner_world(

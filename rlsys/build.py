@@ -22,7 +22,7 @@ from actors.rollout import RolloutPool, rollout_env_vars
 from learners.group import LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
-from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml
+from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml, usable_cores
 from rlsys.data import TASKS, DataError, Problem, Task, render_prompt
 from rlsys.memory_plan import model_shape, resolve_checkpointing
 from rlsys.metrics import MetricsLogger
@@ -66,8 +66,7 @@ def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig,
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
         seed=cfg.trainer.seed, teacher_path=teacher_path, total_steps=total_steps,
-        runtime_env=_threads_env(lc.num_threads or max(
-            1, (len(lc.cpu_cores) or os.cpu_count() or 1) // world)))
+        runtime_env=_threads_env(lc.num_threads or max(1, usable_cores(lc.cpu_cores) // world)))
 
 
 def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
@@ -85,7 +84,7 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
         num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
         resources=dict(r.resources),
         env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
-                                  r.num_threads or len(r.cpu_cores) or os.cpu_count() or 1))
+                                  r.num_threads or usable_cores(r.cpu_cores)))
 
 
 @contextmanager

@@ -12,6 +12,7 @@ bad value stops the run with one line naming the key, before any actor starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,12 @@ def _cpu_cores(section: Any, prefix: str) -> None:
     for core in section.cpu_cores:
         _require(core >= 0, f"{prefix}.cpu_cores", list(section.cpu_cores),
                  "core numbers are >= 0")
+
+
+def usable_cores(cpu_cores: list[int]) -> int:
+    """Cores an actor pinned to `cpu_cores` (rollout/learner.cpu_cores) runs on: their count,
+    or, unpinned, every core of the node this is called on."""
+    return len(cpu_cores) or os.cpu_count() or 1
 
 
 CPU_CORES_DOC = ("CPU cores {who} is pinned to (os.sched_setaffinity), e.g. [0]; [] = any. On a "

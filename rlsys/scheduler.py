@@ -156,6 +156,11 @@ class RolloutScheduler:
         """Result refs of the rounds sampled ahead (the engines finish them before an update)."""
         return [chunk.ref for submitted in self.pending for chunk in submitted.chunks]
 
+    def step_stats(self, batch: Batch) -> dict[str, float]:
+        """Figures of the step `batch` was sampled for beyond step_metrics' own: none here
+        (the in-flight scheduler has its idle fractions and engine time)."""
+        return {}
+
     def state_dict(self) -> dict:
         """The data sampler as a checkpoint keeps it: rounds sampled ahead are not kept, so
         the sampler is saved as it was before they were drawn, and a resumed run draws the
@@ -205,7 +210,7 @@ class StreamScheduler(RolloutScheduler):
     steps (`capacity`) across the engines, least-loaded first: they generate under the weights
     the step trains from, while the learner updates, and are at most k versions old when their
     turn comes. (Keeping k + 1 steps' worth in hand, as this did at first, ages the extra groups
-    past k before their turn: measured, 6 of 8 dropped at a step and a 34 s wait.) `next_batch`
+    past k before their turn: measured, 6 groups dropped at one step and a 34 s wait.) `next_batch`
     takes finished groups as they come, starting more only if those in hand cannot fill the
     batch (the first step; dynamic sampling dropping more than expected), scores them and keeps
     those that are fresh enough: a group whose oldest token is more than

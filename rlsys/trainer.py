@@ -156,13 +156,12 @@ class GRPOTrainer:
                 advantages, learner_stats, extra = self.update(step, batch)
             with timer.phase("sync"):
                 sync = self.fleet.publish(self.scheduler.in_flight())
-        streamed = (self.scheduler.step_stats(batch)
-                    if isinstance(self.scheduler, StreamScheduler) else {})
+        scheduled = self.scheduler.step_stats(batch)  # before step_metrics: may set batch.gen_s
         stats = step_metrics(batch, learner_stats, sync, timer, trained_version=trained_version,
                              reflection_words=self.cfg.trainer.reflection_words,
                              advantages=advantages)
         stats |= extra | self.fleet.stats() | {"rollout/queue_depth": len(self.scheduler.pending)}
-        stats |= streamed
+        stats |= scheduled
         return stats | {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
 
     def update(self, step: int, batch: Batch
