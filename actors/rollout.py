@@ -566,7 +566,7 @@ class RolloutPool:
                 continue
             try:
                 info = ray.get(ping)
-            except Exception as exc:  # the engine died while starting: report, do not retry
+            except Exception as exc:  # died while starting: the fleet decides on another
                 errors.append(str(exc))
                 ray.kill(worker)
                 continue

@@ -118,9 +118,9 @@ class LearnerGroup:
                 for rank in range(len(self.workers))]
 
     def _all(self, method: str, *args: Any) -> list[Any]:
-        return self._gather([getattr(w, method).remote(*args) for w in self.workers])
+        return self.gather([getattr(w, method).remote(*args) for w in self.workers])
 
-    def _gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
+    def gather(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """Every rank's result; `LearnerFailed` as soon as one rank's actor has died.
 
         Waiting on all refs at once would not do: the live ranks block in a collective with
@@ -155,7 +155,7 @@ class LearnerGroup:
             shard = shards[rank // self.tp]
             refs.append(getattr(worker, method).remote(
                 {key: [values[i] for i in shard] for key, values in batch.items()}, *args))
-        per_rank = self._gather(refs)
+        per_rank = self.gather(refs)
         metrics = combine_rank_metrics(per_rank[:: self.tp])  # one report per dp index
         metrics["tokens_per_s"] = metrics.pop("seq_tokens") / (time.perf_counter() - t0)
         return metrics
@@ -171,7 +171,7 @@ class LearnerGroup:
             refs.append(worker.compute_logprobs.remote([prompt_ids[i] for i in shard],
                                                        [response_ids[i] for i in shard],
                                                        reference))
-        per_rank = self._gather(refs)
+        per_rank = self.gather(refs)
         result: list[list[float]] = [[] for _ in response_ids]
         for shard, logprobs in zip(shards, per_rank[:: self.tp], strict=True):
             for i, lp in zip(shard, logprobs, strict=True):

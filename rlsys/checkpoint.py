@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlsys.metrics import truncate_metrics
+
 log = logging.getLogger("rlsys")
 
 _NAME = re.compile(r"^step_(\d{6,})$")
@@ -104,19 +106,3 @@ def commit(tmp: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Pa
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
-def truncate_metrics(metrics_path: str | Path, last_step: int) -> int:
-    """Drop records after `last_step` (logged by the interrupted run after its checkpoint).
-
-    Returns how many were dropped. The file is replaced atomically.
-    """
-    path = Path(metrics_path)
-    if not path.exists():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
-    return len(lines) - len(kept)

@@ -471,6 +471,10 @@ class TrainerConfig:
     checkpoint_every: int = doc("save a resumable checkpoint every N steps and at the end; "
                                 "0 = never", 0)
     keep_checkpoints: int = doc("complete checkpoints kept; older ones are deleted", 1)
+    max_learner_restarts: int = doc("a learner rank that dies (its process killed, its node "
+                                    "lost) restarts the learner group from the last complete "
+                                    "checkpoint, at most this many times per run; 0 = stop "
+                                    "the run instead", 2)
     resume: str = doc("never | auto: continue from output_dir's latest complete checkpoint",
                       "never")
     tensorboard: bool = doc("also write TensorBoard events", True)
@@ -497,6 +501,7 @@ class TrainerConfig:
                  f"must be in [0, data.eval_size={data_eval_size}]")
         _at_least(self, "trainer", 0, "eval_every", "checkpoint_every")
         _at_least(self, "trainer", 1, "keep_checkpoints")
+        _at_least(self, "trainer", 0, "max_learner_restarts")
         _one_of(self, "trainer", "resume", ("never", "auto"), "never or auto")
         _one_of(self, "trainer", "wandb_mode", ("online", "offline", "disabled"),
                 "online, offline or disabled")

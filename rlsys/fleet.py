@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlsys")
 
+#: New engines that may fail to start in a row before the fleet stops replacing them.
+MAX_START_FAILURES = 3
+
 
 class EngineFleet:
     """The rollout pool, the version of the weights it serves, and its membership.
@@ -40,6 +43,8 @@ class EngineFleet:
         self.rollout = make_rollout_pool(cfg, model_path, scratch_dir)
         self.version = 0
         self.engine_restarts = 0  # engines lost (and replaced) so far
+        self.start_failures = 0  # engines that died while starting, in a row (then retried)
+        self.failed_starts = 0  # ... and in all
         try:
             self.connect()
         except BaseException:
@@ -57,6 +62,15 @@ class EngineFleet:
         # What the engines of a new group hold is unknown to the learner's new sender (new or
         # replaced engines, scaling, resume): the next sync is full, deltas follow it.
         self.engines_hold_last_send = False
+
+    def reconnect(self, learner: LearnerGroup) -> None:
+        """A new learner group (a learner restart): the engines leave the group whose rank 0
+        is gone and join one with the new rank 0. An engine that was receiving from the dead
+        rank has given up by then on gloo (its sockets close); on NCCL only when the group's
+        timeout (weight_sync.init_weight_sync_group) aborts the receive."""
+        ray.get(self.rollout.close_weight_sync())
+        self.learner = learner
+        self.connect()
 
     def close(self) -> None:
         """Every member leaves the weight-sync group at once (NCCL may tear down collectively).
@@ -90,8 +104,10 @@ class EngineFleet:
         mode = "delta" if self.engines_hold_last_send else "full"
         engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version, mode)
         sent = self.learner.broadcast_weights(self.manifest, bucket, mode)
-        results = ray.get([*sent, *engine_refs])
-        stats, engines = results[0], results[len(sent):]
+        # The learner's side first: a rank that died mid-broadcast is a LearnerFailed (the run
+        # restarts the learner group), not the engines' broken-connection errors.
+        stats = self.learner.gather(sent)[0]
+        engines = ray.get(engine_refs)
         self.check_versions([engine["version"] for engine in engines])
         if self.cfg.learner.sync_mode == "delta" and not self.engines_hold_last_send:
             generic = [i for i, engine in enumerate(engines) if not engine["direct"]]
@@ -150,9 +166,17 @@ class EngineFleet:
         elif desired < planned and pool.cancel_starting(planned - desired):
             log.info("scaling: stopped rollout engine(s) still starting, %d requested", desired)
         ready, errors = pool.take_ready()
-        if errors:
-            log.error("scaling: %d new rollout engine(s) failed to start (not retried; ask "
-                      "again with python -m rlsys.scale): %s", len(errors), errors[0])
+        self.failed_starts += len(errors)
+        self.start_failures = 0 if ready else self.start_failures + len(errors)
+        if errors and self.start_failures <= MAX_START_FAILURES:
+            # Killed while starting, or its node lost: the run still wants it.
+            log.warning("scaling: %d new rollout engine(s) failed to start (%s); starting "
+                        "again (%d of %d failures in a row)", len(errors), errors[0],
+                        self.start_failures, MAX_START_FAILURES)
+        elif errors:  # failing every time: a setting or the image, not bad luck
+            log.error("scaling: %d new rollout engine(s) failed to start (not retried after %d "
+                      "failures in a row; ask again with python -m rlsys.scale): %s",
+                      len(errors), MAX_START_FAILURES, errors[0])
             self.controller.request_rollout_workers.remote(len(pool.workers)
                                                            + len(pool.starting))
         excess = max(0, len(pool.workers) - desired)
@@ -174,6 +198,7 @@ class EngineFleet:
     def stats(self) -> dict[str, float]:
         return {"rollout/engines": len(self.rollout.workers),
                 "rollout/engine_restarts": self.engine_restarts,
+                "rollout/engine_start_failures": self.failed_starts,
                 "weight_version": self.version}
 
     def shutdown(self) -> None:

@@ -53,12 +53,36 @@ class MetricsLogger:
         if self._dashboard is not None:
             self._dashboard.set(scalars | {"step": float(step)})
 
+    def drop_after(self, step: int) -> None:
+        """Forget the records after `step`: a run rolled back to that step's checkpoint (a
+        learner restart) logs them again."""
+        self._file.close()
+        truncate_metrics(self.path, step)
+        self._file = self.path.open("a", buffering=1)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_metrics(metrics_path: str | Path, last_step: int) -> int:
+    """Drop records after `last_step` (logged after the checkpoint a run resumes or is rolled
+    back to).
+
+    Returns how many were dropped. The file is replaced atomically.
+    """
+    path = Path(metrics_path)
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return len(lines) - len(kept)
 
 
 class DashboardGauges:

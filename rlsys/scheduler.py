@@ -156,6 +156,12 @@ class RolloutScheduler:
         """Result refs of the rounds sampled ahead (the engines finish them before an update)."""
         return [chunk.ref for submitted in self.pending for chunk in submitted.chunks]
 
+    def discard(self) -> None:
+        """Forget the rounds sampled ahead: a learner restart rolls the run back to a
+        checkpoint, whose sampler state draws them again. (The engines still finish them,
+        before the restarted group's weights reach them.)"""
+        self.pending.clear()
+
     def step_stats(self, batch: Batch) -> dict[str, float]:
         """Figures of the step `batch` was sampled for beyond step_metrics' own: none here
         (the in-flight scheduler has its idle fractions and engine time)."""
@@ -431,6 +437,19 @@ class StreamScheduler(RolloutScheduler):
 
     def sample_ahead(self, step: int) -> None:
         """Nothing to do: `next_batch` has started the next steps' groups already."""
+
+    def discard(self) -> None:
+        """Abort the groups in flight and forget the finished ones (see
+        RolloutScheduler.discard)."""
+        import ray
+
+        live, by_worker = set(self.fleet.rollout.workers), {}
+        for request_id, queued in self.queued.items():
+            by_worker.setdefault(queued.worker, []).append(request_id)
+        ray.get([worker.stream_abort.remote(ids) for worker, ids in by_worker.items()
+                 if worker in live])
+        self.queued.clear()
+        self.finished.clear()
 
     def in_flight(self) -> list:
         """Nothing for a weight update to wait for: it lands between decode steps."""

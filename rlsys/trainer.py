@@ -15,7 +15,8 @@ With `rollout.max_staleness` = k > 0 the engines sample the next k steps' first 
 steps 2-3; with `rollout.inflight` they generate continuously, and step 4 lands between their
 decode steps (rlsys.scheduler.StreamScheduler). Between steps the fleet brings the engines to
 the count `python -m rlsys.scale` asked for; an engine that dies mid-step has its prompts re-run
-on another and is replaced.
+on another and is replaced. A learner rank that dies takes the run back to its last checkpoint
+with a new learner group (`trainer.max_learner_restarts`).
 Every K steps the held-out split is evaluated (rlsys.eval.evaluator, the figures
 `python -m rlsys.eval` gives), and every N steps a resumable checkpoint is written.
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.
@@ -32,7 +33,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from actors.controller import start_controller, stop_controller
-from learners.group import LearnerFailed
+from learners.group import LearnerFailed, LearnerGroup
 from rlsys import checkpoint
 from rlsys.algo import adapt_entropy_coef, group_advantages, kl_shaped_rewards
 from rlsys.build import (
@@ -61,9 +62,13 @@ def train(cfg: Config) -> Path:
     with ray_session(cfg):
         trainer = GRPOTrainer(cfg, model_path, tokenizer, task, out)
         try:
-            trainer.fit(trainer.restore(resume_from) if resume_from else 0)
-        except LearnerFailed as exc:
-            raise RunStopped(exc, out) from None
+            start = trainer.restore(resume_from) if resume_from else 0
+            while True:
+                try:
+                    trainer.fit(start)
+                    break
+                except LearnerFailed as exc:
+                    start = trainer.restart_learner(exc)  # or RunStopped
         finally:
             trainer.shutdown()
     return out
@@ -72,12 +77,14 @@ def train(cfg: Config) -> Path:
 class RunStopped(RuntimeError):
     """A failure the run cannot continue through, with where to resume from."""
 
-    def __init__(self, cause: BaseException, out: Path) -> None:
+    def __init__(self, cause: BaseException, out: Path, restarts: int = 0) -> None:
         last = checkpoint.latest_checkpoint(out)
         where = (f"the last complete checkpoint is {last}; rerun with trainer.resume=auto and "
                  f"trainer.output_dir={out} to continue from it" if last else
                  "no checkpoint was written yet (trainer.checkpoint_every)")
-        super().__init__(f"{cause}; the run stopped: {where}")
+        after = f" after {restarts} learner restart(s) (trainer.max_learner_restarts)" \
+            if restarts else ""
+        super().__init__(f"{cause}; the run stopped{after}: {where}")
 
 
 class GRPOTrainer:
@@ -95,11 +102,8 @@ class GRPOTrainer:
         self.controller = start_controller(r.num_workers)
         try:
             t0 = time.perf_counter()
-            self.learner = make_learner_group(cfg, model_path, cfg.algorithm,
-                                              temperature=r.temperature,
-                                              max_response_len=r.max_new_tokens,
-                                              total_steps=cfg.trainer.steps
-                                              * cfg.algorithm.updates_per_batch)
+            self.model_path, self.learner_restarts = model_path, 0
+            self.learner = self.make_learner()
             self.fleet = EngineFleet(cfg, model_path, out / ".vllm", self.learner,
                                      self.controller)
             self.rewards = make_reward_pool(cfg)
@@ -243,6 +247,39 @@ class GRPOTrainer:
         self.entropy_coef = state.get("entropy_coef", self.cfg.algorithm.entropy_coef)
         self.fleet.send_weights()
         return int(state["step"])
+
+    def make_learner(self) -> LearnerGroup:
+        r = self.cfg.rollout
+        return make_learner_group(self.cfg, self.model_path, self.cfg.algorithm,
+                                  temperature=r.temperature, max_response_len=r.max_new_tokens,
+                                  total_steps=self.cfg.trainer.steps
+                                  * self.cfg.algorithm.updates_per_batch)
+
+    def restart_learner(self, cause: LearnerFailed) -> int:
+        """A learner rank died: roll the run back to its last complete checkpoint with a new
+        learner group, which the engines join; returns the checkpoint's step.
+
+        What was drawn or logged after that checkpoint is dropped and done again, as a resume
+        would (so the redone steps draw the same prompts and samples). Raises RunStopped when
+        there is no checkpoint or trainer.max_learner_restarts restarts are spent.
+        """
+        last = checkpoint.latest_checkpoint(self.out)
+        limit = self.cfg.trainer.max_learner_restarts
+        if last is None or self.learner_restarts >= limit:
+            raise RunStopped(cause, self.out, self.learner_restarts) from None
+        self.learner_restarts += 1
+        log.warning("%s; restarting the learner group from %s (restart %d of at most %d)",
+                    cause, last, self.learner_restarts, limit)
+        t0 = time.perf_counter()
+        self.scheduler.discard()
+        self.learner.shutdown()
+        self.learner = self.make_learner()  # waits for learner capacity (a lost node's)
+        self.fleet.reconnect(self.learner)
+        step = self.restore(last)
+        self.metrics.drop_after(step)
+        log.info("learner group restarted in %.1fs; continuing from step %d",
+                 time.perf_counter() - t0, step)
+        return step
 
     def shutdown(self) -> None:
         for close in (getattr(self, "metrics", None) and self.metrics.close,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -49,12 +50,12 @@ def run_actors() -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_learner_rank_killed_mid_run_stops_with_its_name_and_the_checkpoint(ray_cluster,
+def test_learner_rank_killed_without_restarts_stops_with_its_name_and_checkpoint(ray_cluster,
                                                                              tmp_path):
     out = tmp_path / "run"
     cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.dp=2",
                        "trainer.steps=8", "trainer.checkpoint_every=1", "trainer.eval_size=0",
-                       "trainer.save_final=false"])
+                       "trainer.save_final=false", "trainer.max_learner_restarts=0"])
     killer = kill_after_step(out, 2, "learner-dp1-tp0")
     with pytest.raises(RunStopped) as info:
         train(cfg)
@@ -198,3 +199,55 @@ def test_engine_killed_mid_stream_loses_no_group(ray_cluster, tmp_path):
     assert steps[-1]["rollout/engine_restarts"] == 1
     assert min(r["rollout/engines"] for r in steps) == 1
     assert steps[-1]["weight_version"] == 5
+
+
+@pytest.mark.timeout(600)
+def test_chaos_run_kills_an_engine_or_reward_worker_every_three_steps(ray_cluster, tmp_path,
+                                                                      caplog):
+    """A 12-step run with two engines and two reward workers; after steps 2, 5 and 8 one of
+    them, picked at random among those alive, is killed (and logged). Every step still trains
+    on B groups of G samples each, logged once, and the run ends normally."""
+    import random
+
+    import ray
+
+    chaos = logging.getLogger("rlsys.chaos")
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "reward.num_workers=2", "algorithm.dynamic_sampling=false",
+                       "trainer.steps=12", "trainer.eval_size=0", "trainer.save_final=false"])
+    killed: list[tuple[int, str]] = []
+
+    def kill_every_three_steps() -> None:
+        rng = random.Random(0)
+        for step in (2, 5, 8):
+            deadline = time.monotonic() + 240
+            while step not in logged_steps(out) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            alive = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["name"].startswith(("rollout-", "reward-")))
+            victim = rng.choice(alive)
+            ray.kill(ray.get_actor(victim), no_restart=True)
+            killed.append((step, victim))
+            chaos.warning("chaos: killed %s after step %d (alive were %s)", victim, step, alive)
+
+    killer = threading.Thread(target=kill_every_three_steps, daemon=True)
+    killer.start()
+    train(cfg)
+    killer.join()
+    assert [step for step, _ in killed] == [2, 5, 8]
+    assert sum("chaos: killed" in m for m in caplog.messages) == 3
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 13))  # each step once, all of them
+    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    for r in steps:
+        assert r["rollout/samples"] == b * g and r["groups/trained"] == b, r["step"]
+    # A killed engine was either serving (dropped from the group and replaced) or starting as
+    # a replacement (started again).
+    engines_killed = sum(name.startswith("rollout-") for _, name in killed)
+    last = steps[-1]
+    assert last["rollout/engine_restarts"] + last["rollout/engine_start_failures"] \
+        == engines_killed
+    assert last["reward_pool/restarts"] == len(killed) - engines_killed
+    assert last["weight_version"] == 12

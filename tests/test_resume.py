@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -101,3 +102,30 @@ def test_resume_continues_like_an_uninterrupted_run(ray_cluster, tmp_path, unint
     # keep_checkpoints=1: only the newest survives.
     assert [s for s, _ in checkpoint.complete_checkpoints(split)] == [4]
     assert_same_run(uninterrupted, got)
+
+
+@pytest.mark.timeout(600)
+def test_learner_killed_mid_run_restarts_from_its_checkpoint_like_an_uninterrupted_run(
+        ray_cluster, tmp_path, uninterrupted, caplog):
+    """Learner rank 0 (also the sender of the weight-sync group) is killed during step 3, once
+    the step-2 checkpoint is complete: the run restarts its learner group from that checkpoint
+    by itself, the engines join the new group, and steps 3-4 come out as if nothing happened."""
+    import ray
+
+    out = tmp_path / "run"
+
+    def kill_after_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_000002").is_dir():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        ray.kill(ray.get_actor("learner-dp0-tp0"), no_restart=True)
+
+    killer = threading.Thread(target=kill_after_checkpoint, daemon=True)
+    killer.start()
+    train(load_config([*ARGS, "trainer.steps=4", f"trainer.output_dir={out}"]))
+    killer.join()
+    restarts = [m for m in caplog.messages if "restarting the learner" in m]
+    assert len(restarts) == 1 and "learner rank 0 (learner-dp0-tp0) died" in restarts[0]
+    assert "step_000002 (restart 1 of at most 2)" in restarts[0]
+    assert_same_run(uninterrupted, read_metrics(out / "metrics.jsonl"))
