@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rlsys.config import ConfigError
 
@@ -69,9 +70,12 @@ def start_controller(rollout_workers: int) -> Any:
         pass
     else:
         raise clash
+    # On the driver's node: the run ends with that node anyway, and an actor placed on a
+    # rollout node would take the run down when that node is lost.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     try:
         handle = ray.remote(RunController).options(
-            name=CONTROLLER_NAME, num_cpus=0).remote(rollout_workers)
+            name=CONTROLLER_NAME, num_cpus=0, scheduling_strategy=here).remote(rollout_workers)
     except ValueError:  # the other run took the name between the check and now
         raise clash from None
     ray.get(handle.__ray_ready__.remote())

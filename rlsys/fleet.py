@@ -199,6 +199,8 @@ class EngineFleet:
         return {"rollout/engines": len(self.rollout.workers),
                 "rollout/engine_restarts": self.engine_restarts,
                 "rollout/engine_start_failures": self.failed_starts,
+                # Waiting for their actors to start (for capacity, under an autoscaler: a node).
+                "rollout/engines_starting": len(self.rollout.starting),
                 "weight_version": self.version}
 
     def shutdown(self) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rlsys.config import load_config
 from rlsys.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ class Head:
     token: str
     env: dict[str, str]  # what the nodes were started with (auth on, token by path)
     gcs_address: str  # what $RAY_ADDRESS names to join the cluster
-    nodes: dict[str, str]  # node id of each pool: learner_node (the head), rollout_node
+    pool_of: dict[str, str]  # node id -> its pool: learner_node (the head), rollout_node
+    spare: subprocess.Popen[bytes]  # `ray start` of the second rollout node (one may die)
 
 
 POOLS = ["rollout.resources={rollout_node: 1}", "learner.resources={learner_node: 1}"]
@@ -149,8 +151,8 @@ def _alive_nodes(url: str, token: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def auth_head() -> Iterator[Head]:
-    """Two raylets from `ray start`, token authentication on: the head (8 logical CPUs,
-    advertising learner_node) and a second node (4 CPUs, advertising rollout_node)."""
+    """Three raylets from `ray start`, token authentication on: the head (8 logical CPUs,
+    advertising learner_node) and two rollout nodes (4 CPUs and one rollout_node each)."""
     root = Path(tempfile.mkdtemp(prefix="rlsys-js-"))  # short: Ray's socket paths are limited
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` makes
     token_path = root / "auth_token"
@@ -173,19 +175,21 @@ def auth_head() -> Iterator[Head]:
             assert started[0].poll() is None, (root / "head.log").read_text()[-3000:]
             assert time.time() < deadline, (root / "head.log").read_text()[-3000:]
             time.sleep(1)
-        started.append(_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
-                                   '--resources={"rollout_node": 2}'], env, root / "node.log"))
-        nodes: dict[str, str] = {}
-        while len(nodes) < 2:
-            assert started[1].poll() is None, (root / "node.log").read_text()[-3000:]
-            assert time.time() < deadline, (root / "node.log").read_text()[-3000:]
-            time.sleep(1)
-            nodes = {pool: n["node_id"] for n in _alive_nodes(url, token)
-                     for pool in ("learner_node", "rollout_node")
-                     if pool in n["resources_total"]}
-        yield Head(url, token, env, f"127.0.0.1:{gcs}", nodes)
+        pool_of: dict[str, str] = {}
+        for name in ("node", "spare"):  # one at a time: two raylets starting at once on 2
+            log = root / f"{name}.log"  # busy cores can miss Ray's startup timeout
+            started.append(_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=4",
+                                       '--resources={"rollout_node": 1}'], env, log))
+            while len(pool_of) < len(started):
+                assert started[-1].poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+                pool_of = {n["node_id"]: pool for n in _alive_nodes(url, token)
+                           for pool in ("learner_node", "rollout_node")
+                           if pool in n["resources_total"]}
+        yield Head(url, token, env, f"127.0.0.1:{gcs}", pool_of, started[2])
     finally:
-        for start in started[1:]:  # the second node first (SIGTERM stops its raylet) ...
+        for start in started[1:]:  # the rollout nodes first (SIGTERM stops a raylet) ...
             start.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 start.wait(timeout=30)
@@ -198,7 +202,7 @@ def _placement(head: Head) -> dict[str, set[str]]:
     """Pools (by resource name; "?" for any other node) each actor class has run on."""
     status, body = _get(f"{head.url}/api/v0/actors?limit=1000", head.token)
     assert status == 200, body
-    pool_of = {node: pool for pool, node in head.nodes.items()}
+    pool_of = head.pool_of
     where: dict[str, set[str]] = {}
     for actor in json.loads(body)["data"]["result"]["result"]:
         where.setdefault(actor["class_name"], set()).add(pool_of.get(actor["node_id"], "?"))
@@ -278,3 +282,55 @@ def test_run_joins_a_cluster_through_ray_address(auth_head, cache_dir, tmp_path)
         timeout=360)
     assert run.returncode == 0, run.stdout[-5000:]
     _assert_ran_on_pools(head, out, steps=2)
+
+
+def _lose_node(start: subprocess.Popen[bytes]) -> None:
+    """What a machine failure does to a node: its raylet and every process under it (workers
+    included, whose process groups are their own) die at once, with no chance to clean up."""
+    root = psutil.Process(start.pid)
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.mark.timeout(600)
+def test_losing_a_rollout_node_mid_run(auth_head, cache_dir, tmp_path):
+    """Two engines, one on each rollout node. After step 2 the spare node is lost (SIGKILL to
+    its raylet and all its processes): the dead engine's prompts run again on the other, the
+    weight-sync group is re-formed without it, and its replacement waits for rollout capacity
+    (none is left) while the run goes on with one engine to its last step. Runs last in the
+    module: the cluster has one rollout node fewer afterwards."""
+    head = auth_head
+    out = tmp_path / "run"
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env |= {"RAY_ADDRESS": head.gcs_address, "RAY_AUTH_TOKEN": head.token}
+    steps = 8
+    run = subprocess.Popen(
+        [sys.executable, "-m", "rlsys.run", "conf=tiny", f"trainer.steps={steps}",
+         "rollout.num_workers=2", "algorithm.dynamic_sampling=false", "trainer.eval_size=0",
+         "trainer.save_final=false", f"trainer.output_dir={out}",
+         f"model.cache_dir={cache_dir}", *POOLS],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and 2 in [r["step"] for r in read_metrics(metrics)]):
+        assert run.poll() is None and time.time() < deadline, run.stdout.read()[-5000:]
+        time.sleep(0.2)
+    _lose_node(head.spare)
+    output, _ = run.communicate(timeout=420)
+    assert run.returncode == 0, output[-5000:]
+    assert "rollout engine(s) ['rollout-" in output and "died; 1 left" in output, output[-5000:]
+
+    records = [r for r in read_metrics(metrics) if r["step"] > 0]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    tiny = load_config(["conf=tiny"]).rollout
+    for r in records:  # nothing lost: every step trained on B whole groups
+        assert r["rollout/samples"] == tiny.prompts_per_step * tiny.group_size, r["step"]
+        assert r["groups/trained"] == tiny.prompts_per_step, r["step"]
+    assert records[0]["rollout/engines"] == 2 and records[-1]["rollout/engines"] == 1
+    assert records[-1]["rollout/engine_restarts"] == 1
+    # The replacement was still waiting for a rollout node when the run ended.
+    assert records[-1]["rollout/engines_starting"] == 1
+    assert records[-1]["weight_version"] == steps
