@@ -1,11 +1,15 @@
-"""rlsys on a real multi-node Ray cluster with token authentication on, as the README's
-"Multi-node" section runs it: a head started with `ray start --head` advertising the learner
-pool's resource and a second raylet joined with `ray start --address=...` advertising the
-rollout pool's, both on this machine. Runs go through `ray job submit` and through
-$RAY_ADDRESS, with `rollout.resources` / `learner.resources` naming the pools, and Ray's state
-API shows where every actor ran.
+"""rlsys on real multi-node Ray clusters with token authentication on, as the README's
+"Multi-node" section runs it, all raylets on this machine:
+- a head started with `ray start --head` advertising the learner pool's resource and two
+  raylets joined with `ray start --address=...` advertising the rollout pool's. Runs go through
+  `ray job submit` and through $RAY_ADDRESS, with `rollout.resources` / `learner.resources`
+  naming the pools, Ray's state API shows where every actor ran, and a rollout node is lost
+  mid-run;
+- a head running Ray's autoscaler with its fake multi-node provider (what Ray's own tests use:
+  it starts and stops real raylets on this machine), which adds a rollout node when
+  `python -m rlsys.scale` asks for more engines than fit and removes it once idle.
 
-The cluster is this module's own: its own temp dir, ports and token (a file named by
+Each cluster is this module's own: its own temp dir, ports and token (a file named by
 RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written). It is torn down by
 killing its own processes, not with `ray stop`, which stops every Ray process on the machine
 (the session's `ray_cluster` included).
@@ -220,6 +224,129 @@ def _assert_ran_on_pools(head: Head, out: Path, steps: int) -> None:
         range(1, steps + 1)), records
 
 
+def _autoscaling_config(gcs_address: str) -> dict:
+    """The autoscaler's cluster config for the fake multi-node provider: the head (learner
+    pool) and up to two rollout nodes, one kept, an idle one removed after 3 s. (The provider's
+    example.yaml, which Ray's AutoscalingCluster reads, is not in the wheel; and that helper
+    runs `ray stop --force`, which would stop the session's cluster too.)"""
+    return {
+        "cluster_name": "rlsys-autoscale", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.05,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 4, "learner_node": 1},
+                                 "node_config": {}, "max_workers": 0},
+            "rollout": {"resources": {"CPU": 2, "rollout_node": 1}, "node_config": {},
+                        "min_workers": 1, "max_workers": 2}},
+        "head_node_type": "ray.head.default", "auth": {}, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
+
+
+@pytest.mark.timeout(600)
+def test_autoscaler_adds_a_rollout_node_for_more_engines_and_removes_it_when_idle(
+        cache_dir, tmp_path):
+    """One engine on the one rollout node there is; `python -m rlsys.scale --rollout-workers 2`
+    asks for an engine that fits nowhere: the run goes on with one while the autoscaler adds a
+    rollout node, the new engine starts there, receives the current weights and samples;
+    `--rollout-workers 1` removes an engine and the autoscaler then removes its idle node."""
+    root = Path(tempfile.mkdtemp(prefix="rlsys-as-"))
+    token = secrets.token_hex(32)
+    token_path = root / "auth_token"
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    gcs, dash, client = _free_ports(3)
+    config = root / "autoscaler.json"
+    config.write_text(json.dumps(_autoscaling_config(f"127.0.0.1:{gcs}")))
+    env = {k: v for k, v in os.environ.items() if k not in (*AUTH_VARS, "RAY_ADDRESS")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    head = _ray_start(["--head", f"--temp-dir={root}", f"--port={gcs}",
+                       f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                       "--num-cpus=4", '--resources={"learner_node": 1}',
+                       "--include-dashboard=true", f"--autoscaling-config={config}"],
+                      env, root / "head.log")
+    url = f"http://127.0.0.1:{dash}"
+    run = None
+    try:
+        def rollout_nodes() -> list[str]:
+            return [n["node_id"] for n in _alive_nodes(url, token)
+                    if "rollout_node" in n["resources_total"]]
+
+        def wait_for(condition, what: str, timeout_s: float = 240) -> None:
+            deadline = time.time() + timeout_s
+            while not condition():
+                assert head.poll() is None, (root / "head.log").read_text()[-3000:]
+                assert run is None or run.poll() is None, run.stdout.read()[-5000:]
+                assert time.time() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.5)
+
+        wait_for(lambda: len(rollout_nodes()) == 1, "the autoscaler's first rollout node")
+        first_node = rollout_nodes()[0]
+        out = tmp_path / "run"
+        metrics = out / "metrics.jsonl"
+        client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        client_env |= {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_AUTH_TOKEN": token}
+        run = subprocess.Popen(
+            [sys.executable, "-m", "rlsys.run", "conf=tiny", "trainer.steps=1000",
+             "algorithm.dynamic_sampling=false",
+             "trainer.eval_size=0", "trainer.save_final=false", f"trainer.output_dir={out}",
+             f"model.cache_dir={cache_dir}", *POOLS],
+            env=client_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+
+        def logged(condition) -> bool:
+            return metrics.exists() and any(condition(r) for r in read_metrics(metrics))
+
+        def scale(n: int) -> None:
+            done = subprocess.run([sys.executable, "-m", "rlsys.scale", "--rollout-workers",
+                                   str(n)], env=client_env, cwd=REPO, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+        wait_for(lambda: logged(lambda r: r["step"] == 2), "step 2")
+        scale(2)
+        # The run does not wait for the node: steps go on with one engine meanwhile.
+        wait_for(lambda: logged(lambda r: r.get("rollout/engines_starting") == 1),
+                 "a step with the new engine waiting for its node")
+        wait_for(lambda: logged(lambda r: r.get("rollout/engines") == 2),
+                 "a step on two engines", timeout_s=300)
+        nodes = rollout_nodes()
+        assert len(nodes) == 2 and first_node in nodes
+        status, body = _get(f"{url}/api/v0/actors?limit=1000", token)
+        assert status == 200, body
+        engines = [a for a in json.loads(body)["data"]["result"]["result"]
+                   if a["class_name"] == "RolloutWorker" and a["state"] == "ALIVE"]
+        assert sorted(a["node_id"] for a in engines) == sorted(nodes)  # one on each
+        joined = min(r["step"] for r in read_metrics(metrics) if r.get("rollout/engines") == 2)
+        scale(1)
+        wait_for(lambda: logged(lambda r: r["step"] > joined and r["rollout/engines"] == 1),
+                 "a step on one engine again")
+        wait_for(lambda: len(rollout_nodes()) == 1, "the idle rollout node to be removed")
+        run.send_signal(signal.SIGTERM)  # what `ray job stop` sends
+        output, _ = run.communicate(timeout=120)
+        assert run.returncode == 130, output[-5000:]
+        records = [r for r in read_metrics(metrics) if r["step"] > 0]
+        assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+        # Every step's broadcast reached every engine of the step, the new one included.
+        assert [r["weight_version"] for r in records] == [r["step"] for r in records]
+        tiny = load_config(["conf=tiny"]).rollout
+        assert all(r["rollout/samples"] == tiny.prompts_per_step * tiny.group_size
+                   for r in records)
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        survivors = _stop_head(head, token_path)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not survivors, survivors
+
+
 @pytest.mark.timeout(600)
 def test_job_submit_to_a_cluster_with_token_auth(auth_head, cache_dir, tmp_path):
     head = auth_head
@@ -334,3 +461,4 @@ def test_losing_a_rollout_node_mid_run(auth_head, cache_dir, tmp_path):
     # The replacement was still waiting for a rollout node when the run ended.
     assert records[-1]["rollout/engines_starting"] == 1
     assert records[-1]["weight_version"] == steps
+
