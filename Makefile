@@ -38,7 +38,7 @@ demo: install
 	$(PY) -m rlsys.run
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: install
 	$(VENV)/bin/ruff check .
