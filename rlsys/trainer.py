@@ -82,8 +82,8 @@ class RunStopped(RuntimeError):
         where = (f"the last complete checkpoint is {last}; rerun with trainer.resume=auto and "
                  f"trainer.output_dir={out} to continue from it" if last else
                  "no checkpoint was written yet (trainer.checkpoint_every)")
-        after = f" after {restarts} learner restart(s) (trainer.max_learner_restarts)" \
-            if restarts else ""
+        after = (f" after {restarts} learner restart(s) (trainer.max_learner_restarts)"
+                 if restarts else "")
         super().__init__(f"{cause}; the run stopped{after}: {where}")
 
 
@@ -249,6 +249,8 @@ class GRPOTrainer:
         return int(state["step"])
 
     def make_learner(self) -> LearnerGroup:
+        """A learner group as configured, holding the run's starting model (a restart then
+        restores its checkpoint into it)."""
         r = self.cfg.rollout
         return make_learner_group(self.cfg, self.model_path, self.cfg.algorithm,
                                   temperature=r.temperature, max_response_len=r.max_new_tokens,
