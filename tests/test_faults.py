@@ -41,6 +41,18 @@ def kill_after_step(out: Path, step: int, actor: str, timeout_s: float = 240) ->
     return thread
 
 
+def whole_steps(out: Path, cfg) -> list[dict]:
+    """The run's step records (step 0 left out), checked to hold every step of
+    trainer.steps once, each trained on B groups of G samples: nothing lost, nothing twice."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, cfg.trainer.steps + 1))
+    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    for r in steps:
+        assert r["rollout/samples"] == b * g and r["groups/trained"] == b, r["step"]
+    return steps
+
+
 def run_actors() -> list[str]:
     import ray
 
@@ -161,12 +173,7 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
     killer = kill_after_step(out, 1, "rollout-1")
     train(cfg)
     killer.join()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["step"] > 0]
-    assert [r["step"] for r in steps] == list(range(1, 9))  # each step once, all of them
-    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    for r in steps:
-        assert r["rollout/samples"] == b * g and r["groups/trained"] == b, r["step"]
+    steps = whole_steps(out, cfg)
     # The kill lands in step 2 (or, on a loaded machine, step 3); the replacement joins at 5.
     engines = [r["rollout/engines"] for r in steps]
     assert engines in ([2, 1, 1, 1, 2, 2, 2, 2], [2, 2, 1, 1, 2, 2, 2, 2]), engines
@@ -237,12 +244,7 @@ def test_chaos_run_kills_an_engine_or_reward_worker_every_three_steps(ray_cluste
     killer.join()
     assert [step for step, _ in killed] == [2, 5, 8]
     assert sum("chaos: killed" in m for m in caplog.messages) == 3
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["step"] > 0]
-    assert [r["step"] for r in steps] == list(range(1, 13))  # each step once, all of them
-    b, g = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    for r in steps:
-        assert r["rollout/samples"] == b * g and r["groups/trained"] == b, r["step"]
+    steps = whole_steps(out, cfg)
     # A killed engine was either serving (dropped from the group and replaced) or starting as
     # a replacement (started again).
     engines_killed = sum(name.startswith("rollout-") for _, name in killed)
