@@ -195,8 +195,8 @@ class LearnerGroup:
     def weight_manifest(self, dtype: str) -> weight_sync.WeightManifest:
         return ray.get(self.rank0.weight_manifest.remote(dtype))
 
-    def sync_address(self) -> tuple[str, int]:
-        return ray.get(self.rank0.sync_address.remote())
+    def host_weight_sync(self) -> tuple[str, int]:
+        return ray.get(self.rank0.host_weight_sync.remote())
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
                          backend: str) -> list[ray.ObjectRef]:

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup, TCPStore
 
 from learners import parallel
 from learners.packing import (
@@ -171,7 +172,8 @@ class Learner:
                                               total=total_steps, schedule=learner.lr_schedule,
                                               min_ratio=learner.min_lr_ratio))
         self.step = 0
-        self.sync_group = None
+        self.sync_group: ProcessGroup | None = None
+        self.sync_store: TCPStore | None = None  # the group's rendezvous, hosted by rank 0
         self.weight_sender: weight_sync.WeightSender | None = None
 
     def _build_model(self, path: str, checkpoint_activations: bool = False) -> nn.Module:
@@ -476,26 +478,29 @@ class Learner:
         """
         return weight_sync.build_manifest(self.model.named_parameters(), DTYPES[dtype])
 
-    def sync_address(self) -> tuple[str, int]:
-        """Where this learner will host the weight-sync rendezvous (its node, a free port)."""
+    def host_weight_sync(self) -> tuple[str, int]:
+        """Start hosting the next weight-sync group's rendezvous; returns where (this node's
+        address, the port its server listens on)."""
         import ray
 
         addr = ray.util.get_node_ip_address()
-        return addr, weight_sync.find_free_port(addr)
+        self.sync_store = weight_sync.host_weight_sync_store(addr)
+        return addr, self.sync_store.port
 
     def init_weight_sync(self, master_addr: str, master_port: int, world_size: int,
                          backend: str) -> int:
         """Rank 0 joins the engines' weight-sync group as its rank 0; other ranks do nothing."""
         if self.rank == 0:
             self.sync_group = weight_sync.init_weight_sync_group(
-                backend, master_addr, master_port, rank=0, world_size=world_size)
+                backend, master_addr, master_port, rank=0, world_size=world_size,
+                store=self.sync_store)
         return self.rank
 
     def close_weight_sync(self) -> None:
         """Leave the weight-sync group, before joining one of another size (engines added or
         removed); see `weight_sync.close_weight_sync_group`."""
         weight_sync.close_weight_sync_group(self.sync_group)
-        self.sync_group = None
+        self.sync_group = self.sync_store = None
         self.weight_sender = None  # a new group may hold new engines: the next send is full
 
     @torch.no_grad()

@@ -54,7 +54,7 @@ class EngineFleet:
     def connect(self) -> None:
         """Every engine worker and learner rank 0 join a new weight-sync group."""
         backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
-        addr, port = self.learner.sync_address()
+        addr, port = self.learner.host_weight_sync()
         refs = self.rollout.init_weight_sync(addr, port, backend)
         world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
         ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,10 +68,48 @@ DEFAULT_BUCKET_BYTES = 16 * 1024 * 1024
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on `host` (another process may still take it)."""
+    """A TCP port that is free right now on `host`, for a rendezvous server that binds it later.
+
+    Drawn from below the kernel's ephemeral port range when there is room for it: `bind(host, 0)`
+    hands out ports from that range, and so does every outgoing connection on the machine, so
+    between choosing such a port and binding it one of Ray's many connections can take it
+    (EADDRINUSE, seen in CI). Ports below the range are only ever taken by explicit binds. Ray's
+    own worker ports are 10002-19999 by default, hence the floor. Where the server can bind
+    port 0 itself and report it, prefer that (`host_weight_sync_store`): no gap at all.
+    """
+    low = _ephemeral_port_range()[0]
+    if low - _PORT_FLOOR >= 1000:
+        rng = random.Random()
+        for _ in range(100):
+            port = rng.randrange(_PORT_FLOOR, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+_PORT_FLOOR = 20000
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def host_weight_sync_store(host: str, timeout_s: float = 300) -> TCPStore:
+    """Rank 0's rendezvous server for `init_weight_sync_group`, listening on a port the OS picks
+    as it binds (`store.port`, which the other ranks are then told): no port is chosen first and
+    bound later, so none can be taken in between. Keep it for as long as the group lives (NCCL
+    reads the store when a communicator is first used)."""
+    return TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def init_weight_sync_group(
@@ -79,19 +119,22 @@ def init_weight_sync_group(
     rank: int,
     world_size: int,
     timeout_s: float = 300,
+    store: TCPStore | None = None,
 ) -> ProcessGroup:
     """Join (rank 0: host) a standalone process group for weight broadcasts.
 
     All `world_size` ranks must call this concurrently: the backend's constructor blocks until
-    every rank has connected. Rank 0 (the learner) runs the `TCPStore` server.
+    every rank has connected. Rank 0 (the learner) runs the `TCPStore` server: the one it
+    passes as `store` (from `host_weight_sync_store`), or else one it starts on `master_port`.
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
     # wait_for_workers=False: the backend constructor below already waits for the full mesh, and
     # waiting here too would only duplicate the timeout handling.
-    store = TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
-                     wait_for_workers=False)
+    if store is None:
+        store = TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
+                         wait_for_workers=False)
     group = ProcessGroup(store, rank, world_size)
     if backend == "gloo":
         from torch.distributed import ProcessGroupGloo

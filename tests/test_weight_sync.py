@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +26,7 @@ from rlsys.weight_sync import (
     close_weight_sync_group,
     dtype_from_name,
     find_free_port,
+    host_weight_sync_store,
     init_weight_sync_group,
     plan_buckets,
     receive_weights,
@@ -85,10 +88,12 @@ def test_two_process_broadcast_is_bit_exact(ray_cluster) -> None:
     state = _state_dict()
     # bf16 on the wire for floats (as a learner would send), int64 untouched.
     manifest = build_manifest(state.items(), torch.bfloat16)
-    port = find_free_port()
-    received_ref = ray.remote(num_cpus=0)(receiver).remote(port, manifest, BUCKET_SIZES)
+    # Rank 0 hosts the rendezvous as the learner does: on a port the OS gives its server.
+    store = host_weight_sync_store("127.0.0.1", timeout_s=60)
+    received_ref = ray.remote(num_cpus=0)(receiver).remote(store.port, manifest, BUCKET_SIZES)
     try:
-        group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
+        group = init_weight_sync_group("gloo", "127.0.0.1", store.port, 0, 2, timeout_s=60,
+                                       store=store)
     except Exception:
         ray.get(received_ref, timeout=10)  # surfaces the receiver's own error, if it had one
         raise
@@ -105,6 +110,14 @@ def test_two_process_broadcast_is_bit_exact(ray_cluster) -> None:
             expected = original.to(torch.bfloat16) if original.is_floating_point() else original
             assert by_name[name].dtype == expected.dtype and by_name[name].shape == expected.shape
             assert torch.equal(by_name[name], expected), name
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """Ports from bind(0) are the ones outgoing connections use too, so one could be taken
+    before the rendezvous binds it; find_free_port draws from below that range."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {find_free_port() for _ in range(20)}
+    assert all(20000 <= port < low for port in ports) and len(ports) > 1
 
 
 def test_broadcast_rejects_tensors_that_do_not_match_the_manifest() -> None:
