@@ -537,7 +537,7 @@ class SFTConfig:
 
 @dataclass
 class RejectionConfig:
-    num_prompts: int = doc("training prompts to sample from", 64)
+    num_prompts: int = doc("distinct training prompts to sample from", 64)
     samples: int = doc("completions per prompt (k)", 4)
     temperature: float = doc("sampling temperature", 1.0)
     keep_per_prompt: int = doc("most accepted completions kept per prompt", 1)

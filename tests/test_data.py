@@ -95,6 +95,17 @@ def test_arithmetic_state_round_trip() -> None:
     assert ids(resumed.sample(20)) == expected
 
 
+def test_sample_distinct_draws_each_question_once_and_stops_at_the_tasks_size() -> None:
+    """Rejection sampling's prompts: with-replacement draws repeat questions; these do not,
+    and a request beyond the task's distinct training problems returns all of them."""
+    task = ArithmeticTask(seed=3, max_value=20, eval_size=50)  # 400 problems, 350 to train on
+    assert len({p.question for p in task.sample(300)}) < 300
+    task = ArithmeticTask(seed=3, max_value=20, eval_size=50)
+    drawn = task.sample_distinct(300)
+    assert len({p.question for p in drawn}) == len(drawn) == 300
+    assert len(ArithmeticTask(seed=3, max_value=20, eval_size=50).sample_distinct(1000)) == 350
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

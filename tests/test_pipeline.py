@@ -80,8 +80,12 @@ def test_r1_pipeline_on_the_tiny_model(ray_cluster, tmp_path):
     assert all(r["source"] == "rejection_sampling" and r["rewards"]["accuracy"] == 1.0
                for r in rows[:stats["kept"]])
 
-    # SFT again from the base model, on that dataset; then RL over a mix of tasks.
-    assert json.loads((out / STAGES[3] / MARKER).read_text())["model"].endswith("tiny-random")
+    # SFT again from the base model, on that dataset; then RL over a mix of tasks. The base
+    # model was evaluated with the cold start: its figures are reused, not measured again.
+    second = json.loads((out / STAGES[3] / MARKER).read_text())
+    assert second["model"].endswith("tiny-random")
+    assert second["eval_before"] == {**first["eval_before"], "reused_from": "cold_start"}
+    assert not (out / STAGES[3] / "eval_before").exists()
     assert len(read_metrics(out / STAGES[3] / "metrics.jsonl")) == 2  # 24 rows, batch 16
     records = read_metrics(out / STAGES[4] / "metrics.jsonl")
     assert {"eval/accuracy/arithmetic", "eval/accuracy/prompts"} <= set(records[-1])

@@ -70,6 +70,25 @@ class Task(ABC):
     def sample(self, n: int) -> list[Problem]:
         """Draw the next `n` training problems; deterministic given the seed and the state."""
 
+    def sample_distinct(self, n: int) -> list[Problem]:
+        """The next `n` training problems with no question twice, for a pass over a set of
+        prompts (rejection sampling) rather than a stream of them: `sample` draws with
+        replacement where the task is a space of problems (1,536 arithmetic draws repeat
+        ~400 questions). Fewer than `n` when the draws stop finding new questions (after
+        10 x n + 100 draws): the task has fewer than `n` distinct training problems."""
+        seen: set[str] = set()
+        out: list[Problem] = []
+        draws = 0
+        while len(out) < self._check_n(n) and draws < 10 * n + 100:
+            batch = self.sample(n - len(out))
+            draws += len(batch)
+            for problem in batch:
+                key = normalize_question(problem.question)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(problem)
+        return out
+
     def eval_problems(self) -> list[Problem]:
         """The fixed held-out split (a new list each call; problems are shared); it never
         contains a training problem."""

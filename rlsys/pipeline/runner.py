@@ -11,12 +11,14 @@ its evaluation. An interrupted stage with nothing to resume from starts over in 
 `pipeline.only=NAME` runs one stage, whose inputs must already be complete. With
 `pipeline.eval`, each model a stage makes is evaluated on the held-out split (rlsys.eval) and
 the figures are kept in its `stage.json` (`eval`), with the parameter count; a stage that starts
-from a model no stage made (the base model, a student) also evaluates that model (`eval_before`).
+from a model no stage made (the base model, a student) also evaluates that model (`eval_before`),
+once per run: a later stage from the same model takes the earlier figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -156,7 +158,7 @@ def _run_stages(cfg: Config, configs: list[Config], root: Path) -> None:
             if stage.model not in done:
                 # A stage that starts from a model no stage made (the base model, a student's
                 # fresh copy): its starting point is the baseline the stage is judged against.
-                record["eval_before"] = evaluate_stage(cfg, scfg, folder, model)
+                record["eval_before"] = _baseline(cfg, scfg, folder, model, done)
         (folder / MARKER).write_text(json.dumps(record, indent=2))
         done[stage.name] = (stage.kind, folder)
         if only is not None:
@@ -170,23 +172,55 @@ def parameter_count(model: Path) -> int | None:
     return None if shape is None else shape.params()
 
 
-def evaluate_stage(cfg: Config, scfg: Config, folder: Path, model: str | None = None) -> dict:
-    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model, or
-    with `model` of the model it started from; the files go to `<stage>/eval/` (or
-    `<stage>/eval_before/`).
+def evaluation_config(cfg: Config, scfg: Config, folder: Path, model: str | None = None
+                      ) -> Config:
+    """How a stage's model (or, with `model`, the model it started from) is evaluated; the
+    files go to `<stage>/eval/` (or `<stage>/eval_before/`).
 
     Every stage is evaluated on the run's own task and seed (`data.*`, `trainer.seed`), not on
     what its overrides train on (a task mix, another model's settings), so that the figures of
     all stages are one comparable column.
     """
-    ecfg = dataclasses.replace(
+    return dataclasses.replace(
         scfg, data=cfg.data,
         model=dataclasses.replace(scfg.model, path=model or str(folder / "final")),
         trainer=dataclasses.replace(scfg.trainer, seed=cfg.trainer.seed),
         eval=dataclasses.replace(scfg.eval, output_dir=str(
             folder / ("eval_before" if model else "eval")), overwrite=True))
-    summary = evaluate(ecfg)
+
+
+def evaluate_stage(cfg: Config, scfg: Config, folder: Path, model: str | None = None) -> dict:
+    """The held-out figures (greedy accuracy, pass@1, pass@k, cons@k) of a stage's model, or
+    with `model` of the model it started from (see `evaluation_config`)."""
+    summary = evaluate(evaluation_config(cfg, scfg, folder, model))
     return {k: v for k, v in summary.items() if k not in ("versions", "command", "config")}
+
+
+def evaluation_key(ecfg: Config) -> str:
+    """What an evaluation's figures depend on: the model, the problems, how answers are
+    generated and judged, the seed; not where its files go or the stage's training settings."""
+    parts = {"model": ecfg.model, "data": ecfg.data, "rollout": ecfg.rollout,
+             "reward": ecfg.reward, "seed": ecfg.trainer.seed,
+             "eval": dataclasses.replace(ecfg.eval, output_dir=None, overwrite=False)}
+    text = json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                       for k, v in parts.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _baseline(cfg: Config, scfg: Config, folder: Path, model: str,
+              done: dict[str, tuple[str, Path]]) -> dict:
+    """`eval_before` of a stage: the figures of the model it started from, evaluated once per
+    run. A later stage from the same model under the same evaluation (R1's second SFT starts
+    from the base model again) takes the earlier stage's figures, naming it in `reused_from`."""
+    key = evaluation_key(evaluation_config(cfg, scfg, folder, model))
+    for name, (_, earlier) in done.items():
+        before = (read_marker(earlier) or {}).get("eval_before") or {}
+        if before.get("key") == key:
+            name = before.get("reused_from", name)
+            log.info("stage %s: its starting model %s was evaluated with stage %s; reusing "
+                     "those figures", folder.name, model, name)
+            return {**before, "reused_from": name}
+    return {**evaluate_stage(cfg, scfg, folder, model), "key": key}
 
 
 def _run_stage(stage: StageConfig, scfg: Config, model: str, folder: Path,

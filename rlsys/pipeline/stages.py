@@ -194,7 +194,12 @@ def run_rejection_sampling(cfg: Config, model_path: str, out: Path) -> Path:
     rj, r = cfg.rejection, cfg.rollout
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = build_task(cfg)
-    problems, prompts, skipped = fitting_prompts(cfg, tokenizer, task.sample(rj.num_prompts))
+    # Distinct prompts: a second draw of a prompt would only repeat its `samples` completions.
+    drawn = task.sample_distinct(rj.num_prompts)
+    if len(drawn) < rj.num_prompts:
+        log.warning("rejection.num_prompts=%d: the task has only %d distinct training prompts; "
+                    "sampling those", rj.num_prompts, len(drawn))
+    problems, prompts, skipped = fitting_prompts(cfg, tokenizer, drawn)
     prefix = cfg.data.response_prefix
     chunks = [(start, min(start + rj.chunk_prompts, len(prompts)))
               for start in range(0, len(prompts), rj.chunk_prompts)]
