@@ -273,7 +273,8 @@ def test_autoscaler_adds_a_rollout_node_for_more_engines_and_removes_it_when_idl
                        "--include-dashboard=true", f"--autoscaling-config={config}"],
                       env, root / "head.log")
     url = f"http://127.0.0.1:{dash}"
-    run = None
+    # The run's output goes to a file, which a failed wait shows while the run still runs.
+    run, run_log = None, root / "run.log"
     try:
         def rollout_nodes() -> list[str]:
             return [n["node_id"] for n in _alive_nodes(url, token)
@@ -283,8 +284,9 @@ def test_autoscaler_adds_a_rollout_node_for_more_engines_and_removes_it_when_idl
             deadline = time.time() + timeout_s
             while not condition():
                 assert head.poll() is None, (root / "head.log").read_text()[-3000:]
-                assert run is None or run.poll() is None, run.stdout.read()[-5000:]
-                assert time.time() < deadline, f"timed out waiting for {what}"
+                assert run is None or run.poll() is None, run_log.read_text()[-5000:]
+                assert time.time() < deadline, (f"timed out waiting for {what}; the run's "
+                                                f"log ends:\n{run_log.read_text()[-5000:]}")
                 time.sleep(0.5)
 
         wait_for(lambda: len(rollout_nodes()) == 1, "the autoscaler's first rollout node")
@@ -298,7 +300,7 @@ def test_autoscaler_adds_a_rollout_node_for_more_engines_and_removes_it_when_idl
              "algorithm.dynamic_sampling=false",
              "trainer.eval_size=0", "trainer.save_final=false", f"trainer.output_dir={out}",
              f"model.cache_dir={cache_dir}", *POOLS],
-            env=client_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=client_env, cwd=REPO, stdout=run_log.open("w"), stderr=subprocess.STDOUT,
             text=True)
 
         def logged(condition) -> bool:
