@@ -67,17 +67,21 @@ WeightManifest = list[tuple[str, tuple[int, ...], str]]
 DEFAULT_BUCKET_BYTES = 16 * 1024 * 1024
 
 
+#: Lowest port `find_free_port` draws: Ray's own worker ports are 10002-19999 by default.
+_PORT_FLOOR = 20000
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on `host`, for a rendezvous server that binds it later.
 
     Drawn from below the kernel's ephemeral port range when there is room for it: `bind(host, 0)`
     hands out ports from that range, and so does every outgoing connection on the machine, so
     between choosing such a port and binding it one of Ray's many connections can take it
-    (EADDRINUSE, seen in CI). Ports below the range are only ever taken by explicit binds. Ray's
-    own worker ports are 10002-19999 by default, hence the floor. Where the server can bind
-    port 0 itself and report it, prefer that (`host_weight_sync_store`): no gap at all.
+    (EADDRINUSE, seen in CI). Ports below the range are only ever taken by explicit binds.
+    Where the server can bind port 0 itself and report it, prefer that
+    (`host_weight_sync_store`): no gap at all.
     """
-    low = _ephemeral_port_range()[0]
+    low = _ephemeral_port_floor()
     if low - _PORT_FLOOR >= 1000:
         rng = random.Random()
         for _ in range(100):
@@ -93,15 +97,12 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-_PORT_FLOOR = 20000
-
-
-def _ephemeral_port_range() -> tuple[int, int]:
+def _ephemeral_port_floor() -> int:
+    """The lowest port the kernel hands out for bind(0) and outgoing connections."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def host_weight_sync_store(host: str, timeout_s: float = 300) -> TCPStore:

@@ -295,13 +295,13 @@ def test_autoscaler_adds_a_rollout_node_for_more_engines_and_removes_it_when_idl
         metrics = out / "metrics.jsonl"
         client_env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
         client_env |= {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "RAY_AUTH_TOKEN": token}
-        run = subprocess.Popen(
-            [sys.executable, "-m", "rlsys.run", "conf=tiny", "trainer.steps=1000",
-             "algorithm.dynamic_sampling=false",
-             "trainer.eval_size=0", "trainer.save_final=false", f"trainer.output_dir={out}",
-             f"model.cache_dir={cache_dir}", *POOLS],
-            env=client_env, cwd=REPO, stdout=run_log.open("w"), stderr=subprocess.STDOUT,
-            text=True)
+        with run_log.open("w") as log_file:  # the run writes to its own copy of the handle
+            run = subprocess.Popen(
+                [sys.executable, "-m", "rlsys.run", "conf=tiny", "trainer.steps=1000",
+                 "algorithm.dynamic_sampling=false",
+                 "trainer.eval_size=0", "trainer.save_final=false", f"trainer.output_dir={out}",
+                 f"model.cache_dir={cache_dir}", *POOLS],
+                env=client_env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, text=True)
 
         def logged(condition) -> bool:
             return metrics.exists() and any(condition(r) for r in read_metrics(metrics))

@@ -76,10 +76,11 @@ class Task(ABC):
         replacement where the task is a space of problems (1,536 arithmetic draws repeat
         ~400 questions). Fewer than `n` when the draws stop finding new questions (after
         10 x n + 100 draws): the task has fewer than `n` distinct training problems."""
+        n = self._check_n(n)
         seen: set[str] = set()
         out: list[Problem] = []
         draws = 0
-        while len(out) < self._check_n(n) and draws < 10 * n + 100:
+        while len(out) < n and draws < 10 * n + 100:
             batch = self.sample(n - len(out))
             draws += len(batch)
             for problem in batch:
