@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.rollout import EnginesLost
+from learners.group import LearnerFailed
+from rlsys import weight_sync
 from rlsys.build import make_rollout_pool
 
 if TYPE_CHECKING:
@@ -52,16 +54,58 @@ class EngineFleet:
             raise
 
     def connect(self) -> None:
-        """Every engine worker and learner rank 0 join a new weight-sync group."""
-        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
-        addr, port = self.learner.host_weight_sync()
-        refs = self.rollout.init_weight_sync(addr, port, backend)
-        world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
-        ray.get([*self.learner.init_weight_sync(addr, port, world, backend), *refs])
+        """Every engine worker and learner rank 0 join a new weight-sync group. An engine that
+        dies while joining is dropped and the others join again without it (the run still wants
+        as many engines: `apply_scaling` starts a replacement)."""
+        while dead := self.join():
+            self.rollout.forget(dead)
+            self.count_lost_engines()
         self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
         # What the engines of a new group hold is unknown to the learner's new sender (new or
         # replaced engines, scaling, resume): the next sync is full, deltas follow it.
         self.engines_hold_last_send = False
+
+    def join(self) -> list[Any]:
+        """One attempt at forming the group: the engines that died while joining (then the
+        others were told to give up, see weight_sync.abort_weight_sync_join), or none.
+
+        Waiting on every member at once would not do: the live ones wait in the rendezvous
+        for a dead one until its timeout, minutes later (a node lost while its new engine
+        joined). A learner rank 0 that died is a LearnerFailed, as in any learner call.
+        """
+        backend = "nccl" if self.cfg.learner.device == "cuda" else "gloo"
+        addr, port = self.learner.host_weight_sync()
+        engines = list(self.rollout.workers)
+        names = [info["name"] for info in self.rollout.info]
+        engine_refs = self.rollout.init_weight_sync(addr, port, backend)
+        world = self.rollout.weight_sync_world_size  # learner rank 0 + every engine worker
+        (learner_ref,) = self.learner.init_weight_sync(addr, port, world, backend)
+        pending, dead = [learner_ref, *engine_refs], []
+        while pending:
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayActorError as exc:
+                if ready == learner_ref:  # its store is gone: the engines fail on their own
+                    raise LearnerFailed(0, self.learner.names[0], exc) from None
+                index = engine_refs.index(ready)
+                if not dead:
+                    reason = f"rollout engine {names[index]} died while joining"
+                    weight_sync.abort_weight_sync_join(addr, port, reason)
+                dead.append(engines[index])
+            except Exception:
+                # Once the join is called off every other member fails it: expected then
+                # (WeightSyncJoinAborted; a tensor-parallel engine's executor may wrap it).
+                if not dead:
+                    raise
+        return dead
+
+    def count_lost_engines(self) -> None:
+        """Account for the engines the pool found dead (`rollout.lost`) and clear the list."""
+        lost, self.rollout.lost = self.rollout.lost, []
+        self.engine_restarts += len(lost)
+        log.warning("rollout engine(s) %s died; %d left, replacement(s) starting", lost,
+                    len(self.rollout.workers))
 
     def reconnect(self, learner: LearnerGroup) -> None:
         """A new learner group (a learner restart): the engines leave the group whose rank 0
@@ -129,10 +173,7 @@ class EngineFleet:
         unfinished prompts already ran elsewhere, see RolloutPool.collect). The run still
         wants as many engines, so `apply_scaling` starts replacements, which receive the
         current weights before they take work."""
-        lost, self.rollout.lost = self.rollout.lost, []
-        self.engine_restarts += len(lost)
-        log.warning("rollout engine(s) %s died; %d left, replacement(s) starting", lost,
-                    len(self.rollout.workers))
+        self.count_lost_engines()
         self.close()
         self.connect()
 

@@ -113,6 +113,55 @@ def host_weight_sync_store(host: str, timeout_s: float = 300) -> TCPStore:
     return TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+#: Seconds gloo may take to connect its mesh once every rank has checked in (a fraction of a
+#: second normally). A rank that dies in between would otherwise hold the others there for the
+#: whole timeout: after this they fail, and the fleet forms the group again without it.
+MESH_TIMEOUT_S = 30.0
+
+#: Store key of a forming group whose join was called off (`abort_weight_sync_join`).
+_ABORT_KEY = "rlsys/join-aborted"
+
+
+class WeightSyncJoinAborted(RuntimeError):
+    """The group being joined will not form: a member died before joining it, and whoever
+    noticed (the fleet) called the join off so the others do not wait out the timeout."""
+
+
+def abort_weight_sync_join(master_addr: str, master_port: int, reason: str) -> bool:
+    """Call off the join of the group whose rendezvous runs at `master_addr:master_port`: every
+    rank waiting in `init_weight_sync_group` raises `WeightSyncJoinAborted(reason)` within a
+    poll interval. Returns False when the rendezvous server cannot be reached (its host is
+    gone, and with it the waiting ranks' connections, so they fail on their own)."""
+    try:
+        client = TCPStore(master_addr, master_port, None, False, timedelta(seconds=10),
+                          wait_for_workers=False)
+        client.set(_ABORT_KEY, reason)
+    except RuntimeError:  # torch's DistStoreError and DistNetworkError derive from it
+        return False
+    return True
+
+
+def _roll_call(store: TCPStore, rank: int, world_size: int, timeout_s: float) -> None:
+    """Wait until every rank has checked in, before the backend connects its mesh.
+
+    The backend's constructor cannot be interrupted: a rank that died before joining would
+    keep the others in it for the whole timeout (300 s by default). Checking in through the
+    store first lets a join be called off at once (`abort_weight_sync_join`), and a timeout
+    names the ranks that never came.
+    """
+    present = [f"rlsys/present/{r}" for r in range(world_size)]
+    store.set(present[rank], "1")
+    deadline = time.monotonic() + timeout_s
+    while not store.check(present):
+        if store.check([_ABORT_KEY]):
+            raise WeightSyncJoinAborted(store.get(_ABORT_KEY).decode())
+        if time.monotonic() > deadline:
+            missing = [r for r, key in enumerate(present) if not store.check([key])]
+            raise TimeoutError(f"weight-sync group of {world_size}: rank(s) {missing} did not "
+                               f"join within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def init_weight_sync_group(
     backend: str,
     master_addr: str,
@@ -124,23 +173,28 @@ def init_weight_sync_group(
 ) -> ProcessGroup:
     """Join (rank 0: host) a standalone process group for weight broadcasts.
 
-    All `world_size` ranks must call this concurrently: the backend's constructor blocks until
-    every rank has connected. Rank 0 (the learner) runs the `TCPStore` server: the one it
-    passes as `store` (from `host_weight_sync_store`), or else one it starts on `master_port`.
+    All `world_size` ranks must call this concurrently: it returns once every rank has joined,
+    raises `WeightSyncJoinAborted` when the join is called off (`abort_weight_sync_join`),
+    `TimeoutError` naming the missing ranks after `timeout_s`, and gloo's error when a rank
+    that checked in never connects (`MESH_TIMEOUT_S`). Broadcasts time out after `timeout_s`.
+    Rank 0 (the learner) runs the `TCPStore` server: the one it passes as `store` (from
+    `host_weight_sync_store`), or else one it starts on `master_port`.
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
-    # wait_for_workers=False: the backend constructor below already waits for the full mesh, and
-    # waiting here too would only duplicate the timeout handling.
+    # wait_for_workers=False: the roll call below waits for every rank, and can be called off.
     if store is None:
         store = TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
                          wait_for_workers=False)
+    _roll_call(store, rank, world_size, timeout_s)
     group = ProcessGroup(store, rank, world_size)
     if backend == "gloo":
         from torch.distributed import ProcessGroupGloo
 
-        impl = ProcessGroupGloo(store, rank, world_size, timeout)
+        impl = ProcessGroupGloo(store, rank, world_size,
+                                timedelta(seconds=min(timeout_s, MESH_TIMEOUT_S)))
+        impl.set_timeout(timeout)  # for the broadcasts
         backend_type, device = ProcessGroup.BackendType.GLOO, torch.device("cpu")
     else:
         from torch.distributed.distributed_c10d import ProcessGroupNCCL

@@ -184,6 +184,51 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
     assert steps[-1]["weight_version"] == 8  # every later broadcast reached both engines
 
 
+@pytest.mark.timeout(300)
+def test_engine_killed_while_joining_the_weight_sync_group_is_dropped_at_once(
+        ray_cluster, tmp_path, monkeypatch):
+    """rollout-1 dies as the first weight-sync group forms (as when a node is lost while its
+    new engine joins). The others would wait for it in the rendezvous for 300 s; the fleet
+    calls the join off instead, forms the group without it at once and trains on, and a
+    replacement starts for the engine the run still wants. (A member that dies after checking
+    in holds the others for weight_sync.MESH_TIMEOUT_S: see test_weight_sync.)"""
+    import ray
+
+    from rlsys.fleet import EngineFleet
+
+    init_weight_sync = RolloutPool.init_weight_sync
+    joins: list[float] = []
+
+    def init_weight_sync_losing_rollout_1(self: RolloutPool, *args, **kwargs) -> list:
+        if not joins:  # the first group: rollout-1 dies as it is told to join
+            ray.kill(self.workers[1], no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):  # dead for sure, not racing
+                ray.get(self.workers[1].ping.remote(), timeout=60)
+        joins.append(time.monotonic())
+        return init_weight_sync(self, *args, **kwargs)
+
+    connect = EngineFleet.connect
+    connect_seconds: list[float] = []
+
+    def timed_connect(self: EngineFleet) -> None:
+        t0 = time.monotonic()
+        connect(self)
+        connect_seconds.append(time.monotonic() - t0)
+
+    monkeypatch.setattr(RolloutPool, "init_weight_sync", init_weight_sync_losing_rollout_1)
+    monkeypatch.setattr(EngineFleet, "connect", timed_connect)
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "algorithm.dynamic_sampling=false", "trainer.steps=3",
+                       "trainer.eval_size=0", "trainer.save_final=false"])
+    train(cfg)
+    steps = whole_steps(out, cfg)
+    assert connect_seconds[0] < 60, connect_seconds  # not the rendezvous' 300 s timeout
+    assert len(joins) >= 2  # the first attempt was called off, the second formed the group
+    assert steps[0]["rollout/engines"] == 1 and steps[-1]["rollout/engine_restarts"] == 1
+    assert steps[-1]["weight_version"] == 3
+
+
 @pytest.mark.timeout(400)
 def test_engine_killed_mid_stream_loses_no_group(ray_cluster, tmp_path):
     """rollout.inflight with two engines: rollout-1 is killed after step 1 while the engines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from rlsys.weight_delta import (
 from rlsys.weight_sync import (
     WeightReceiver,
     WeightSender,
+    WeightSyncJoinAborted,
+    abort_weight_sync_join,
     broadcast_weights,
     build_manifest,
     close_weight_sync_group,
@@ -118,6 +122,53 @@ def test_free_ports_come_from_below_the_ephemeral_range() -> None:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = {find_free_port() for _ in range(20)}
     assert all(20000 <= port < low for port in ports) and len(ports) > 1
+
+
+def test_a_join_called_off_returns_at_once_and_a_timeout_names_the_missing_rank() -> None:
+    """Rank 1 never comes (its process died before joining): rank 0 would otherwise wait in
+    the backend's rendezvous for the whole timeout. Called off, it raises within a poll
+    interval; left alone, its timeout says which rank is missing."""
+    store = host_weight_sync_store("127.0.0.1", timeout_s=120)
+    outcome: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            init_weight_sync_group("gloo", "127.0.0.1", store.port, 0, 2, timeout_s=120,
+                                   store=store)
+        except BaseException as exc:  # the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=join)
+    thread.start()
+    time.sleep(0.5)  # rank 0 is waiting for rank 1 by now
+    assert thread.is_alive()
+    t0 = time.monotonic()
+    assert abort_weight_sync_join("127.0.0.1", store.port, "rank 1 died")
+    thread.join(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5
+    assert isinstance(outcome[0], WeightSyncJoinAborted) and "rank 1 died" in str(outcome[0])
+
+    lone = host_weight_sync_store("127.0.0.1", timeout_s=10)
+    with pytest.raises(TimeoutError, match=r"rank\(s\) \[1, 2\] did not join"):
+        init_weight_sync_group("gloo", "127.0.0.1", lone.port, 0, 3, timeout_s=0.5, store=lone)
+    # Nobody listens where a dead host's rendezvous was: the call-off reports it, no raise.
+    assert not abort_weight_sync_join("127.0.0.1", find_free_port(), "too late")
+
+
+def test_a_rank_that_dies_after_checking_in_holds_the_others_only_for_the_mesh_timeout(
+        monkeypatch) -> None:
+    """Rank 1 checks in and dies before gloo connects: rank 0 gives up after MESH_TIMEOUT_S,
+    not after the group's timeout (which its broadcasts keep)."""
+    import rlsys.weight_sync as weight_sync
+
+    monkeypatch.setattr(weight_sync, "MESH_TIMEOUT_S", 1.0)
+    store = host_weight_sync_store("127.0.0.1", timeout_s=120)
+    store.set("rlsys/present/1", "1")  # rank 1's check-in, and then nothing
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        init_weight_sync_group("gloo", "127.0.0.1", store.port, 0, 2, timeout_s=120,
+                               store=store)
+    assert time.monotonic() - t0 < 10
 
 
 def test_broadcast_rejects_tensors_that_do_not_match_the_manifest() -> None:
