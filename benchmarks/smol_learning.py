@@ -1,7 +1,7 @@
 """The CPU demo's learning, seed by seed: held-out accuracy against steps and wall-clock minutes,
 with entropy, response length and the fraction of groups without signal at every step.
 
-    python -m benchmarks.smol_learning [--quick] [--seeds 0 1 2] [key=value ...]
+    python -m benchmarks.smol_learning [--quick] [--seeds 0 1 2] [--keep] [key=value ...]
     python -m benchmarks.smol_learning --from-run RUN_DIR [RUN_DIR ...]   # finished runs
 
 Runs the demo config (conf/smol.yaml) end to end on a local Ray cluster once per seed, one
@@ -11,7 +11,8 @@ benchmarks/results/smol_learning.json and prints a table. The targets (issue 17)
 final held-out greedy accuracy >= 0.85, no evaluation after step 30 more than 0.06 below the
 run's best, final format reward >= 0.95, and (the goal) <= 30 minutes on 2 cores.
 --quick: a smoke run (one seed, 6 steps, 50 held-out problems every 3 steps; key=value still
-wins), written to benchmarks/results/quick/smol_learning.json.
+wins), written to benchmarks/results/quick/smol_learning.json. --keep: the result file's runs of
+other seeds stay in it, if they ran the same settings (a seed at a time, as time allows).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes' smoke run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--keep", action="store_true", help="keep the recorded runs of other "
+                        "seeds with the same settings in the result file")
     parser.add_argument("--from-run", type=Path, nargs="+", help="summarize finished demo runs' "
                         "output_dirs (their config.yaml and metrics.jsonl) instead of training")
     opts, overrides = parser.parse_known_args(argv)
@@ -56,7 +59,44 @@ def main(argv: list[str]) -> dict:
             start = time.time()
             train(cfg)
             runs.append(summarize_run(Path(cfg.trainer.output_dir), start))
+    if opts.keep:
+        runs = with_recorded_runs(result_path("smol_learning", opts.quick), runs)
     return write(runs, opts.quick)
+
+
+def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
+    """`runs` and the runs recorded in `path` for other seeds, by seed. A recorded run must have
+    had the same settings (all but the seed and the output folder; a setting only one side
+    knows is a newer option at its default); one that did not stops this with its differences."""
+    if not path.exists():
+        return runs
+
+    def settings(run: dict) -> dict[str, object]:
+        flat = _flatten(run["config"])
+        return {k: v for k, v in flat.items() if k not in ("trainer.seed", "trainer.output_dir")}
+
+    mine, seeds = settings(runs[0]), {r["seed"] for r in runs}
+    kept = []
+    for run in json.loads(path.read_text())["runs"]:
+        if run["seed"] in seeds:
+            continue
+        theirs = settings(run)
+        differ = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+        if differ:
+            raise SystemExit(f"{path}: recorded seed {run['seed']} ran other settings "
+                             f"({', '.join(differ)}); run without --keep")
+        kept.append(run)
+    return sorted([*kept, *runs], key=lambda r: r["seed"])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def summarize_run(out: Path, start: float | None = None) -> dict:
