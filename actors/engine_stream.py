@@ -44,7 +44,6 @@ class EngineThread:
         self.name = name
         self.cond = threading.Condition()  # guards the queue, and the stream's state
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
-        self._stop = False
         self.stream: EngineStream | None = None
         self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
         self._thread.start()
@@ -57,28 +56,17 @@ class EngineThread:
             return fn(*args, **kwargs)
         future: Future = Future()
         with self.cond:
-            if self._stop:
-                raise RuntimeError(f"{self.name}: the engine thread has stopped")
             self._calls.append((lambda: fn(*args, **kwargs), future))
             self.cond.notify_all()
         return future.result()
 
-    def close(self) -> None:
-        with self.cond:
-            self._stop = True
-            self.cond.notify_all()
-        self._thread.join(timeout=60)
-
     def _run(self) -> None:
+        # Runs for the actor's lifetime (a daemon thread: it ends with the actor's process).
         while True:
             with self.cond:
-                while not (self._stop or self._calls
+                while not (self._calls
                            or (self.stream is not None and self.stream.has_work())):
                     self.cond.wait()
-                if self._stop:
-                    for _, future in self._calls:
-                        future.set_exception(RuntimeError(f"{self.name}: engine thread stopped"))
-                    return
                 job = self._calls.popleft() if self._calls else None
             if job is not None:
                 fn, future = job
