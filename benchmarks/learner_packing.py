@@ -1,6 +1,7 @@
 """Learner throughput with packed micro-batches against the padded batch, on a mixed-length batch.
 
-    python -m benchmarks.learner_packing [--quick] [--few-shot] [--jemalloc] [--variants V ...]
+    python -m benchmarks.learner_packing [--quick] [--few-shot [--cut N]] [--jemalloc]
+                                         [--variants V ...]
                                          [--reps N] [--profile VARIANT] [--out PATH]
 
 One GRPO update (forward, backward, AdamW step) of SmolLM2-135M-Instruct in the learner's
@@ -22,11 +23,16 @@ subprocess so that its peak RSS is its own:
 * packed_loop:   packed micro-batches through padded's own loop (autocast, no Learner), which
                  separates the effect of packing from that of the learner's machinery;
 * packed_unshared: the real learner with the prompts' common prefix packed once per prompt, as
-                 before prefixes were shared (each prompt whole, once per micro-batch).
+                 before prefixes were shared (each prompt whole, once per micro-batch);
+* packed_one_block: the real learner with one attention block per kind of row, every row as
+                 wide as the longest, as before `width_blocks` (learners/packing.py).
 
 --few-shot: the demo's shape instead (conf=smol: 8 prompts x G=8 behind a common 140-token
 few-shot prefix, 20-28 tokens of their own, responses of 18-40 tokens), packed against
-packed_unshared and padded; writes results/learner_packing_few_shot.json.
+packed_unshared and padded; writes results/learner_packing_few_shot.json. With --cut N, N of
+its responses are cut off at the demo's max_new_tokens (96), as a run-on sample at temperature
+1.5 is in about half the demo's steps: packed against packed_one_block, written to
+results/learner_packing_few_shot_cut.json.
 
 Per variant: the median seconds per update over --reps timed updates after one warm-up, tokens/s
 (real prompt + response tokens of all sequences per second: the same numerator for every
@@ -60,7 +66,9 @@ from pathlib import Path
 from benchmarks.common import machine, result_path, versions
 
 TARGET_RATIO = 1.5
-VARIANTS = ("packed", "padded", "padded_sorted", "packed_loop", "packed_unshared")
+VARIANTS = ("packed", "padded", "padded_sorted", "packed_loop", "packed_unshared",
+            "packed_one_block")
+CUT_LEN = 96  # conf/smol.yaml's rollout.max_new_tokens
 REPO = Path(__file__).resolve().parent.parent
 
 FULL = {"prompts": 8, "group": 8, "prompt_len": [60, 120], "response_len": [16, 256],
@@ -91,6 +99,8 @@ def make_batch(spec: dict, vocab_size: int) -> dict:
                            for _ in range(rng.randint(*spec["prompt_len"]))]
         for _ in range(spec["group"]):
             n = hi if rng.random() < spec["truncated_frac"] else rng.randint(lo, hi)
+            if len(responses) < spec.get("cut", 0):
+                n = CUT_LEN
             prompts.append(prompt)
             responses.append([rng.randrange(10, vocab_size) for _ in range(n)])
     advantages = [rng.gauss(0.0, 1.0) for _ in responses]
@@ -272,13 +282,17 @@ def run_variant(variant: str, spec: dict, profile: bool = False) -> dict:
     from transformers import AutoConfig
 
     batch = make_batch(spec, AutoConfig.from_pretrained(path).vocab_size)
-    max_response_len = spec["response_len"][1]
+    max_response_len = max(spec["response_len"][1], CUT_LEN if spec.get("cut") else 0)
     t0 = time.perf_counter()
     if variant == "packed_unshared":
         import learners.packing
 
         learners.packing.shared_prefix_len = lambda prompts: 0
-    if variant in ("packed", "packed_unshared"):
+    if variant == "packed_one_block":
+        import learners.packing
+
+        learners.packing.width_blocks = lambda rows: [rows] if rows else []
+    if variant in ("packed", "packed_unshared", "packed_one_block"):
         from learners.learner import Learner
         from rlsys.config import AlgorithmConfig, LearnerConfig
 
@@ -387,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small batch, fewer reps (< 3 min)")
     parser.add_argument("--few-shot", action="store_true",
                         help="the demo's shape: prompts behind a shared few-shot prefix")
+    parser.add_argument("--cut", type=int, default=0, metavar="N",
+                        help=f"with --few-shot: N responses cut off at {CUT_LEN} tokens")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--reps", type=int, help="timed updates per variant (after 1 warm-up)")
     parser.add_argument("--budget", type=int, help="tokens per micro-batch")
@@ -409,7 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     shape = FEW_SHOT if args.few_shot else QUICK if args.quick else FULL
+    if args.cut and not args.few_shot:
+        parser.error("--cut goes with --few-shot")
     spec = {**shape, "model": args.model, "threads": args.threads, "seed": args.seed}
+    if args.cut:
+        spec |= {"cut": args.cut, "variants": ["packed", "packed_one_block"]}
     for key in ("reps", "budget", "variants"):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
@@ -491,7 +511,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["shared_prefix_speedup"] = round(speedup, 3)
         print(f"sharing the prompts' common prefix: {stats['unshared_tokens']} -> "
               f"{stats['packed']['tokens']} tokens, {speedup:.2f}x faster updates")
-    name = "learner_packing_few_shot" if args.few_shot else "learner_packing"
+    if "packed_one_block" in figures and "packed" in figures:
+        speedup = figures["packed_one_block"]["median_s"] / figures["packed"]["median_s"]
+        result["width_blocks_speedup"] = round(speedup, 3)
+        print(f"attention blocks by width: {speedup:.2f}x faster updates")
+    name = ("learner_packing_few_shot_cut" if args.cut else
+            "learner_packing_few_shot" if args.few_shot else "learner_packing")
     out = args.out or result_path(name, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

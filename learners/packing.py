@@ -25,10 +25,11 @@ them with one of two kinds of kernel, chosen by `attention_backend` from the dev
 
 * "sdpa" (CPU, and any GPU without a variable-length kernel): the rows are gathered into small
   padded blocks, scaled-dot-product attention runs there with a block mask, and the outputs are
-  scattered back. The padding lives only in these blocks (response rows are as wide as the
-  longest prompt plus the longest response of the micro-batch). On CPU attention is about a
-  quarter of a SmolLM2 micro-batch, mostly SDPA's backward, whose cost was measured not to shrink
-  with the padded area (blocks bucketed by width ran no faster).
+  scattered back. The padding lives only in these blocks, one per kind of row and width
+  (`width_blocks`: a row is as wide as the longest of its block). On CPU attention is about a
+  quarter of a SmolLM2 micro-batch, mostly SDPA's backward. Its cost barely moves with widths
+  spread evenly, but one long row among short ones used to pad them all: a single truncated
+  response in the demo's batch made the update 1.65x slower, 1.12x once it had its own block.
 * "flash_attn" / "torch_varlen" (CUDA, half precision): the rows go to a variable-length kernel
   as they are, concatenated, with cumulative lengths (flash-attn's `flash_attn_varlen_func` if
   the package is installed, else PyTorch's `torch.nn.attention.varlen.varlen_attn`). Its causal
@@ -43,6 +44,7 @@ Both put their outputs back in packed order with the same permutation (`PackedLa
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import math
@@ -206,6 +208,28 @@ def shared_prefix_len(prompts: list[tuple[int, ...]]) -> int:
     return n
 
 
+def width_blocks(rows: list[tuple[list[int], list[int]]], growth: float = 1.5,
+                 slack: int = 16) -> list[list[tuple[list[int], list[int]]]]:
+    """Rows (context positions, own positions) split into blocks of similar width, narrowest
+    first: a block takes the rows whose own length is at most `growth` times its narrowest
+    row's, or `slack` tokens more, whichever is wider; rows keep their order within a block.
+
+    SDPA pads every row of a block to the block's longest, so one long row in a block of
+    short ones multiplies its attention: in a demo-shaped batch (64 responses of 20-28 tokens
+    behind a 140-token few-shot prefix) one response cut off at 96 tokens made the update
+    11.7 s instead of 7.1 (2 cores), and 8.0 s in a block of its own. A block more costs one
+    more small SDPA call per layer.
+    """
+    starts: list[int] = []  # the narrowest width of each block
+    for width in sorted(len(own) for _, own in rows):
+        if not starts or width > max(int(starts[-1] * growth), starts[-1] + slack):
+            starts.append(width)
+    blocks: list[list[tuple[list[int], list[int]]]] = [[] for _ in starts]
+    for row in rows:  # in packing order within a block
+        blocks[bisect.bisect_right(starts, len(row[1])) - 1].append(row)
+    return blocks
+
+
 def _rowset(rows: list[tuple[list[int], list[int]]]) -> tuple[RowSet, list[int]]:
     """Build a RowSet from (context positions, own positions) per row."""
     width_q = max(len(own) for _, own in rows)
@@ -266,19 +290,21 @@ def _collate(units: list[tuple[tuple[int, ...], list[int]]], response_ids: list[
             predict += [prompt_span[-1], *span[:-1]]
             targets += response
             index.append(i)
-    # One block per kind of row: the prefix is long, prompts' own parts and responses short.
-    rowsets, order = [], []
+    # Blocks by kind of row (the prefix is long, prompts' own parts and responses short), and
+    # within a kind by width (see `width_blocks`).
+    rowsets, order, ordered_rows = [], [], []
     for rows in (prefix_rows, prompt_rows, response_rows):
-        if rows:
-            rowset, positions = _rowset(rows)
+        for block in width_blocks(rows):
+            rowset, positions = _rowset(block)
             rowsets.append(rowset)
             order += positions
+            ordered_rows += block
     inverse = torch.empty(len(tokens), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(tokens))
     return PackedMicroBatch(
         input_ids=torch.tensor(tokens), position_ids=torch.tensor(position_ids),
         layout=PackedLayout(rowsets, inverse,
-                            _varlen_rows(prefix_rows + prompt_rows + response_rows)),
+                            _varlen_rows(ordered_rows)),
         predict_index=torch.tensor(predict), targets=torch.tensor(targets),
         response_lens=[len(response_ids[i]) for i in index], index=index)
 

@@ -74,7 +74,7 @@ def fake_torch_varlen(monkeypatch):
 def _batch():
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 99, (n,), generator=gen).tolist() for n in (7, 1, 13)]
-    lens = (9, 1, 4, 16, 2, 5, 11)
+    lens = (9, 1, 4, 40, 2, 5, 11)  # 40: a response block of its own (width_blocks)
     responses = [torch.randint(1, 99, (n,), generator=gen).tolist() for n in lens]
     (mb,) = pack_microbatches([prompts[i % 3] for i in range(len(lens))], responses, 1000)
     return mb

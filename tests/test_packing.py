@@ -24,6 +24,7 @@ from learners.packing import (
     PackedMicroBatch,
     pack_microbatches,
     register_packed_attention,
+    width_blocks,
 )
 from rlsys.algo import grpo_loss
 from rlsys.models import resolve_model
@@ -358,3 +359,16 @@ def test_a_shared_prefix_is_packed_once_and_isolates_the_prompts(packed_model):
     (one,) = pack_microbatches(prompts[:2], responses[:2], max_tokens=1000)
     assert one.num_tokens == len(prompts[0]) + 3
     assert len(one.layout.rowsets) == 2
+
+
+def test_width_blocks_give_a_long_row_a_block_of_its_own():
+    """One truncated response among short ones would pad every row of its block to its width."""
+    rows = [([0], list(range(n))) for n in (24, 26, 96, 21, 25, 36)]
+    blocks = width_blocks(rows)
+    assert [[len(own) for _, own in block] for block in blocks] == [[24, 26, 21, 25, 36], [96]]
+    assert [[len(own) for _, own in block] for block in width_blocks(rows, slack=0)] == [
+        [24, 26, 21, 25], [36], [96]]
+    assert width_blocks([]) == []
+    (mb,) = pack_microbatches([[1, 2, 3]] * len(rows), [own for _, own in rows], 1000)
+    widths = [rows.q_index.shape[1] for rows in mb.layout.rowsets]
+    assert widths == [3, 36, 96]  # the prompt's block, then the responses' two
