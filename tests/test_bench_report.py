@@ -179,3 +179,34 @@ def test_async_rows_hold_in_flight_to_on_policy_time_to_accuracy() -> None:
     assert rows(never)["training s to 0.75 held-out accuracy, inflight, split cores"].met is False
     assert rows(inflight)["training s to 0.75 held-out accuracy, on_policy, split cores"].value \
         == 300.0
+
+
+def test_async_seeds_compare_medians_and_a_missed_target_counts_as_slowest() -> None:
+    from benchmarks.async_rollouts import against_on_policy, by_mode
+
+    def one(mode: str, seed: int, step_s: float, to_target: float | None) -> dict:
+        return {"mode": mode, "seed": seed, "median_step_s": step_s, "median_gen_s": 10.0,
+                "median_update_s": 15.0, "target_accuracy": 0.75,
+                "seconds_to_target": to_target, "steps_to_target": None}
+
+    runs = []
+    for seed, (on, inflight) in enumerate([(600.0, None), (500.0, 400.0), (900.0, 700.0)]):
+        pair = [one("on_policy", seed, 22.0, on), one("inflight", seed, 20.0, inflight)]
+        against_on_policy(pair)
+        runs += pair
+    assert runs[1]["step_over_max_gen_update"] == round(20.0 / 15.0, 3)
+    modes = by_mode(runs)
+    assert modes["on_policy"]["seconds_to_target"] == 600.0
+    assert modes["inflight"]["seconds_to_target_by_seed"] == [None, 400.0, 700.0]
+    assert modes["inflight"]["seconds_to_target"] == 700.0  # ranks 400, 700, never
+    assert modes["inflight"]["seeds"] == [0, 1, 2]
+    # two of three seeds never reaching the target: no median time
+    runs[3]["seconds_to_target"] = None
+    assert by_mode(runs)["inflight"]["seconds_to_target"] is None
+
+    rows = {r.figure: r for r in report.async_rows(
+        {"layouts": {"split": {"runs": runs, "modes": modes}}})}
+    label = "training s to 0.75 held-out accuracy, inflight, split cores, median of 3 seeds"
+    assert (rows[label].value, rows[label].baseline_value, rows[label].met) == (
+        700.0, 600.0, False)
+    assert rows["step s, inflight, split cores, median of 3 seeds"].value == 20.0
