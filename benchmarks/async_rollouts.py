@@ -120,7 +120,7 @@ def own_bound_ratio(records: list[dict]) -> float:
                                    for r in records), 3)
 
 
-SUMMED = ("median_step_s", "median_gen_s", "median_update_s", "median_sync_s",
+MEDIAN_OVER_SEEDS = ("median_step_s", "median_gen_s", "median_update_s", "median_sync_s",
           "median_trainer_idle_frac", "median_engine_idle_frac", "median_cross_version_frac",
           "median_step_over_own_max_gen_update", "step_over_max_gen_update", "speedup")
 
@@ -140,14 +140,15 @@ def against_on_policy(runs: list[dict]) -> None:
 def by_mode(runs: list[dict]) -> dict[str, dict]:
     """Per mode, over its seeds: the median of each speed figure, and the training seconds to
     the target accuracy seed by seed with their median, a seed that never reached it counting
-    as slower than every one that did (the median is None when half or more never did)."""
+    as slower than every one that did (the lower median, so None only when more than half never
+    did: of two seeds, one reaching the target gives its time)."""
     modes: dict[str, dict] = {}
     for mode in MODES:
         mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r.get("seed", 0))
         if not mine:
             continue
         summary: dict = {"mode": mode, "seeds": [r.get("seed", 0) for r in mine]}
-        for key in SUMMED:
+        for key in MEDIAN_OVER_SEEDS:
             values = [r[key] for r in mine if r.get(key) is not None]
             if values:
                 summary[key] = round(statistics.median(values), 3)

@@ -536,11 +536,11 @@ MODE_COLORS = ("on_policy", "k_ahead", "inflight")
 
 
 def async_plots(d: dict, out: Path) -> list[Path | None]:
-    groups = {layout: {get(r, "mode") or f"max_staleness={get(r, 'max_staleness')}":
-                       get(r, "median_step_s") for r in get(v, "runs") or []}
-              for layout, v in (get(d, "layouts") or {}).items()}
+    # a bar per mode: the median over seeds where several ran (`modes`), else the one run
     groups = {layout: {mode: get(summary, "median_step_s")
-                       for mode, summary in (get(v, "modes") or {}).items()} or groups[layout]
+                       for mode, summary in (get(v, "modes") or {}).items()}
+              or {get(r, "mode") or f"max_staleness={get(r, 'max_staleness')}":
+                  get(r, "median_step_s") for r in get(v, "runs") or []}
               for layout, v in (get(d, "layouts") or {}).items()}
     curves = {f"{mode} seed {get(r, 'seed') or 0}, {layout}":
               [(seconds, accuracy) for _, seconds, accuracy in curve]
@@ -548,7 +548,7 @@ def async_plots(d: dict, out: Path) -> list[Path | None]:
               for r in get(v, "runs") or []
               if (mode := get(r, "mode")) and isinstance(curve := get(r, "curve"), list)}
     # a colour per mode, whatever the seed
-    colors = {label: f"C{list(MODE_COLORS).index(label.split()[0])}" for label in curves
+    colors = {label: f"C{MODE_COLORS.index(label.split()[0])}" for label in curves
               if label.split()[0] in MODE_COLORS}
     draws = [lambda ax: _bars(ax, groups, "median step s")]
     if curves:
