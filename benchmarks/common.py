@@ -6,7 +6,7 @@ import contextlib
 import os
 import platform
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -55,3 +55,19 @@ def run_dir(argv: list[str], prefix: str) -> Iterator[list[str]]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield [*argv, f"trainer.output_dir={Path(tmp) / 'run'}"]
+
+
+# --- --keep: a run of new seeds joins the runs recorded for other seeds ----------------------
+
+def differing_settings(mine: Mapping[str, object], theirs: Mapping[str, object]) -> list[str]:
+    """The keys whose values differ, sorted; a key only one side has is a newer option at its
+    default, and not a difference."""
+    return sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+
+
+def merge_seeds(recorded: list[dict], runs: list[dict]) -> list[dict]:
+    """`runs` and the `recorded` runs of seeds that `runs` has not, by seed (a stable sort, so
+    the runs of one seed keep their order; a run without a seed is seed 0)."""
+    seeds = {r.get("seed", 0) for r in runs}
+    return sorted([*(r for r in recorded if r.get("seed", 0) not in seeds), *runs],
+                  key=lambda r: r.get("seed", 0))

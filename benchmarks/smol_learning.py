@@ -24,7 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, result_path, run_dir, versions
+from benchmarks.common import (
+    differing_settings,
+    machine,
+    merge_seeds,
+    result_path,
+    run_dir,
+    versions,
+)
 from rlsys.config import load_config, to_dict
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
@@ -66,8 +73,8 @@ def main(argv: list[str]) -> dict:
 
 def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
     """`runs` and the runs recorded in `path` for other seeds, by seed. A recorded run must have
-    had the same settings (all but the seed and the output folder; a setting only one side
-    knows is a newer option at its default); one that did not stops this with its differences."""
+    had the same settings (all but the seed and the output folder, `differing_settings`); one
+    that did not stops this with its differences."""
     if not path.exists():
         return runs
 
@@ -75,18 +82,13 @@ def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
         flat = _flatten(run["config"])
         return {k: v for k, v in flat.items() if k not in ("trainer.seed", "trainer.output_dir")}
 
-    mine, seeds = settings(runs[0]), {r["seed"] for r in runs}
-    kept = []
-    for run in json.loads(path.read_text())["runs"]:
-        if run["seed"] in seeds:
-            continue
-        theirs = settings(run)
-        differ = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
-        if differ:
+    recorded, seeds = json.loads(path.read_text())["runs"], {r["seed"] for r in runs}
+    for run in recorded:
+        differ = differing_settings(settings(runs[0]), settings(run))
+        if run["seed"] not in seeds and differ:
             raise SystemExit(f"{path}: recorded seed {run['seed']} ran other settings "
                              f"({', '.join(differ)}); run without --keep")
-        kept.append(run)
-    return sorted([*kept, *runs], key=lambda r: r["seed"])
+    return merge_seeds(recorded, runs)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -210,3 +210,24 @@ def test_async_seeds_compare_medians_and_a_missed_target_counts_as_slowest() -> 
     assert (rows[label].value, rows[label].baseline_value, rows[label].met) == (
         700.0, 600.0, False)
     assert rows["step s, inflight, split cores, median of 3 seeds"].value == 20.0
+
+
+def test_async_keep_adds_other_seeds_and_refuses_other_overrides(tmp_path: Path) -> None:
+    import argparse
+
+    from benchmarks.async_rollouts import recorded_runs
+    from benchmarks.common import merge_seeds
+
+    path = tmp_path / "async_rollouts.json"
+    args = argparse.Namespace(steps=40, eval_every=5)
+    assert recorded_runs(path, args, []) == {}  # nothing recorded yet
+    recorded = [{"mode": m, "seed": s} for s in (0, 1) for m in ("on_policy", "inflight")]
+    path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [],
+                                "layouts": {"split": {"runs": recorded}}}))
+    new = [{"mode": m, "seed": 1, "new": True} for m in ("on_policy", "inflight")]
+    merged = merge_seeds(recorded_runs(path, args, [])["split"], new)
+    assert [(r["seed"], r["mode"], "new" in r) for r in merged] == [
+        (0, "on_policy", False), (0, "inflight", False),
+        (1, "on_policy", True), (1, "inflight", True)]
+    with pytest.raises(SystemExit, match=r"differ in overrides"):
+        recorded_runs(path, args, ["learner.lr=1e-5"])
