@@ -2,7 +2,7 @@
 with entropy, response length and the fraction of groups without signal at every step.
 
     python -m benchmarks.smol_learning [--quick] [--seeds 0 1 2] [--keep] [key=value ...]
-    python -m benchmarks.smol_learning --from-run RUN_DIR [RUN_DIR ...]   # finished runs
+    python -m benchmarks.smol_learning --from-run RUN_DIR [RUN_DIR ...] [--keep]  # finished runs
 
 Runs the demo config (conf/smol.yaml) end to end on a local Ray cluster once per seed, one
 after another (two runs at once on 2 cores thrash: each engine and learner wants every core),
@@ -55,6 +55,8 @@ def main(argv: list[str]) -> dict:
     opts, overrides = parser.parse_known_args(argv)
     if opts.from_run:
         runs = [summarize_run(folder) for folder in opts.from_run]
+        if opts.keep:
+            runs = with_recorded_runs(result_path("smol_learning", False), runs)
         return write(runs, quick=False)
     # The caller's overrides come last: later ones win in load_config.
     overrides = [*QUICK_OVERRIDES, *overrides] if opts.quick else overrides
