@@ -84,10 +84,11 @@ def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
         flat = _flatten(run["config"])
         return {k: v for k, v in flat.items() if k not in ("trainer.seed", "trainer.output_dir")}
 
-    recorded, seeds = json.loads(path.read_text())["runs"], {r["seed"] for r in runs}
+    recorded, seeds, mine = (json.loads(path.read_text())["runs"], {r["seed"] for r in runs},
+                             settings(runs[0]))
     for run in recorded:
-        differ = differing_settings(settings(runs[0]), settings(run))
-        if run["seed"] not in seeds and differ:
+        differ = [] if run["seed"] in seeds else differing_settings(mine, settings(run))
+        if differ:
             raise SystemExit(f"{path}: recorded seed {run['seed']} ran other settings "
                              f"({', '.join(differ)}); run without --keep")
     return merge_seeds(recorded, runs)
