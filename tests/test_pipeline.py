@@ -253,3 +253,16 @@ def test_logit_distillation_from_a_teacher_stage(ray_cluster, tmp_path):
     assert marker["eval_before"]["problems"] == 4
     assert marker["parameters"] < json.loads((out / "01-teacher" / MARKER).read_text()
                                              )["parameters"]
+
+
+def test_every_stage_is_evaluated_on_the_runs_problems_and_response_cap(tmp_path):
+    from rlsys.pipeline.runner import evaluation_config
+
+    run = load_config(["conf=r1_tiny"])
+    stage = load_config(["conf=r1_tiny", "data.task=mix", "data.mix={arithmetic: 1}",
+                         "rollout.max_new_tokens=7", "learner.lr=0.5"])
+    ecfg = evaluation_config(run, stage, tmp_path / "02-rl")
+    assert ecfg.data == run.data
+    assert ecfg.rollout.max_new_tokens == run.rollout.max_new_tokens != 7
+    assert ecfg.model.path == str(tmp_path / "02-rl" / "final")
+    assert ecfg.learner.lr == 0.5  # how the stage trains is its own

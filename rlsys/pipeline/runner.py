@@ -177,12 +177,14 @@ def evaluation_config(cfg: Config, scfg: Config, folder: Path, model: str | None
     """How a stage's model (or, with `model`, the model it started from) is evaluated; the
     files go to `<stage>/eval/` (or `<stage>/eval_before/`).
 
-    Every stage is evaluated on the run's own task and seed (`data.*`, `trainer.seed`), not on
-    what its overrides train on (a task mix, another model's settings), so that the figures of
-    all stages are one comparable column.
+    Every stage is evaluated on the run's own task, response cap and seed (`data.*`,
+    `rollout.max_new_tokens`, `trainer.seed`), not on what its overrides train with (a task
+    mix, shorter samples, another model's settings), so that the figures of all stages are one
+    comparable column.
     """
     return dataclasses.replace(
         scfg, data=cfg.data,
+        rollout=dataclasses.replace(scfg.rollout, max_new_tokens=cfg.rollout.max_new_tokens),
         model=dataclasses.replace(scfg.model, path=model or str(folder / "final")),
         trainer=dataclasses.replace(scfg.trainer, seed=cfg.trainer.seed),
         eval=dataclasses.replace(scfg.eval, output_dir=str(
