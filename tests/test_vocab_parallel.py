@@ -43,6 +43,9 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         result = {"logprobs": logprobs.detach(), "entropy": entropy.detach(),
                   "grad": s.grad.full_tensor(), "kl": kl.detach(),
                   "kl_grad": s_kl.grad.full_tensor()}
+        # Neither rank tears gloo down while the other is still finishing the last collective
+        # (rank 1 once died with SIGABRT in teardown), as the other spawned-rank tests do.
+        dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
             torch.save(result, Path(out_dir) / "result.pt")
