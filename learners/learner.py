@@ -279,7 +279,8 @@ class Learner:
         With `algorithm.rollout_is` the policy-gradient term of each token is weighted by the
         truncated importance ratio pi_old / pi_rollout (`rlsys.algo.rollout_is_weights`), where
         pi_old is the learner's pre-update policy: the detached log-probs of the same forward
-        pass with one update per batch, the recomputed ones otherwise.
+        pass for the first mini-batch, log-probs recomputed before the first update for the
+        later ones (`algorithm.updates_per_batch` > 1).
         """
         t0 = time.perf_counter()
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
@@ -297,22 +298,28 @@ class Learner:
         if ref_lp is None and self.ref_model is not None and not self.algo.kl_in_reward:
             ref_lp = self.compute_logprobs(prompts, responses, reference=True)
         kl_coef = 0.0 if self.algo.kl_in_reward else self.algo.kl_coef
-        old_lp: list[list[float]] | None = None
-        if updates > 1:
-            # Several optimizer steps per batch: later steps need the pre-update policy.
-            old_lp = self.compute_logprobs(prompts, responses)
-        t_ref = time.perf_counter()
 
         # Mini-batches of whole groups are not needed: advantages are already computed. The
         # shuffle is seeded by the step so that tensor-parallel ranks agree on it.
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         order = torch.randperm(n, generator=gen).tolist() if updates > 1 else list(range(n))
         chunks = [order[k::updates] for k in range(updates)]
+        # Every optimizer step after the first needs the pre-update policy's log-probs of its
+        # mini-batch. The first step's are the detached ones of its own forward pass, taken
+        # before any update, so only the later mini-batches pay an extra forward pass.
+        old_lp: list[list[float]] = [[] for _ in range(n)]
+        later = [i for chunk in chunks[1:] for i in chunk]
+        if later:
+            recomputed = self.compute_logprobs([prompts[i] for i in later],
+                                               [responses[i] for i in later])
+            for i, lp in zip(later, recomputed, strict=True):
+                old_lp[i] = lp
+        t_ref = time.perf_counter()
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         grad_norms = []
         dev = self.device
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             num_tokens, num_seqs = self._global_sum([
                 sum(len(responses[i]) for i in chunk if in_loss[i]),
                 sum(1 for i in chunk if in_loss[i])])
@@ -330,7 +337,7 @@ class Learner:
                 lp_flat, ent_flat = self._logprobs(self.model, mb,
                                                    entropy_grad=entropy_coef > 0)
                 logprobs = _to_padded(lp_flat, lens)
-                old = (_to_padded(self._flat(old_lp, idx).to(dev), lens) if old_lp is not None
+                old = (_to_padded(self._flat(old_lp, idx).to(dev), lens) if k > 0
                        else logprobs.detach())
                 ref = (_to_padded(self._flat(ref_lp, idx).to(dev), lens)
                        if ref_lp is not None else None)

@@ -111,6 +111,33 @@ def test_microbatch_split_gives_the_same_update(tiny_path):
         torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=1e-5)
 
 
+def test_later_minibatches_ratio_against_the_policy_before_the_first_step(tiny_path):
+    """algorithm.updates_per_batch=2: two optimizer steps on halves of the batch. The first
+    half's old log-probs are its own forward pass's (ratio 1); the second half's are recomputed
+    before the first step, one extra forward pass over that half only, so after the first step
+    its ratios move away from 1."""
+    prompts = [[5, 6, 7]] * 4
+    responses = [[10, 11, 12], [20, 21, 22], [13, 14], [23, 24, 25, 26]]
+    batch = {"prompt_ids": prompts, "response_ids": responses, "advantages": [1.0, -1.0, 1.0, -1.0]}
+    ratio_max = {}
+    for updates in (1, 2):
+        learner = make_learner(tiny_path, kl_coef=0.0, updates_per_batch=updates)
+        batch["rollout_logprobs"] = learner.compute_logprobs(prompts, responses)
+        recomputed: list[int] = []
+        compute = learner.compute_logprobs
+
+        def counted(p, r, compute=compute, recomputed=recomputed, **kw):
+            recomputed.append(len(p))
+            return compute(p, r, **kw)
+
+        learner.compute_logprobs = counted
+        ratio_max[updates] = learner.train_step(batch)["ratio_max"]
+        assert recomputed == ([] if updates == 1 else [2])
+        assert learner.step == 1 and learner.scheduler.last_epoch == updates
+    assert ratio_max[1] == pytest.approx(1.0, abs=1e-6)
+    assert 1.001 < ratio_max[2] < 2.0
+
+
 def test_sft_step_is_the_token_mean_nll_of_the_responses(tiny_path):
     """The supervised update equals a plain forward pass's cross-entropy on the response
     tokens only (prompts carry no loss), averaged over all response tokens of the batch."""
