@@ -309,7 +309,7 @@ class Learner:
         # before any update, so only the later mini-batches pay an extra forward pass.
         old_lp: list[list[float]] = [[] for _ in range(n)]
         later = [i for chunk in chunks[1:] for i in chunk]
-        if later:
+        if updates > 1:  # on every rank, even one with nothing here: the passes are collective
             recomputed = self.compute_logprobs([prompts[i] for i in later],
                                                [responses[i] for i in later])
             for i, lp in zip(later, recomputed, strict=True):
