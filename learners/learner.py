@@ -42,7 +42,7 @@ from learners.packing import (
 )
 from rlsys import weight_sync
 from rlsys.algo import grpo_loss, rollout_is_weights
-from rlsys.config import AlgorithmConfig, LearnerConfig, usable_cores
+from rlsys.config import AlgorithmConfig, LearnerConfig, worker_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss
@@ -126,8 +126,7 @@ class Learner:
         if learner.device == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the learner and the
             # engines take turns on the cores, so use them all while updating.
-            torch.set_num_threads(learner.num_threads
-                                  or max(1, usable_cores(learner.cpu_cores) // world))
+            torch.set_num_threads(worker_threads(learner.num_threads, learner.cpu_cores, world))
         elif learner.device == "cuda":
             torch.cuda.set_device(0)  # Ray shows each learner actor its own GPU only
         parallel.init_learner_world(

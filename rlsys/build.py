@@ -22,7 +22,14 @@ from actors.rollout import RolloutPool, rollout_env_vars
 from learners.group import LearnerGroup
 from learners.parallel import check_tensor_parallel
 from rlsys import checkpoint
-from rlsys.config import AlgorithmConfig, Config, ConfigError, to_dict, to_yaml, usable_cores
+from rlsys.config import (
+    AlgorithmConfig,
+    Config,
+    ConfigError,
+    to_dict,
+    to_yaml,
+    worker_threads,
+)
 from rlsys.data import TASKS, DataError, Problem, Task, render_prompt
 from rlsys.memory_plan import model_shape, resolve_checkpointing
 from rlsys.metrics import MetricsLogger
@@ -66,12 +73,13 @@ def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig,
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
         seed=cfg.trainer.seed, teacher_path=teacher_path, total_steps=total_steps,
-        runtime_env=_threads_env(lc.num_threads or max(1, usable_cores(lc.cpu_cores) // world)))
+        runtime_env=_threads_env(worker_threads(lc.num_threads, lc.cpu_cores, world)))
 
 
 def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
     """`rollout.num_workers` vLLM engines serving `model_path`, as configured."""
     r = cfg.rollout
+    threads = worker_threads(r.num_threads, r.cpu_cores, r.num_workers)
     return RolloutPool(
         model_path, r.num_workers,
         worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
@@ -79,12 +87,11 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
                            tensor_parallel_size=r.tensor_parallel_size,
                            max_num_batched_tokens=r.max_num_batched_tokens,
                            gpu_memory_utilization=r.gpu_memory_utilization,
-                           num_threads=r.num_threads or None,
+                           num_threads=threads,
                            cpu_cores=list(r.cpu_cores)),
         num_cpus_per_worker=r.num_cpus, num_gpus_per_worker=r.num_gpus,
         resources=dict(r.resources),
-        env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb,
-                                  r.num_threads or usable_cores(r.cpu_cores)))
+        env_vars=rollout_env_vars(str(scratch_dir), r.kv_cache_gb, threads))
 
 
 @contextmanager

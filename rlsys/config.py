@@ -76,6 +76,15 @@ def usable_cores(cpu_cores: list[int]) -> int:
     return len(cpu_cores) or os.cpu_count() or 1
 
 
+def worker_threads(num_threads: int, cpu_cores: list[int], workers: int) -> int:
+    """Torch/OpenMP threads of each of `workers` processes that share a node's cores (the
+    engines; a learner group's tp x dp ranks): `num_threads` if set, else the cores they may
+    use (`cpu_cores`, or all of the node's) divided among them, at least one. More threads than
+    cores in all makes OpenMP teams wait on each other: two engines on 2 cores with two threads
+    each synced weights 2.3x and generated 1.6x slower than with one."""
+    return num_threads or max(1, usable_cores(cpu_cores) // workers)
+
+
 CPU_CORES_DOC = ("CPU cores {who} is pinned to (os.sched_setaffinity), e.g. [0]; [] = any. On a "
                  "CPU node that hosts engines and learners, give each its own cores (and "
                  "{other}.cpu_cores the rest) so that overlapping them (rollout.inflight, "
@@ -205,7 +214,9 @@ class RolloutConfig:
     resources: dict[str, float] = doc(RESOURCES_DOC.format(what="each engine",
                                                            node="rollout_node",
                                                            who="the engines"), factory=dict)
-    num_threads: int = doc("torch/OMP threads inside each engine; 0 = all cores", 0)
+    num_threads: int = doc("torch/OMP threads inside each engine; 0 = the node's cores (or "
+                           "rollout.cpu_cores) / rollout.num_workers, for engines sharing a "
+                           "node; set it where they do not", 0)
     cpu_cores: list[int] = doc(CPU_CORES_DOC.format(who="each engine's process",
                                                     other="learner"), factory=list)
 

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from rlsys.config import Config, ConfigError, available_configs, load_config, to_yaml
+from rlsys.config import (
+    Config,
+    ConfigError,
+    available_configs,
+    load_config,
+    to_yaml,
+    worker_threads,
+)
 
 
 def test_defaults_are_valid_and_every_shipped_config_loads():
@@ -163,3 +170,13 @@ def test_cli_tokenizer_without_chat_template_is_one_line(tmp_path, cache_dir):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data.template=chat:") and "chat template" in last, last
     assert not (tmp_path / "run").exists()
+
+
+def test_processes_sharing_a_node_divide_its_cores_between_them(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_threads(0, [], 1) == 8  # one engine: the whole node
+    assert worker_threads(0, [], 2) == 4  # two engines: half each, not 8 threads each
+    assert worker_threads(0, [], 3) == 2  # rounded down: never more threads than cores
+    assert worker_threads(0, [], 16) == 1  # at least one
+    assert worker_threads(0, [2, 3], 2) == 1  # pinned: the pinned cores are what is shared
+    assert worker_threads(3, [], 2) == 3  # set explicitly: as set
