@@ -4,8 +4,8 @@
                                         [--eval-every K [--target ACC]] [--keep-runs DIR]
                                         [key=value ...]
 
-Runs the CPU demo (conf/smol.yaml, SmolLM2-135M, 8 prompts x 8 completions) for N steps in
-three modes:
+Runs the CPU demo (conf/smol.yaml: SmolLM2-135M, B prompts x G completions a step) for N
+steps in three modes:
 
 * on_policy: max_staleness=0, each step samples with the current weights;
 * k_ahead:   max_staleness=1, the engines sample the next step's prompts while the learner
