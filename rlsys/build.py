@@ -266,5 +266,5 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def _threads_env(num_threads: int) -> dict:
-    threads = str(num_threads or os.cpu_count() or 1)
+    threads = str(num_threads)  # config.worker_threads: already resolved, >= 1
     return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}

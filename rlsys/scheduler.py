@@ -7,7 +7,8 @@ The training loop asks `next_batch(step)` for B groups of G scored completions. 
     * with `algorithm.dynamic_sampling` (DAPO) groups whose rewards are all equal are dropped
       and more prompts are drawn, up to `rollout.max_sampling_rounds` rounds;
     * with `rollout.max_staleness` = k > 0 the first rounds of the next k steps are started
-      now (`sample_ahead`), so the engines sample while the learner trains.
+      now (`sample_ahead`), so the engines sample while the learner trains; not during the
+      first `rollout.on_policy_steps` steps (`ahead`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,13 @@ class RolloutScheduler:
         batch.groups = batch.groups[: r.prompts_per_step]
         return batch
 
+    def ahead(self, step: int) -> int:
+        """How many steps past `step` the engines may start on before its update:
+        `rollout.max_staleness`, or 0 while the steps after this one are among the first
+        `rollout.on_policy_steps` (those then sample with the weights that train on them)."""
+        r = self.cfg.rollout
+        return r.max_staleness if step >= r.on_policy_steps else 0
+
     def score(self, problems: list[Problem], samples: list[dict], n: int) -> list[dict]:
         """Rewards of the n completions of each problem (rlsys.sampling.score_samples)."""
         return score_samples(self.cfg, self.rewards, problems, samples, n)
@@ -148,7 +156,7 @@ class RolloutScheduler:
         version; `rollout/staleness_*` logs the gap).
         """
         last = self.pending[-1].step if self.pending else step
-        for ahead in range(last + 1, min(step + self.cfg.rollout.max_staleness,
+        for ahead in range(last + 1, min(step + self.ahead(step),
                                          self.cfg.trainer.steps) + 1):
             self.pending.append(self.submit_round(ahead, 0, self.cfg.rollout.prompts_per_step))
 
@@ -215,12 +223,13 @@ class StreamScheduler(RolloutScheduler):
     batch, and before its update, this starts the groups of the next rollout.max_staleness = k
     steps (`capacity`) across the engines, least-loaded first: they generate under the weights
     the step trains from, while the learner updates, and are at most k versions old when their
-    turn comes. (Keeping k + 1 steps' worth in hand, as this did at first, ages the extra groups
-    past k before their turn: measured, 6 groups dropped at one step and a 34 s wait.) `next_batch`
-    takes finished groups as they come, starting more only if those in hand cannot fill the
-    batch (the first step; dynamic sampling dropping more than expected), scores them and keeps
-    those that are fresh enough: a group whose oldest token is more than
-    `rollout.max_staleness` versions behind the policy about to train on it is dropped and
+    turn comes (from step `rollout.on_policy_steps` on: before, the next step's groups start
+    once this step's weights have landed). (Keeping k + 1 steps' worth in hand, as this did at
+    first, ages the extra groups past k before their turn: measured, 6 groups dropped at one
+    step and a 34 s wait.) `next_batch` takes finished groups as they come, starting more only
+    if those in hand cannot fill the batch (the first step; dynamic sampling dropping more than
+    expected), scores them and keeps those that are fresh enough: a group whose oldest token is
+    more than `rollout.max_staleness` versions behind the policy about to train on it is dropped and
     counted (`rollout/stale_dropped`), not re-generated: a fresh draw costs the same and the
     data order stays simple. Groups beyond B wait for the next step. Weight updates reach the
     engines between decode steps (`EngineFleet.publish` does not wait for anything in flight).
@@ -289,7 +298,8 @@ class StreamScheduler(RolloutScheduler):
         batch.gen_wait_s = time.perf_counter() - wait_start - batch.reward_s
         self.window["trainer_wait_s"] += batch.gen_wait_s
         # The next steps' groups, under the weights this batch trains from (see the class).
-        self.refill(batch, self.capacity)
+        if self.ahead(step):
+            self.refill(batch, self.capacity)
         return batch
 
     def refill(self, batch: Batch, target: int) -> None:

@@ -12,11 +12,12 @@ For each step:
        (rlsys/fleet.py)
     5. the step's metrics are logged (rlsys.metrics.step_metrics)
 With `rollout.max_staleness` = k > 0 the engines sample the next k steps' first rounds during
-steps 2-3; with `rollout.inflight` they generate continuously, and step 4 lands between their
-decode steps (rlsys.scheduler.StreamScheduler). Between steps the fleet brings the engines to
-the count `python -m rlsys.scale` asked for; an engine that dies mid-step has its prompts re-run
-on another and is replaced. A learner rank that dies takes the run back to its last checkpoint
-with a new learner group (`trainer.max_learner_restarts`).
+steps 2-3 (once past the first `rollout.on_policy_steps`); with `rollout.inflight` they generate
+continuously, and step 4 lands between their decode steps (rlsys.scheduler.StreamScheduler).
+Between steps the fleet brings the engines to the count `python -m rlsys.scale` asked for; an
+engine that dies mid-step has its prompts re-run on another and is replaced. A learner rank
+that dies takes the run back to its last checkpoint with a new learner group
+(`trainer.max_learner_restarts`).
 Every K steps the held-out split is evaluated (rlsys.eval.evaluator, the figures
 `python -m rlsys.eval` gives), and every N steps a resumable checkpoint is written.
 The driver only moves token ids, texts and metrics; weights go learner → engines directly.

@@ -71,6 +71,8 @@ def test_r1_zero_has_the_papers_settings():
                                                 "unknown reward part 'acc'"),
     (["trainer.steps"], "expected key=value"),
     (["rollout.max_staleness=-1"], "bad value for 'rollout.max_staleness': -1 (must be >= 0)"),
+    (["rollout.on_policy_steps=-2"],
+     "bad value for 'rollout.on_policy_steps': -2 (must be >= 0)"),
     (["learner.lr_schedule=step"], "bad value for 'learner.lr_schedule': 'step'"),
     (["learner.min_lr_ratio=2"], "bad value for 'learner.min_lr_ratio': 2.0 (must be in [0, 1])"),
     (["trainer.wandb_mode=cloud"], "bad value for 'trainer.wandb_mode': 'cloud' (online, "

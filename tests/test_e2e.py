@@ -216,6 +216,22 @@ def test_tiny_run_with_inflight_weight_updates_and_resume(ray_cluster, tmp_path)
 
 
 @pytest.mark.timeout(300)
+def test_tiny_inflight_run_starts_on_policy(ray_cluster, tmp_path):
+    """rollout.on_policy_steps=2 with in-flight updates: steps 1 and 2 train on groups their
+    own weights sampled (nothing is started before an update), step 3 on groups started before
+    step 2's update, one version behind."""
+    out = tmp_path / "run"
+    train(load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.inflight=true",
+                       "rollout.max_staleness=1", "rollout.on_policy_steps=2",
+                       "algorithm.rollout_is=token", "algorithm.dynamic_sampling=false",
+                       "trainer.steps=3", "trainer.eval_size=0", "trainer.save_final=false"]))
+    steps = read_metrics(out / "metrics.jsonl")[1:]
+    assert [r["rollout/staleness_max"] for r in steps] == [0, 0, 1]
+    assert [r["rollout/token_staleness_max"] for r in steps][:2] == [0, 0]
+    assert [r["weight_version"] for r in steps] == [1, 2, 3]
+
+
+@pytest.mark.timeout(300)
 def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
     """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
     values, and after every step the engine holds exactly the learner's weights (bitwise, in
