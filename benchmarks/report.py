@@ -584,6 +584,20 @@ def weight_sync_notes(d: dict) -> list[str]:
     return [*lines, ""]
 
 
+def async_notes(d: dict) -> list[str]:
+    """What the runs shared beyond the demo's settings, and per layout the seeds behind it."""
+    overrides = get(d, "overrides") or []
+    lines = [f"- runs: {fmt(get(d, 'steps'))} steps, held-out evaluation every "
+             f"{fmt(get(d, 'eval_every'))}; settings given on its command line: "
+             + (", ".join(f"`{o}`" for o in overrides) if overrides else "none")]
+    for layout, v in (get(d, "layouts") or {}).items():
+        seeds = sorted({get(r, "seed") or 0 for r in get(v, "runs") or []})
+        note = get(v, "note")
+        lines.append(f"- {layout} cores: seeds {', '.join(map(str, seeds)) or DASH}"
+                     + (f" ({note})" if note else ""))
+    return [*lines, ""]
+
+
 # --- the page ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -635,7 +649,7 @@ BENCHMARKS = (
           "results/quick/).", gpu_check_rows, _none_plots, optional=True),
     Bench("async_rollouts", "Step time with rollouts one step ahead (max_staleness=1) and "
           "with in-flight weight updates (rollout.inflight) against on-policy steps.",
-          async_rows, async_plots, optional=True),
+          async_rows, async_plots, optional=True, notes=async_notes),
     Bench("r1_smol", "Every stage of the R1 recipe (conf/r1_smol.yaml) at toy scale, each "
           "evaluated.", r1_rows, r1_plots, optional=True),
     Bench("distill", "Distillation into a smaller student (`python -m benchmarks.distill`): the "

@@ -212,6 +212,17 @@ def test_async_seeds_compare_medians_and_a_missed_target_counts_as_slowest() -> 
     assert rows["step s, inflight, split cores, median of 3 seeds"].value == 20.0
 
 
+def test_async_notes_name_the_command_line_settings_and_the_seeds() -> None:
+    runs = [{"mode": m, "seed": s} for s in (1, 0) for m in ("on_policy", "inflight")]
+    notes = report.async_notes({"steps": 40, "eval_every": 5,
+                                "overrides": ["rollout.on_policy_steps=5"],
+                                "layouts": {"split": {"runs": runs},
+                                            "shared": {"runs": runs[:1], "note": "older"}}})
+    assert notes[0] == ("- runs: 40 steps, held-out evaluation every 5; settings given on its "
+                        "command line: `rollout.on_policy_steps=5`")
+    assert notes[1:3] == ["- split cores: seeds 0, 1", "- shared cores: seeds 1 (older)"]
+
+
 def test_async_keep_adds_other_seeds_and_refuses_other_overrides(tmp_path: Path) -> None:
     import argparse
 
