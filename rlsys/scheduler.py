@@ -126,8 +126,8 @@ class RolloutScheduler:
 
     def ahead(self, step: int) -> int:
         """How many steps past `step` the engines may start on before its update:
-        `rollout.max_staleness`, or 0 while the steps after this one are among the first
-        `rollout.on_policy_steps` (those then sample with the weights that train on them)."""
+        `rollout.max_staleness`, or 0 while the next step is among the first
+        `rollout.on_policy_steps` (it then samples with the weights that train on it)."""
         r = self.cfg.rollout
         return r.max_staleness if step >= r.on_policy_steps else 0
 
@@ -156,9 +156,8 @@ class RolloutScheduler:
         version; `rollout/staleness_*` logs the gap).
         """
         last = self.pending[-1].step if self.pending else step
-        for ahead in range(last + 1, min(step + self.ahead(step),
-                                         self.cfg.trainer.steps) + 1):
-            self.pending.append(self.submit_round(ahead, 0, self.cfg.rollout.prompts_per_step))
+        for later in range(last + 1, min(step + self.ahead(step), self.cfg.trainer.steps) + 1):
+            self.pending.append(self.submit_round(later, 0, self.cfg.rollout.prompts_per_step))
 
     def in_flight(self) -> list:
         """Result refs of the rounds sampled ahead (the engines finish them before an update)."""
