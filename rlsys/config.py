@@ -212,7 +212,9 @@ class RolloutConfig:
     on_policy_steps: int = doc("with rollout.max_staleness > 0: the first N steps still "
                                "sample on-policy; the policy moves fastest then (the demo's "
                                "entropy falls from 6.6 to ~1 in 5 steps), when samples one "
-                               "version old cost the most", 0)
+                               "version old cost the most. In flight with dynamic sampling, "
+                               "groups drawn beyond B in those steps still wait for the next "
+                               "one (one version old)", 0)
     num_cpus: float = doc("Ray CPUs reserved per engine", 1.0)
     num_gpus: float = doc("Ray GPUs reserved per engine", 0.0)
     resources: dict[str, float] = doc(RESOURCES_DOC.format(what="each engine",
