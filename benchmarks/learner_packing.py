@@ -353,18 +353,6 @@ def run_variant(variant: str, spec: dict, profile: bool = False) -> dict:
     return result
 
 
-def find_jemalloc() -> str | None:
-    """A jemalloc shared library to preload: the system's, or the one Ray ships."""
-    import importlib.util
-
-    candidates = [Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
-                  Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")]
-    ray = importlib.util.find_spec("ray")
-    if ray is not None and ray.origin:
-        candidates.append(Path(ray.origin).parent / "core" / "libjemalloc.so")
-    return next((str(c) for c in candidates if c.exists()), None)
-
-
 def _child(variant: str, spec: dict, profile: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(spec["threads"])}
@@ -437,7 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--reps must be >= 1")
     spec["allocator"] = "glibc"
     if args.jemalloc:
-        spec["allocator"] = find_jemalloc() or parser.error("--jemalloc: no libjemalloc found")
+        from rlsys.build import jemalloc_library  # imports Ray: only when asked for
+
+        spec["allocator"] = jemalloc_library() or parser.error("--jemalloc: no libjemalloc found")
         spec["malloc_conf"] = os.environ.get("MALLOC_CONF", "")
 
     from transformers import AutoConfig

@@ -73,7 +73,8 @@ def make_learner_group(cfg: Config, model_path: str, algorithm: AlgorithmConfig,
     return LearnerGroup(
         model_path, lc, algorithm, temperature=temperature, max_response_len=max_response_len,
         seed=cfg.trainer.seed, teacher_path=teacher_path, total_steps=total_steps,
-        runtime_env=_threads_env(worker_threads(lc.num_threads, lc.cpu_cores, world)))
+        runtime_env=learner_env(worker_threads(lc.num_threads, lc.cpu_cores, world),
+                                lc.allocator))
 
 
 def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> RolloutPool:
@@ -265,6 +266,28 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _threads_env(num_threads: int) -> dict:
-    threads = str(num_threads)  # config.worker_threads: already resolved, >= 1
-    return {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+def learner_env(num_threads: int, allocator: str) -> dict:
+    """The learner actors' runtime_env: their torch threads (`num_threads`, already resolved
+    by config.worker_threads) and, for `learner.allocator=jemalloc`, jemalloc preloaded (the
+    dynamic loader reads LD_PRELOAD when Ray starts the process, before Python runs)."""
+    threads = str(num_threads)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if allocator == "jemalloc":
+        library = jemalloc_library()
+        if library is None:
+            raise ConfigError("learner.allocator=jemalloc: no libjemalloc found (Ray ships "
+                              "ray/core/libjemalloc.so on Linux); set learner.allocator=glibc")
+        env["LD_PRELOAD"] = ":".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+        # Never hand freed pages back: by default jemalloc purges them over 10 s, and a
+        # learner's update reuses them sooner, as faults. The resident set stays at its peak.
+        env["MALLOC_CONF"] = os.environ.get("MALLOC_CONF",
+                                            "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    return {"env_vars": env}
+
+
+def jemalloc_library() -> str | None:
+    """A jemalloc shared library to preload: the one Ray ships, else the system's."""
+    candidates = [Path(ray.__file__).parent / "core" / "libjemalloc.so",
+                  Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+                  Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2")]
+    return next((str(c) for c in candidates if c.exists()), None)

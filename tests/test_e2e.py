@@ -116,6 +116,28 @@ def test_tiny_run_with_a_parallel_learner_group(ray_cluster, tmp_path, shape):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
+def test_learner_processes_run_the_configured_allocator(ray_cluster, cache_dir, allocator):
+    """`learner.allocator=jemalloc` (the default) preloads jemalloc into every learner process,
+    where it serves the process's mallocs; glibc leaves them to glibc."""
+    from pathlib import Path
+
+    from rlsys.build import make_learner_group
+    from rlsys.models import resolve_model
+
+    cfg = load_config(["conf=tiny", "learner.dp=2", f"learner.allocator={allocator}"])
+    group = make_learner_group(cfg, str(resolve_model(cfg.model.path, cache_dir)),
+                               cfg.algorithm, temperature=1.0, max_response_len=8)
+    try:
+        maps = ray_cluster.get([w.__ray_call__.remote(
+            lambda _: Path("/proc/self/maps").read_text()) for w in group.workers])
+    finally:
+        group.shutdown()
+    for rank_maps in maps:
+        assert ("libjemalloc" in rank_maps) == (allocator == "jemalloc")
+
+
+@pytest.mark.timeout(300)
 def test_tiny_run_with_kl_in_reward_and_rollout_is(ray_cluster, tmp_path):
     """algorithm.kl_in_reward with a dp=2 learner group (the reference log-probs come back
     from two shards, merged in order) and sequence-level truncated IS."""
