@@ -390,7 +390,7 @@ class LearnerConfig:
         "ships, preloaded, keeping freed pages for reuse; $MALLOC_CONF overrides that). glibc "
         "returns every freed block over 32 MiB to the kernel, so each micro-batch's [tokens x "
         "vocabulary] log-softmax is mapped afresh and faulted in page by page: on a 2-core VM "
-        "the demo's update spent up to 95% of its time in the kernel, and ran 1.3-1.7x slower",
+        "the demo's update spent up to 95% of a 5-s window in the kernel and ran 1.3-1.7x slower",
         "jemalloc")
     sync_bucket_mb: float = doc("weight-broadcast bucket size in MiB; 0 = tensor by tensor", 64.0)
     sync_mode: str = doc("weight sync to the engines: full (every value, every step) | delta "
