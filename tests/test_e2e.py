@@ -118,8 +118,8 @@ def test_tiny_run_with_a_parallel_learner_group(ray_cluster, tmp_path, shape):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
 def test_learner_processes_run_the_configured_allocator(ray_cluster, cache_dir, allocator):
-    """`learner.allocator=jemalloc` (the default) preloads jemalloc into every learner process,
-    where it serves the process's mallocs; glibc leaves them to glibc."""
+    """`learner.allocator=jemalloc` (the default) preloads jemalloc into every learner process
+    (it is mapped there); glibc preloads nothing."""
     from pathlib import Path
 
     from rlsys.build import make_learner_group
