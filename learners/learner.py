@@ -531,9 +531,15 @@ class Learner:
             sender = self.weight_sender = weight_sync.WeightSender(
                 manifest, bucket_bytes, weight_sync.wire_device(self.sync_group),
                 keep_held=self.cfg.sync_mode == "delta")
-        if mode == "delta":
-            return sender.send_delta(self.sync_group, tensors)
-        return sender.send_full(self.sync_group, tensors)
+        try:
+            if mode == "delta":
+                return sender.send_delta(self.sync_group, tensors)
+            return sender.send_full(self.sync_group, tensors)
+        finally:
+            # A send that failed (an engine died) must still take part in the other ranks'
+            # gathers of the remaining tensors, or they would wait for rank 0 forever.
+            for _ in tensors:
+                pass
 
     @torch.no_grad()
     def weight_digests(self, manifest: weight_sync.WeightManifest) -> list[str]:

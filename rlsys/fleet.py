@@ -30,6 +30,8 @@ log = logging.getLogger("rlsys")
 
 #: New engines that may fail to start in a row before the fleet stops replacing them.
 MAX_START_FAILURES = 3
+#: Weight syncs in a row that may lose an engine before the run gives up on its engines.
+MAX_SYNC_ATTEMPTS = 4
 
 
 class EngineFleet:
@@ -141,26 +143,69 @@ class EngineFleet:
         """The learner's weights, as `version`, to every engine (after a resume too): only what
         changed with `learner.sync_mode=delta`, once every engine holds the last send.
 
+        An engine that dies during the sync (killed, its node lost) is dropped: the others may
+        hold part of this send, so the group is re-formed without it and they get all of it
+        again, in full. If none is left, a new one is started first.
+
         Returns the learner's figures (bytes, changed_frac, convert_s, transfer_s, seconds)
         and the slowest engine's: load_s, and gen_blocked_s (the time it could not generate).
         """
+        for _attempt in range(MAX_SYNC_ATTEMPTS):
+            figures = self.try_send_weights()
+            if figures is not None:
+                return figures
+            if not self.rollout.workers:
+                self.start_an_engine()
+            self.drop_lost_engines()
+        raise EnginesLost(f"rollout engines died during {MAX_SYNC_ATTEMPTS} weight syncs "
+                          "in a row")
+
+    def try_send_weights(self) -> dict[str, float] | None:
+        """One broadcast to the engines of the group: its figures (see `send_weights`), or
+        None if an engine died during it (it is then forgotten, its name in `rollout.lost`)."""
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
         mode = "delta" if self.engines_hold_last_send else "full"
+        engines = list(self.rollout.workers)
         engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version, mode)
-        sent = self.learner.broadcast_weights(self.manifest, bucket, mode)
-        # The learner's side first: a rank that died mid-broadcast is a LearnerFailed (the run
-        # restarts the learner group), not the engines' broken-connection errors.
-        stats = self.learner.gather(sent)[0]
-        engines = ray.get(engine_refs)
-        self.check_versions([engine["version"] for engine in engines])
+        learner_refs = self.learner.broadcast_weights(self.manifest, bucket, mode)
+        results: dict[ray.ObjectRef, Any] = {}
+        dead, errors = [], []
+        pending = [*learner_refs, *engine_refs]
+        while pending:
+            # Once the learner is done and failed or an engine died, the others may wait for
+            # buckets that will never come: re-forming the group (or the run's end) frees them.
+            if (dead or errors) and not set(learner_refs) & set(pending):
+                break
+            (ready,), pending = ray.wait(pending, num_returns=1)
+            try:
+                results[ready] = ray.get(ready)
+            except ray.exceptions.RayActorError as exc:
+                if ready in learner_refs:  # then the engines' broken connections follow from it
+                    rank = learner_refs.index(ready)
+                    raise LearnerFailed(rank, self.learner.names[rank], exc) from None
+                dead.append(engines[engine_refs.index(ready)])
+            except Exception as exc:  # a connection broken by a dead member, or a real error
+                errors.append(exc)
+        if dead:
+            lines = str(errors[0]).strip().splitlines() if errors else []
+            log.warning("rollout engine(s) died during the weight sync of v%d (%s); sending it "
+                        "again without them", self.version,
+                        lines[-1][:300] if lines else "their calls failed")
+            self.rollout.forget(dead)
+            return None
+        if errors:
+            raise errors[0]
+        stats = results[learner_refs[0]]
+        engine_stats = [results[ref] for ref in engine_refs]
+        self.check_versions([engine["version"] for engine in engine_stats])
         if self.cfg.learner.sync_mode == "delta" and not self.engines_hold_last_send:
-            generic = [i for i, engine in enumerate(engines) if not engine["direct"]]
+            generic = [i for i, engine in enumerate(engine_stats) if not engine["direct"]]
             if generic:
                 log.warning("learner.sync_mode=delta: engine(s) %s load through vLLM's generic "
                             "reload (see their log), so every sync stays full", generic)
             self.engines_hold_last_send = not generic
-        return stats | {"load_s": max(e["load_s"] for e in engines),
-                        "gen_blocked_s": max(e["blocked_s"] for e in engines),
+        return stats | {"load_s": max(e["load_s"] for e in engine_stats),
+                        "gen_blocked_s": max(e["blocked_s"] for e in engine_stats),
                         "delta": float(mode == "delta")}
 
     def check_versions(self, versions: list[int]) -> None:
@@ -180,13 +225,17 @@ class EngineFleet:
     def replace_all_engines(self) -> None:
         """RolloutPool.collect's `recover`: every engine died mid-step. Start one, wait for
         it, and give it the current weights, so the step's prompts can be sampled again."""
+        self.start_an_engine()
+        self.drop_lost_engines()
+        self.send_weights()
+
+    def start_an_engine(self) -> None:
+        """Start an engine and wait for it to be up (it joins the group at the next connect)."""
         self.rollout.add_workers(1)
         ready, errors = self.rollout.take_ready(timeout=None)
         if not ready:
             raise EnginesLost(f"every rollout engine died and a new one failed to start: "
                               f"{errors[0] if errors else 'no engine'}")
-        self.drop_lost_engines()
-        self.send_weights()
 
     def apply_scaling(self, step: int = 0) -> None:
         """Bring the engines to the number asked for with `python -m rlsys.scale`.

@@ -41,6 +41,22 @@ def kill_after_step(out: Path, step: int, actor: str, timeout_s: float = 240) ->
     return thread
 
 
+def kill_for_sure(actor, timeout_s: float = 60) -> None:
+    """ray.kill, then wait until the actor is dead: a call queued right after a kill may
+    still be served, so one failing ping is the proof, not one sent once."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{actor} still answers {timeout_s} s after ray.kill")
+
+
 def whole_steps(out: Path, cfg) -> list[dict]:
     """The run's step records (step 0 left out), checked to hold every step of
     trainer.steps once, each trained on B groups of G samples: nothing lost, nothing twice."""
@@ -192,7 +208,6 @@ def test_engine_killed_while_joining_the_weight_sync_group_is_dropped_at_once(
     calls the join off instead, forms the group without it at once and trains on, and a
     replacement starts for the engine the run still wants. (A member that dies after checking
     in holds the others for weight_sync.MESH_TIMEOUT_S: see test_weight_sync.)"""
-    import ray
 
     from rlsys.fleet import EngineFleet
 
@@ -201,9 +216,7 @@ def test_engine_killed_while_joining_the_weight_sync_group_is_dropped_at_once(
 
     def init_weight_sync_losing_rollout_1(self: RolloutPool, *args, **kwargs) -> list:
         if not joins:  # the first group: rollout-1 dies as it is told to join
-            ray.kill(self.workers[1], no_restart=True)
-            with pytest.raises(ray.exceptions.RayActorError):  # dead for sure, not racing
-                ray.get(self.workers[1].ping.remote(), timeout=60)
+            kill_for_sure(self.workers[1])
         joins.append(time.monotonic())
         return init_weight_sync(self, *args, **kwargs)
 
@@ -227,6 +240,55 @@ def test_engine_killed_while_joining_the_weight_sync_group_is_dropped_at_once(
     assert len(joins) >= 2  # the first attempt was called off, the second formed the group
     assert steps[0]["rollout/engines"] == 1 and steps[-1]["rollout/engine_restarts"] == 1
     assert steps[-1]["weight_version"] == 3
+
+
+@pytest.mark.timeout(400)
+def test_engine_killed_during_a_weight_sync_is_dropped_and_the_others_get_it_whole(
+        ray_cluster, tmp_path, monkeypatch):
+    """rollout-1 dies as step 2's weights go out (a delta): the learner's send to it fails
+    and rollout-0 may hold part of it. The group is re-formed without rollout-1 and rollout-0
+    gets the whole of v2 again, in full; after every step each engine holds exactly the
+    learner's weights, and the run trains on (a replacement joins later, then deltas resume)."""
+    import ray
+
+    from rlsys.fleet import EngineFleet
+
+    update_weights = RolloutPool.update_weights
+    calls: list[int] = []
+
+    def update_weights_losing_rollout_1(self: RolloutPool, *args, **kwargs) -> list:
+        calls.append(len(self.workers))
+        if len(calls) == 2:  # step 2's sync: rollout-1 dies as it is told to receive
+            kill_for_sure(self.workers[1])
+        return update_weights(self, *args, **kwargs)
+
+    publish = EngineFleet.publish
+    mismatches: list[tuple[int, str, int]] = []
+
+    def checked_publish(self: EngineFleet, in_flight: list) -> dict[str, float]:
+        stats = publish(self, in_flight)
+        want = self.learner.weight_digests(self.manifest)
+        for engine, info in zip(self.rollout.workers, self.rollout.info, strict=True):
+            got = ray.get(engine.weight_digests.remote())
+            mismatches.extend((self.version, info["name"], i)
+                              for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b)
+        return stats
+
+    monkeypatch.setattr(RolloutPool, "update_weights", update_weights_losing_rollout_1)
+    monkeypatch.setattr(EngineFleet, "publish", checked_publish)
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "learner.sync_mode=delta", "rollout.dtype=bfloat16",
+                       "algorithm.dynamic_sampling=false", "trainer.steps=4",
+                       "trainer.eval_size=0", "trainer.save_final=false"])
+    train(cfg)
+    assert mismatches == []
+    steps = whole_steps(out, cfg)
+    assert calls[:3] == [2, 2, 1]  # step 2's sync was sent again to the one engine left
+    assert [r["sync/delta"] for r in steps] == [0.0, 0.0, 1.0, 1.0]
+    assert [r["rollout/engines"] for r in steps][:3] == [2, 1, 1]
+    assert steps[-1]["rollout/engine_restarts"] == 1
+    assert steps[-1]["weight_version"] == 4
 
 
 @pytest.mark.timeout(400)
