@@ -27,6 +27,7 @@ weight-sync group and start a replacement. Scaling (`add_workers`, `remove_worke
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -595,7 +596,9 @@ class RolloutPool:
         keep = len(self.workers) - count
         removed, self.workers = self.workers[keep:], self.workers[:keep]
         infos, self.info = self.info[keep:], self.info[:keep]
-        ray.get([worker.ping.remote() for worker in removed])
+        for ref in [worker.ping.remote() for worker in removed]:
+            with contextlib.suppress(ray.exceptions.RayActorError):  # died: nothing to drain
+                ray.get(ref)
         for worker in removed:
             ray.kill(worker)
         return [info["name"] for info in infos]

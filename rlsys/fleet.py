@@ -61,6 +61,7 @@ class EngineFleet:
         as many engines: `apply_scaling` starts a replacement)."""
         while dead := self.join():
             self.rollout.forget(dead)
+        if self.rollout.lost:
             self.count_lost_engines()
         self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
         # What the engines of a new group hold is unknown to the learner's new sender (new or
@@ -121,9 +122,20 @@ class EngineFleet:
     def close(self) -> None:
         """Every member leaves the weight-sync group at once (NCCL may tear down collectively).
 
-        Engines run their calls in order, so this also waits for whatever they were given.
+        Engines run their calls in order, so this also waits for whatever they were given. An
+        engine found dead here is forgotten (`rollout.lost`; `connect` counts it).
         """
-        ray.get([*self.learner.close_weight_sync(), *self.rollout.close_weight_sync()])
+        engines = list(self.rollout.workers)
+        learner_refs = self.learner.close_weight_sync()
+        engine_refs = self.rollout.close_weight_sync()
+        self.learner.gather(learner_refs)
+        dead = []
+        for engine, ref in zip(engines, engine_refs, strict=True):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(engine)
+        self.rollout.forget(dead)
 
     def publish(self, in_flight: list) -> dict[str, float]:
         """The learner's new weights, as the next version, to every engine; they confirm it.
@@ -145,7 +157,8 @@ class EngineFleet:
 
         An engine that dies during the sync (killed, its node lost) is dropped: the others may
         hold part of this send, so the group is re-formed without it and they get all of it
-        again, in full. If none is left, a new one is started first.
+        again, in full. If none is left, a new one is started first. (On gloo a send to a dead
+        member fails at once; on NCCL only at the group's timeout, weight_sync's `timeout_s`.)
 
         Returns the learner's figures (bytes, changed_frac, convert_s, transfer_s, seconds)
         and the slowest engine's: load_s, and gen_blocked_s (the time it could not generate).
@@ -166,6 +179,8 @@ class EngineFleet:
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
         mode = "delta" if self.engines_hold_last_send else "full"
         engines = list(self.rollout.workers)
+        if not engines:  # the last one died as the group was re-formed
+            return None
         engine_refs = self.rollout.update_weights(self.manifest, bucket, self.version, mode)
         learner_refs = self.learner.broadcast_weights(self.manifest, bucket, mode)
         results: dict[ray.ObjectRef, Any] = {}
@@ -218,9 +233,8 @@ class EngineFleet:
         unfinished prompts already ran elsewhere, see RolloutPool.collect). The run still
         wants as many engines, so `apply_scaling` starts replacements, which receive the
         current weights before they take work."""
-        self.count_lost_engines()
         self.close()
-        self.connect()
+        self.connect()  # counts the lost engines
 
     def replace_all_engines(self) -> None:
         """RolloutPool.collect's `recover`: every engine died mid-step. Start one, wait for
@@ -269,14 +283,13 @@ class EngineFleet:
                       len(errors), MAX_START_FAILURES, errors[0])
             self.controller.request_rollout_workers.remote(len(pool.workers)
                                                            + len(pool.starting))
-        excess = max(0, len(pool.workers) - desired)
-        if ready or excess:
+        if ready or len(pool.workers) > desired:
             t0 = time.perf_counter()
             self.close()
-            removed = pool.remove_workers(excess)
+            excess = len(pool.workers) - desired  # after close: an engine may have died in it
+            removed = pool.remove_workers(excess) if excess > 0 else []
             self.connect()
-            self.send_weights()
-            self.check_versions(pool.weight_versions())
+            self.send_weights()  # each engine confirms the version it now serves
             log.info("scaling: %d rollout engine(s) from step %d (added %s, removed %s); "
                      "weights v%d sent in %.1fs", len(pool.workers), step,
                      [info["name"] for info in ready], removed, self.version,

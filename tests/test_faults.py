@@ -292,6 +292,43 @@ def test_engine_killed_during_a_weight_sync_is_dropped_and_the_others_get_it_who
 
 
 @pytest.mark.timeout(400)
+def test_engine_killed_as_the_group_is_re_formed_is_dropped(ray_cluster, tmp_path,
+                                                             monkeypatch):
+    """Two engines; at step 3 the run is asked for one (as `python -m rlsys.scale` would) and
+    rollout-0 dies as the members leave the group. The fleet forgets it and keeps rollout-1,
+    which is all the run asked for: nothing more is removed, and the run trains on."""
+    from actors.controller import request_rollout_workers
+    from rlsys.fleet import EngineFleet
+
+    apply_scaling, close_weight_sync = EngineFleet.apply_scaling, RolloutPool.close_weight_sync
+    closes: list[list[str]] = []
+
+    def apply_scaling_asking_for_one_at_step_3(self: EngineFleet, step: int = 0) -> None:
+        if step == 3:
+            request_rollout_workers(1)
+        apply_scaling(self, step)
+
+    def close_weight_sync_losing_rollout_0(self: RolloutPool) -> list:
+        closes.append([info["name"] for info in self.info])
+        if len(closes) == 1:
+            kill_for_sure(self.workers[0])
+        return close_weight_sync(self)
+
+    monkeypatch.setattr(EngineFleet, "apply_scaling", apply_scaling_asking_for_one_at_step_3)
+    monkeypatch.setattr(RolloutPool, "close_weight_sync", close_weight_sync_losing_rollout_0)
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                       "algorithm.dynamic_sampling=false", "trainer.steps=4",
+                       "trainer.eval_size=0", "trainer.save_final=false"])
+    train(cfg)
+    steps = whole_steps(out, cfg)
+    assert closes[0] == ["rollout-0", "rollout-1"]
+    assert [r["rollout/engines"] for r in steps] == [2, 2, 1, 1]
+    assert steps[-1]["rollout/engine_restarts"] == 1
+    assert steps[-1]["weight_version"] == 4
+
+
+@pytest.mark.timeout(400)
 def test_engine_killed_mid_stream_loses_no_group(ray_cluster, tmp_path):
     """rollout.inflight with two engines: rollout-1 is killed after step 1 while the engines
     generate continuously. Whatever it held starts again on rollout-0, every step still trains
