@@ -42,11 +42,12 @@ Prints a table and writes benchmarks/results/learner_packing.json (--quick: resu
 The issue's target: packed >= 1.5x padded tokens/s.
 
 Wall times on a shared 2-core machine are noisy: the JSON keeps every update's time, the load
-average around the run and the ratio of the fastest updates too. --jemalloc preloads jemalloc
-(tuned by $MALLOC_CONF): with glibc every micro-batch's [tokens, vocabulary] log-softmax is
-freshly mapped memory, and its page faults (slow in a VM) are a large share of the update.
-MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 (never give memory back) is the fastest, at the
-price of a resident set that only grows.
+average around the run and the ratio of the fastest updates too. --jemalloc runs the updates
+with the allocator the learner actors run by default (learner.allocator=jemalloc, the
+environment of rlsys.build.learner_env: jemalloc preloaded, freed memory never given back,
+unless $MALLOC_CONF says otherwise): with glibc every micro-batch's [tokens, vocabulary]
+log-softmax is freshly mapped memory, and its page faults (slow in a VM) are a large share of
+the update.
 """
 
 from __future__ import annotations
@@ -356,10 +357,10 @@ def run_variant(variant: str, spec: dict, profile: bool = False) -> dict:
 def _child(variant: str, spec: dict, profile: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": str(spec["threads"])}
-    if spec["allocator"] != "glibc":
-        # jemalloc reuses freed pages for a while (MALLOC_CONF from the environment, if any),
-        # where glibc unmaps every large tensor and the next one page-faults afresh.
-        env["LD_PRELOAD"] = spec["allocator"]
+    if spec["allocator"] == "jemalloc":
+        # As the learner actors run it: glibc unmaps every large tensor and the next one
+        # page-faults afresh, jemalloc keeps the pages.
+        env |= {"LD_PRELOAD": spec["ld_preload"], "MALLOC_CONF": spec["malloc_conf"]}
     cmd = [sys.executable, "-m", "benchmarks.learner_packing", "--child", variant,
            "--spec", json.dumps(spec)] + (["--profile", variant] if profile else [])
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="variants to run")
     parser.add_argument("--jemalloc", action="store_true",
-                        help="run the variants with jemalloc preloaded, retaining freed memory")
+                        help="run the variants with the learner's jemalloc settings")
     parser.add_argument("--profile", choices=VARIANTS,
                         help="print a torch.profiler table of one more update of this variant")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: "
@@ -425,10 +426,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--reps must be >= 1")
     spec["allocator"] = "glibc"
     if args.jemalloc:
-        from rlsys.build import jemalloc_library  # imports Ray: only when asked for
+        from rlsys.build import learner_env  # imports Ray: only when asked for
+        from rlsys.config import ConfigError
 
-        spec["allocator"] = jemalloc_library() or parser.error("--jemalloc: no libjemalloc found")
-        spec["malloc_conf"] = os.environ.get("MALLOC_CONF", "")
+        try:
+            learner = learner_env(args.threads, "jemalloc")["env_vars"]
+        except ConfigError as exc:
+            parser.error(f"--jemalloc: {exc}")
+        spec |= {"allocator": "jemalloc", "ld_preload": learner["LD_PRELOAD"],
+                 "malloc_conf": learner["MALLOC_CONF"]}
 
     from transformers import AutoConfig
 
