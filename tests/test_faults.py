@@ -248,7 +248,7 @@ def test_engine_killed_during_a_weight_sync_is_dropped_and_the_others_get_it_who
     """rollout-1 dies as step 2's weights go out (a delta): the learner's send to it fails
     and rollout-0 may hold part of it. The group is re-formed without rollout-1 and rollout-0
     gets the whole of v2 again, in full; after every step each engine holds exactly the
-    learner's weights, and the run trains on (a replacement joins later, then deltas resume)."""
+    learner's weights, and the run trains on, back to deltas from step 3."""
     import ray
 
     from rlsys.fleet import EngineFleet
