@@ -57,6 +57,14 @@ def kill_for_sure(actor, timeout_s: float = 60) -> None:
     raise AssertionError(f"{actor} still answers {timeout_s} s after ray.kill")
 
 
+def two_engine_run(out: Path, steps: int, *overrides: str):
+    """The config of the fault runs: conf=tiny on two engines, every step the same work
+    (dynamic sampling off), no evaluation or final save; `overrides` on top."""
+    return load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
+                        "algorithm.dynamic_sampling=false", f"trainer.steps={steps}",
+                        "trainer.eval_size=0", "trainer.save_final=false", *overrides])
+
+
 def whole_steps(out: Path, cfg) -> list[dict]:
     """The run's step records (step 0 left out), checked to hold every step of
     trainer.steps once, each trained on B groups of G samples: nothing lost, nothing twice."""
@@ -183,9 +191,7 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
 
     monkeypatch.setattr(EngineFleet, "apply_scaling", apply_scaling_waiting_at_step_5)
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "algorithm.dynamic_sampling=false", "trainer.steps=8",
-                       "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 8)
     killer = kill_after_step(out, 1, "rollout-1")
     train(cfg)
     killer.join()
@@ -231,9 +237,7 @@ def test_engine_killed_while_joining_the_weight_sync_group_is_dropped_at_once(
     monkeypatch.setattr(RolloutPool, "init_weight_sync", init_weight_sync_losing_rollout_1)
     monkeypatch.setattr(EngineFleet, "connect", timed_connect)
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "algorithm.dynamic_sampling=false", "trainer.steps=3",
-                       "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 3)
     train(cfg)
     steps = whole_steps(out, cfg)
     assert connect_seconds[0] < 60, connect_seconds  # not the rendezvous' 300 s timeout
@@ -277,10 +281,7 @@ def test_engine_killed_during_a_weight_sync_is_dropped_and_the_others_get_it_who
     monkeypatch.setattr(RolloutPool, "update_weights", update_weights_losing_rollout_1)
     monkeypatch.setattr(EngineFleet, "publish", checked_publish)
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "learner.sync_mode=delta", "rollout.dtype=bfloat16",
-                       "algorithm.dynamic_sampling=false", "trainer.steps=4",
-                       "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 4, "learner.sync_mode=delta", "rollout.dtype=bfloat16")
     train(cfg)
     assert mismatches == []
     steps = whole_steps(out, cfg)
@@ -317,9 +318,7 @@ def test_engine_killed_as_the_group_is_re_formed_is_dropped(ray_cluster, tmp_pat
     monkeypatch.setattr(EngineFleet, "apply_scaling", apply_scaling_asking_for_one_at_step_3)
     monkeypatch.setattr(RolloutPool, "close_weight_sync", close_weight_sync_losing_rollout_0)
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "algorithm.dynamic_sampling=false", "trainer.steps=4",
-                       "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 4)
     train(cfg)
     steps = whole_steps(out, cfg)
     assert closes[0] == ["rollout-0", "rollout-1"]
@@ -334,10 +333,7 @@ def test_engine_killed_mid_stream_loses_no_group(ray_cluster, tmp_path):
     generate continuously. Whatever it held starts again on rollout-0, every step still trains
     B whole groups, the weight-sync group is re-formed without it and the run ends normally."""
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "rollout.inflight=true", "rollout.max_staleness=2",
-                       "algorithm.dynamic_sampling=false", "trainer.steps=5",
-                       "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 5, "rollout.inflight=true", "rollout.max_staleness=2")
     killer = kill_after_step(out, 1, "rollout-1")
     train(cfg)
     killer.join()
@@ -364,9 +360,7 @@ def test_chaos_run_kills_an_engine_or_reward_worker_every_three_steps(ray_cluste
 
     chaos = logging.getLogger("rlsys.chaos")
     out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.num_workers=2",
-                       "reward.num_workers=2", "algorithm.dynamic_sampling=false",
-                       "trainer.steps=12", "trainer.eval_size=0", "trainer.save_final=false"])
+    cfg = two_engine_run(out, 12, "reward.num_workers=2")
     killed: list[tuple[int, str]] = []
 
     def kill_every_three_steps() -> None:
