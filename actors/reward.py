@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 
+from rlsys.ray_errors import ACTOR_LOST
 from rlsys.rewards import RewardFn, compute_reward
 from rlsys.rewards.registry import PREFERENCE
 
@@ -263,7 +263,7 @@ class RewardPool:
                 chunk, w, _ = in_flight.pop(ref)
                 try:
                     results[chunk.start] = ray.get(ref)
-                except RayActorError as exc:
+                except ACTOR_LOST as exc:
                     fail(chunk, w, f"lost its worker ({type(exc).__name__})")
                 else:
                     idle.add(w)

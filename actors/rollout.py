@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from actors.engine_stream import EngineStream, EngineThread
+from rlsys.ray_errors import ACTOR_LOST
 
 EXTENSION_CLS = "actors.vllm_ext.WeightSyncExtension"
 
@@ -464,7 +465,7 @@ class RolloutPool:
             for i in todo:
                 try:
                     results[i] = ray.get(chunks[i].ref)
-                except ray.exceptions.RayActorError:
+                except ACTOR_LOST:
                     failed.append(i)
             if not failed:
                 break
@@ -492,7 +493,7 @@ class RolloutPool:
         for worker in list(self.workers):
             try:
                 ray.get(worker.ping.remote())
-            except ray.exceptions.RayActorError:
+            except ACTOR_LOST:
                 dead.append(worker)
         self.forget(dead)
         return list(self.lost)
@@ -597,7 +598,7 @@ class RolloutPool:
         removed, self.workers = self.workers[keep:], self.workers[:keep]
         infos, self.info = self.info[keep:], self.info[:keep]
         for ref in [worker.ping.remote() for worker in removed]:
-            with contextlib.suppress(ray.exceptions.RayActorError):  # died: nothing to drain
+            with contextlib.suppress(ACTOR_LOST):  # died: nothing to drain
                 ray.get(ref)
         for worker in removed:
             ray.kill(worker)

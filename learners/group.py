@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from learners.learner import Learner, combine_rank_metrics
 from rlsys import weight_sync
 from rlsys.config import AlgorithmConfig, LearnerConfig
+from rlsys.ray_errors import ACTOR_LOST
 
 
 def shard_for_data_parallel(prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -132,7 +133,7 @@ class LearnerGroup:
             (ready,), pending = ray.wait(pending, num_returns=1)
             try:
                 results[ready] = ray.get(ready)
-            except ray.exceptions.RayActorError as exc:
+            except ACTOR_LOST as exc:
                 rank = refs.index(ready)
                 raise LearnerFailed(rank, self.names[rank], exc) from None
         return [results[ref] for ref in refs]

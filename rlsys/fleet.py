@@ -19,6 +19,7 @@ from actors.rollout import EnginesLost
 from learners.group import LearnerFailed
 from rlsys import weight_sync
 from rlsys.build import make_rollout_pool
+from rlsys.ray_errors import ACTOR_LOST
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -88,7 +89,7 @@ class EngineFleet:
             (ready,), pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(ready)
-            except ray.exceptions.RayActorError as exc:
+            except ACTOR_LOST as exc:
                 if ready == learner_ref:  # its store is gone: the engines fail on their own
                     raise LearnerFailed(0, self.learner.names[0], exc) from None
                 index = engine_refs.index(ready)
@@ -133,7 +134,7 @@ class EngineFleet:
         for engine, ref in zip(engines, engine_refs, strict=True):
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ACTOR_LOST:
                 dead.append(engine)
         self.rollout.forget(dead)
 
@@ -194,7 +195,7 @@ class EngineFleet:
             (ready,), pending = ray.wait(pending, num_returns=1)
             try:
                 results[ready] = ray.get(ready)
-            except ray.exceptions.RayActorError as exc:
+            except ACTOR_LOST as exc:
                 if ready in learner_refs:  # then the engines' broken connections follow from it
                     rank = learner_refs.index(ready)
                     raise LearnerFailed(rank, self.learner.names[rank], exc) from None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlsys.build import fitting_prompts
+from rlsys.ray_errors import ACTOR_LOST
 from rlsys.sampling import score_samples
 
 if TYPE_CHECKING:
@@ -337,7 +338,7 @@ class StreamScheduler(RolloutScheduler):
         for worker, ref in refs.items():
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ACTOR_LOST:
                 dead.append(worker)
         if dead:
             self.fleet.rollout.forget(dead)
@@ -365,7 +366,7 @@ class StreamScheduler(RolloutScheduler):
             del self.polls[worker]
             try:
                 result = ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ACTOR_LOST:
                 pool.forget([worker])
                 continue
             self.count_engine(worker, result["stats"])
@@ -415,7 +416,7 @@ class StreamScheduler(RolloutScheduler):
                 if w in self.engine_counters}
         for worker, ref in refs.items():
             # One found gone is left to the next poll, which starts its groups again elsewhere.
-            with contextlib.suppress(ray.exceptions.RayActorError):
+            with contextlib.suppress(ACTOR_LOST):
                 self.count_engine(worker, ray.get(ref))
 
     def count_engine(self, worker: Any, stats: dict[str, float]) -> None:
