@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from learners.learner import Learner, lr_factor
 from learners.packing import pack_microbatches
+from rlsys.build import learner_env
 from rlsys.config import AlgorithmConfig, LearnerConfig
 from rlsys.models import resolve_model
 
@@ -365,3 +371,48 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor():
             pytest.approx(0.1))
     assert curve("linear")[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
     assert curve("cosine")[7] == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+
+FREED_PAGES_SCRIPT = """
+import json
+from learners.learner import host_rss_gb, return_freed_pages
+before = host_rss_gb()
+block = bytearray(512 << 20)
+block[::4096] = b"x" * len(block[::4096])  # touch every page
+del block
+kept = host_rss_gb()
+allocator = return_freed_pages()
+print("RESULT " + json.dumps({"before": before, "kept": kept, "after": host_rss_gb(),
+                              "allocator": allocator}))
+"""
+
+
+def test_return_freed_pages_gives_jemallocs_kept_pages_back():
+    """The learner's jemalloc (rlsys.build.learner_env: preloaded, freed pages never decay)
+    keeps a freed 512 MiB block resident; return_freed_pages hands it back."""
+    env = {**os.environ, **learner_env(1, "jemalloc")["env_vars"],
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-c", FREED_PAGES_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1].removeprefix("RESULT "))
+    assert got["allocator"] == "jemalloc", got
+    assert got["kept"] - got["before"] > 0.4, got  # freed, but still resident
+    assert got["kept"] - got["after"] > 0.4, got  # given back
+
+
+@pytest.mark.parametrize("min_available", [0.0, 1.0])
+def test_updates_give_pages_back_only_when_the_node_is_short_of_memory(tiny_path,
+                                                                         min_available):
+    """learner.min_available_memory: 0 never gives pages back, 1 after every update."""
+    learner = make_learner(tiny_path)
+    learner.cfg.min_available_memory = min_available
+    prompts, responses = [[5, 6, 7]] * 2, [[10, 11, 12], [20, 21, 22]]
+    batch = {"prompt_ids": prompts, "response_ids": responses,
+             "rollout_logprobs": learner.compute_logprobs(prompts, responses),
+             "advantages": [1.0, -1.0]}
+    for metrics in (learner.train_step(batch), learner.sft_step(batch)):
+        assert metrics["host_pages_returned"] == min_available
+        assert 0 < metrics["host_rss_gb"] < 64
