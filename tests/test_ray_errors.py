@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, tempfile, time
+    import json, shutil, sys, tempfile, time
     import ray
     from rlsys.ray_errors import ACTOR_LOST
 
@@ -39,8 +39,9 @@ SCRIPT = textwrap.dedent("""
         def ping(self) -> bool:
             return True
 
-    ray.init(address="local", _temp_dir=tempfile.mkdtemp(prefix="rlsys-oom-"), num_cpus=1,
-             include_dashboard=False, log_to_driver=False)
+    temp_dir = tempfile.mkdtemp(prefix="rlsys-oom-")  # short: Ray's socket paths live in it
+    ray.init(address="local", _temp_dir=temp_dir, num_cpus=1, include_dashboard=False,
+             log_to_driver=False)
     hog = Hog.remote()
     ray.get(hog.ping.remote())
     result = {}
@@ -53,6 +54,7 @@ SCRIPT = textwrap.dedent("""
             result[call] = [type(exc).__name__, isinstance(exc, ACTOR_LOST)]
     print("RESULT " + json.dumps(result))
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 """)
 
 

@@ -18,9 +18,10 @@ from rlsys.config import ConfigError, load_config
 from rlsys.metrics import read_metrics
 from rlsys.trainer import train
 
-# Metrics that depend on wall-clock time or on process warm-up, not on the computation.
+# Metrics that depend on wall-clock time, process warm-up or the process's memory, not on the
+# computation.
 _TIMING = ("time", "time/", "throughput/", "train/tokens_per_s", "sync/seconds", "sync/convert_s",
-           "sync/transfer_s", "sync/load_s", "sync/gen_blocked_s", "reward_pool/")
+           "sync/transfer_s", "sync/load_s", "sync/gen_blocked_s", "reward_pool/", "train/host_")
 
 
 def _comparable(record: dict) -> dict:
