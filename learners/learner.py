@@ -59,7 +59,8 @@ def node_memory_available() -> float | None:
     """The share of the node's memory the kernel can give out now (MemAvailable / MemTotal);
     None without /proc/meminfo."""
     try:
-        fields = dict(line.split(":", 1) for line in open("/proc/meminfo"))  # noqa: SIM115
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
     except OSError:
         return None
     return int(fields["MemAvailable"].split()[0]) / int(fields["MemTotal"].split()[0])
@@ -82,7 +83,7 @@ def return_freed_pages() -> str | None:
     the last one's instead of faulting them in again. Freed blocks of varying sizes fragment
     what it keeps, and the resident set creeps up: a CPU demo learner with 32 prompts a step
     went from 7.8 GiB after its first update to 17.6 GiB at step 17, when Ray's memory monitor
-    killed the engine beside it. glibc's heaps creep the same way, more slowly.
+    killed the engine beside it. glibc's heaps creep as well (6.9 to 9.1 GiB over 8 such updates).
     """
     process = ctypes.CDLL(None)
     mallctl = getattr(process, "mallctl", None)  # present when jemalloc is preloaded
