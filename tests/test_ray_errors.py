@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from learners.learner import node_memory_available
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
@@ -59,15 +61,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_an_actor_killed_by_the_memory_monitor_counts_as_lost(tmp_path):
-    total = used = 0
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, value = line.split(":")
-        if key == "MemTotal":
-            total = int(value.split()[0]) << 10
-        elif key == "MemAvailable":
-            used = total - (int(value.split()[0]) << 10)
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # The monitor fires 1.5 GiB above today's use; the actor grows to 6 GiB in 256 MiB steps.
-    threshold = min((used + (1.5 * 2**30)) / total, 0.95)
+    threshold = min(1 - node_memory_available() + 1.5 * 2**30 / total, 0.95)
     env = {**os.environ, "RAY_memory_usage_threshold": f"{threshold:.4f}",
            "RAY_memory_monitor_refresh_ms": "100", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env,
