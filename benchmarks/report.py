@@ -119,6 +119,17 @@ def weight_sync_rows(d: dict) -> list[Row]:
         rows.append(Row(f"weight sync GB/s into vLLM, {where}", get(x, "gb_per_s"),
                         "raw gloo broadcast, fresh receive buffers", get(x, "raw_gloo_gb_per_s"),
                         r, target(">=", t), met(None, r, t)))
+        if get(x, "staged_gb_per_s") is not None:
+            staged = f"weights cast in the update (learner.stage_weights), {where}"
+            rows.append(Row(f"weight sync GB/s into vLLM, {staged}", get(x, "staged_gb_per_s"),
+                            "raw gloo broadcast, fresh receive buffers",
+                            get(x, "raw_gloo_gb_per_s"), get(x, "staged_ratio"),
+                            target(">=", t), met(None, get(x, "staged_ratio"), t)))
+            rows.append(Row(f"weight sync GB/s counting the update's cast, {staged}",
+                            _gb_per_s(get(x, "bytes"), get(x, "staged_seconds"),
+                                      get(x, "stage_s")),
+                            "raw gloo broadcast, fresh receive buffers",
+                            get(x, "raw_gloo_gb_per_s"), get(x, "staged_with_cast_ratio")))
         if get(x, "raw_reused_gb_per_s") is not None:
             rows.append(Row(f"weight sync GB/s into vLLM, {where}", get(x, "gb_per_s"),
                             "raw gloo broadcast, reused receive buffers",
@@ -475,9 +486,17 @@ def trl_plots(d: dict, out: Path) -> list[Path | None]:
                                   "median step s"))]
 
 
+def _gb_per_s(nbytes: float | None, *seconds: float | None) -> float | None:
+    if nbytes is None or any(x is None for x in seconds):
+        return None
+    return round(nbytes / sum(seconds) / 1e9, 3)
+
+
 def weight_sync_plots(d: dict, out: Path) -> list[Path | None]:
     groups = {f"{get(x, 'model')} x{get(x, 'engines')}": {
-        "rlsys into vLLM": get(x, "gb_per_s"), "rlsys transport": get(x, "transport_gb_per_s"),
+        "rlsys into vLLM": get(x, "gb_per_s"),
+        "rlsys into vLLM, staged": get(x, "staged_gb_per_s"),
+        "rlsys transport": get(x, "transport_gb_per_s"),
         "raw gloo": get(x, "raw_gloo_gb_per_s"),
         "raw gloo, reused buffers": get(x, "raw_reused_gb_per_s")}
         for x in get(d, "rows") or []}
@@ -572,7 +591,9 @@ def weight_sync_notes(d: dict) -> list[str]:
     if row is None:
         return []
     p = row["profile"]
-    lines = [f"Where the time goes (py-spy during {fmt(get(p, 'broadcasts'))} broadcasts, "
+    staged = " of weights staged in the update (learner.stage_weights)" if get(p, "staged") \
+        else ""
+    lines = [f"Where the time goes (py-spy during {fmt(get(p, 'broadcasts'))} broadcasts{staged}, "
              f"{get(row, 'model')} to {get(row, 'engines')} engine; share of each process's "
              f"samples by innermost frame; raw stacks in `{get(p, 'stacks')}`):", ""]
     for process in ("engine", "learner"):

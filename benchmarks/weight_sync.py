@@ -11,7 +11,9 @@ training step pays for it: the learner gathers and casts its fp32 masters to the
 bfloat16, packs 64 MiB buckets (--bucket-mb) and broadcasts them; each engine unpacks them into
 vLLM, re-packs its CPU GEMM weights and confirms the new version. Then, per repetition, one
 engine generates one token with the new weights: "first generation" is the time from the start
-of the broadcast to that token.
+of the broadcast to that token. The same again with `learner.stage_weights=true` ("staged"):
+before each sync the learner casts its weights into the buckets, as the update of a training
+step then does (timed apart: "stage_s"), and the sync only sends them.
 
 Delta sync (`learner.sync_mode=delta`) is measured on real GRPO steps of the demo (conf=smol,
 --delta-steps, default 6): per step, the changed fraction of bf16 values, the bytes and seconds
@@ -109,18 +111,27 @@ def demo_trainer(model_path: str, overrides: list[str], work: Path, bucket_mb: f
 
 
 def time_rlsys(model_path: str, engines: int, reps: int, work: Path,
-               profile_s: float = 0.0, bucket_mb: float = BUCKET_MB) -> dict:
+               profile_s: float = 0.0, bucket_mb: float = BUCKET_MB,
+               staged: bool = False) -> dict:
+    """`reps` syncs as a step pays them; `staged`: with learner.stage_weights, each preceded by
+    the cast a step's update then does (`stage_s`, timed apart: it is not in `seconds`)."""
     runs = []
-    with demo_trainer(model_path, [f"rollout.num_workers={engines}", "algorithm.kl_coef=0.0"],
-                      work, bucket_mb) as (trainer, first_token):
-        for _ in range(reps + 1):  # the first one warms up
+    overrides = [f"rollout.num_workers={engines}", "algorithm.kl_coef=0.0",
+                 f"learner.stage_weights={str(staged).lower()}"]
+    with demo_trainer(model_path, overrides, work, bucket_mb) as (trainer, first_token):
+        for _ in range(reps + 1):  # the first one warms up (and is never staged)
+            stage_s = trainer.learner.stage_weights() if staged else 0.0
             t0 = time.perf_counter()
             stats = trainer.fleet.publish([])
             synced = time.perf_counter() - t0
             runs.append({"seconds": synced, "bytes": stats["bytes"],
                          "learner_send_s": stats["seconds"], "buckets": stats["buckets"],
-                         "first_generation_s": synced + first_token()})
-        profile = profile_broadcasts(trainer, profile_s, work) if profile_s else None
+                         "first_generation_s": synced + first_token(),
+                         "stage_s": stage_s, "staged": stats.get("staged", 0.0)})
+        if staged and any(not r["staged"] for r in runs[1:]):
+            raise RuntimeError("a sync after stage_weights was not staged")
+        profile = profile_broadcasts(trainer, profile_s, work) | {"staged": staged} \
+            if profile_s else None
     return {"runs": runs[1:], **({"profile": profile} if profile else {})}
 
 
@@ -299,8 +310,8 @@ def main(argv: list[str]) -> dict:
                         help="real demo steps with learner.sync_mode=delta (default 6; --quick 3; "
                              "0 = none)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                        help="py-spy the learner and an engine for SECONDS of broadcasts (first "
-                             "model, one engine) and keep the top frames in the JSON")
+                        help="py-spy the learner and an engine for SECONDS of staged broadcasts "
+                             "(first model, one engine) and keep the top frames in the JSON")
     parser.add_argument("--bucket-mb", type=float, default=BUCKET_MB,
                         help=f"bucket size in MiB, of rlsys and the raw baselines alike "
                         f"(default {BUCKET_MB:g}, learner.sync_bucket_mb's default)")
@@ -322,7 +333,11 @@ def main(argv: list[str]) -> dict:
                 print(f"{model} -> {engines} engine(s)", flush=True)
                 profile_s = args.profile if not rows and engines == 1 else 0.0
                 ours = time_rlsys(str(path), engines, spec["reps"], work / f"run-{model}-{engines}",
-                                  profile_s, args.bucket_mb)
+                                  0.0, args.bucket_mb)
+                # Profiled staged: what is left once the cast is out of the sync.
+                staged = time_rlsys(str(path), engines, spec["reps"],
+                                    work / f"staged-{model}-{engines}", profile_s, args.bucket_mb,
+                                    staged=True)
                 nbytes = int(ours["runs"][0]["bytes"])
                 raw = time_plain("raw", path, engines, spec["reps"], work, args.bucket_mb)
                 reused = time_plain("raw_reused", path, engines, spec["reps"], work,
@@ -331,6 +346,8 @@ def main(argv: list[str]) -> dict:
                 transport = time_plain("transport", path, engines, spec["reps"], work,
                                        args.bucket_mb)
                 seconds = statistics.median(r["seconds"] for r in ours["runs"])
+                staged_seconds = statistics.median(r["seconds"] for r in staged["runs"])
+                stage_s = statistics.median(r["stage_s"] for r in staged["runs"])
                 raw_seconds = statistics.median(raw["seconds"])
                 transport_seconds = statistics.median(transport["seconds"])
                 rows.append({
@@ -349,10 +366,19 @@ def main(argv: list[str]) -> dict:
                         r["first_generation_s"] for r in ours["runs"]), 3),
                     "learner_send_s": round(statistics.median(
                         r["learner_send_s"] for r in ours["runs"]), 3),
-                    "runs": ours["runs"], "raw_gloo_runs": raw["seconds"],
+                    # learner.stage_weights: the cast done in the update, the sync only sends
+                    "staged_seconds": round(staged_seconds, 3),
+                    "staged_gb_per_s": round(nbytes / staged_seconds / 1e9, 3),
+                    "staged_ratio": round(raw_seconds / staged_seconds, 3),
+                    "stage_s": round(stage_s, 3),
+                    "staged_with_cast_ratio": round(raw_seconds / (staged_seconds + stage_s), 3),
+                    "staged_first_generation_s": round(statistics.median(
+                        r["first_generation_s"] for r in staged["runs"]), 3),
+                    "runs": ours["runs"], "staged_runs": staged["runs"],
+                    "raw_gloo_runs": raw["seconds"],
                     "raw_gloo_bytes": raw["bytes"], "transport_runs": transport["seconds"],
                     "raw_reused_runs": reused["seconds"],
-                    **({"profile": ours["profile"]} if "profile" in ours else {})})
+                    **({"profile": staged["profile"]} if "profile" in staged else {})})
         delta_steps = args.delta_steps if args.delta_steps is not None else (
             3 if args.quick else 6)
         delta = (time_delta_on_demo(str(base), delta_steps, work / "delta", args.bucket_mb)
@@ -375,17 +401,19 @@ def main(argv: list[str]) -> dict:
               "bucket_mb": args.bucket_mb, "wire_dtype": "bfloat16", "backend": "gloo",
               "rows": rows,
               "target_ratio": TARGET_RATIO, "delta_steps": delta, "delta": delta_summary,
-              "target_met": all(r["ratio"] >= TARGET_RATIO for r in rows)}
+              "target_met": all(r["ratio"] >= TARGET_RATIO for r in rows),
+              "staged_target_met": all(r["staged_ratio"] >= TARGET_RATIO for r in rows)}
     path = result_path("weight_sync", args.quick)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'model':<14} {'engines':>7} {'MB':>7} {'rlsys GB/s':>10} {'raw GB/s':>9} "
-          f"{'ratio':>6} {'reused raw':>10} {'ratio':>6} {'transport':>9} {'first gen s':>11}")
+          f"{'ratio':>6} {'reused raw':>10} {'ratio':>6} {'transport':>9} {'first gen s':>11} "
+          f"{'staged':>6} {'stage s':>7}")
     for r in rows:
         print(f"{r['model']:<14} {r['engines']:>7} {r['bytes'] / 2**20:>7.0f} "
               f"{r['gb_per_s']:>10.3f} {r['raw_gloo_gb_per_s']:>9.3f} {r['ratio']:>6.2f} "
               f"{r['raw_reused_gb_per_s']:>10.3f} {r['ratio_to_reused']:>6.2f} "
               f"{r['transport_ratio']:>9.2f} "
-              f"{r['first_generation_s']:>11.2f}")
+              f"{r['first_generation_s']:>11.2f} {r['staged_ratio']:>6.2f} {r['stage_s']:>7.3f}")
     if delta_summary:
         print(f"delta sync on {delta_summary['steps']} demo steps: changed "
               f"{delta_summary['changed_frac_median']:.4f} of values, "

@@ -214,6 +214,11 @@ class LearnerGroup:
         """Refs of every rank's part (gathering shards); rank 0's result holds the figures."""
         return [w.broadcast_weights.remote(manifest, bucket_bytes, mode) for w in self.workers]
 
+    def stage_weights(self) -> float:
+        """Cast the weights for the next sync now (see Learner.stage_weights; train_step does
+        it with learner.stage_weights); the slowest rank's seconds."""
+        return max(self._all("stage_weights"))
+
     def weight_digests(self, manifest: weight_sync.WeightManifest) -> list[str]:
         """Hashes of the weights the engines should hold (see Learner.weight_digests)."""
         return ray.get([w.weight_digests.remote(manifest) for w in self.workers])[0]

@@ -49,7 +49,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss
 # is its share of the globally normalised loss, so shares add up; every other metric is a
 # token-weighted mean.
-_MAX_METRICS = frozenset({"ratio_max", "logprob_gap_max", "host_rss_gb"})
+_MAX_METRICS = frozenset({"ratio_max", "logprob_gap_max", "host_rss_gb", "stage_weights_s"})
 _SHARE_METRICS = frozenset({"loss", "pg_loss", "kl"})
 # Same on every rank (computed with collectives or from shared state): taken from rank 0.
 _GLOBAL_METRICS = frozenset({"grad_norm", "lr", "learner_step"})
@@ -219,6 +219,12 @@ class Learner:
         self.sync_group: ProcessGroup | None = None
         self.sync_store: TCPStore | None = None  # the group's rendezvous, hosted by rank 0
         self.weight_sender: weight_sync.WeightSender | None = None
+        # The same on every rank, so that all ranks agree on whether a sync gathers: what the
+        # last sync sent (manifest, bucket bytes), how often the weights changed, and which of
+        # those versions the sender has staged (learner.stage_weights).
+        self._sync_spec: tuple[weight_sync.WeightManifest, int] | None = None
+        self._weights_version = 0
+        self._staged_version: int | None = None
 
     def _build_model(self, path: str, checkpoint_activations: bool = False) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -434,6 +440,8 @@ class Learner:
         metrics = {k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums}
         self.step += 1
         t1 = time.perf_counter()
+        if self.cfg.stage_weights:
+            metrics["stage_weights_s"] = self.stage_weights()
         # Tokens of all prompt+response sequences, as a learner without prompt sharing sees them.
         seq_tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
         metrics.update(self._mind_host_memory())
@@ -518,6 +526,7 @@ class Learner:
     def _optimizer_step(self) -> float:
         norm = parallel.clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip)
         self.optimizer.step()
+        self._weights_version += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -565,7 +574,9 @@ class Learner:
         removed); see `weight_sync.close_weight_sync_group`."""
         weight_sync.close_weight_sync_group(self.sync_group)
         self.sync_group = self.sync_store = None
-        self.weight_sender = None  # a new group may hold new engines: the next send is full
+        if self.weight_sender is not None:
+            # A new group may hold new engines: the next send is full. What is staged stays.
+            self.weight_sender.holds = False
 
     @torch.no_grad()
     def broadcast_weights(self, manifest: weight_sync.WeightManifest, bucket_bytes: int,
@@ -575,29 +586,61 @@ class Learner:
 
         Rank 0 keeps a `WeightSender` for the group: reused bucket buffers and, with
         `learner.sync_mode=delta`, what the engines hold (the model's size in the wire dtype).
-        It holds at most one gathered tensor at a time, never the gathered model.
+        It holds at most one gathered tensor at a time, never the gathered model. A full sync
+        of weights staged since they last changed (`stage_weights`) gathers nothing and only
+        sends; its figures then have "staged" 1.
         """
-        tensors = parallel.full_tensors(self.model)
+        staged = (mode == "full" and self._staged_version == self._weights_version
+                  and self._sync_spec == (manifest, bucket_bytes))
+        self._sync_spec = (manifest, bucket_bytes)
+        tensors = iter(()) if staged else parallel.full_tensors(self.model)
         if self.rank != 0:
             for _ in tensors:
                 pass
             return {}
         if self.sync_group is None:
             raise RuntimeError("init_weight_sync must be called before broadcast_weights")
-        sender = self.weight_sender
-        if sender is None or sender.manifest != manifest or sender.bucket_bytes != bucket_bytes:
-            sender = self.weight_sender = weight_sync.WeightSender(
-                manifest, bucket_bytes, weight_sync.wire_device(self.sync_group),
-                keep_held=self.cfg.sync_mode == "delta")
+        sender = self._sender(manifest, bucket_bytes, weight_sync.wire_device(self.sync_group))
         try:
-            if mode == "delta":
-                return sender.send_delta(self.sync_group, tensors)
-            return sender.send_full(self.sync_group, tensors)
+            if staged:
+                return sender.send_full(self.sync_group, None) | {"staged": 1.0}
+            # (A full send overwrites what is staged; `_staged_version`, older than the
+            # weights, can no longer match.)
+            send = sender.send_delta if mode == "delta" else sender.send_full
+            return send(self.sync_group, tensors) | {"staged": 0.0}
         finally:
             # A send that failed (an engine died) must still take part in the other ranks'
             # gathers of the remaining tensors, or they would wait for rank 0 forever.
             for _ in tensors:
                 pass
+
+    def _sender(self, manifest: weight_sync.WeightManifest, bucket_bytes: int,
+                device: torch.device) -> weight_sync.WeightSender:
+        """Rank 0's sender for this manifest and bucket size (kept: its buffers are reused)."""
+        sender = self.weight_sender
+        if sender is None or sender.manifest != manifest or sender.bucket_bytes != bucket_bytes:
+            sender = self.weight_sender = weight_sync.WeightSender(
+                manifest, bucket_bytes, device, keep_held=self.cfg.sync_mode == "delta")
+        return sender
+
+    @torch.no_grad()
+    def stage_weights(self) -> float:
+        """Cast the weights into the sync's buckets now (`WeightSender.stage`), so that the next
+        full sync, if they have not changed by then, only sends; returns the seconds it took
+        (0 before the first sync, whose manifest and bucket size it needs). All ranks take part
+        (the gathers are collective); rank 0 keeps the buckets on its wire device."""
+        if self._sync_spec is None:
+            return 0.0
+        t0 = time.perf_counter()
+        tensors = parallel.full_tensors(self.model)
+        if self.rank == 0:
+            # The sync's backend follows this device (NCCL for CUDA, gloo for host memory), so
+            # the buckets live where the wire reads them; the sender exists after a first sync.
+            self._sender(*self._sync_spec, self.device).stage(tensors)
+        for _ in tensors:  # the other ranks' share of the gathers (rank 0: nothing left)
+            pass
+        self._staged_version = self._weights_version
+        return time.perf_counter() - t0
 
     @torch.no_grad()
     def weight_digests(self, manifest: weight_sync.WeightManifest) -> list[str]:
@@ -641,6 +684,7 @@ class Learner:
             set_model_state_dict(self.ref_model, state["ref_model"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self._weights_version += 1
         return self.step
 
     def save_pretrained(self, path: str) -> str:

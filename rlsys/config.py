@@ -404,6 +404,12 @@ class LearnerConfig:
                          "(after a full sync, only the wire-dtype values that changed; new, "
                          "replaced or resumed engines get a full sync; learner rank 0 keeps a "
                          "copy of the model in the wire dtype)", "full")
+    stage_weights: bool = doc("cast the weights to the wire dtype into the sync's buckets at "
+                              "the end of each GRPO step, so the next full sync only sends them: "
+                              "the cast leaves the window in which engines wait for weights "
+                              "(they generate meanwhile with rollout.max_staleness >= 1). Costs "
+                              "rank 0 a copy of the model in rollout.dtype on its wire device "
+                              "(the GPU with NCCL); needs sync_mode=full", False)
     device_memory_gb: float = doc("GiB of memory of each learner GPU: the memory plan "
                                   "(--print-config) refuses a learner.device=cuda run whose "
                                   "per-GPU peak exceeds it, and sizes activation "
@@ -418,6 +424,9 @@ class LearnerConfig:
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
         _one_of(self, "learner", "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         _one_of(self, "learner", "sync_mode", ("full", "delta"))
+        _require(not (self.stage_weights and self.sync_mode == "delta"), "learner.stage_weights",
+                 self.stage_weights, "needs learner.sync_mode=full (a delta sync diffs each "
+                 "tensor against what the engines hold as it casts it)")
         _one_of(self, "learner", "allocator", ("glibc", "jemalloc"))
         _one_of(self, "learner", "lr_schedule", LR_SCHEDULES)
         _require(0 <= self.min_lr_ratio <= 1, "learner.min_lr_ratio", self.min_lr_ratio,

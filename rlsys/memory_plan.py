@@ -16,6 +16,8 @@ and the output projection over tp; FSDP2 shards everything over dp):
     teacher model                    the same for distill.loss=kd, at the teacher's shape
     engines' weights (delta sync)    learner.sync_mode=delta: rank 0 keeps the whole model in
                                      rollout.dtype, what the engines hold, to send only changes
+    staged weights                   learner.stage_weights: rank 0 keeps the whole model in
+                                     rollout.dtype, cast ahead of the next sync
     gathered FSDP units (dp > 1)     the root unit (embedding, output projection) gathered for the
                                      whole pass, the running layer and the prefetched next one in
                                      the compute dtype, and one layer's unsharded gradients
@@ -371,6 +373,11 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
         terms.append(Term("engines' weights for delta sync (rank 0)",
                           _gib(shape.params() * DTYPE_BYTES[cfg.rollout.dtype]),
                           fix="learner.sync_mode=full"))
+    if lc.stage_weights:
+        # Rank 0 casts the whole model into the sync's buckets after each step.
+        terms.append(Term("staged weights for the sync (rank 0)",
+                          _gib(shape.params() * DTYPE_BYTES[cfg.rollout.dtype]),
+                          fix="learner.stage_weights=false"))
     layer = shape.layer_params() / tp
     if fsdp:
         root = shape.embedding_params() / tp

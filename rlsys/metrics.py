@@ -241,10 +241,11 @@ def step_metrics(batch: Any, learner: dict[str, float], sync: dict[str, float],
     }
     # The weight sync's own figures (EngineFleet.send_weights): bytes on the wire, the changed
     # fraction, and its time split into the learner's cast/encode, its wait on the wire, the
-    # engines' loading and the window in which they could not generate.
+    # engines' loading and the window in which they could not generate; "staged" when the cast
+    # was done in the update (learner.stage_weights, its seconds in train/stage_weights_s).
     stats |= {f"sync/{key}": sync.get(key, 0.0)
               for key in ("bytes", "seconds", "changed_frac", "convert_s", "transfer_s",
-                          "load_s", "gen_blocked_s", "delta")}
+                          "load_s", "gen_blocked_s", "delta", "staged")}
     if trained_samples:
         # Versions behind the policy that trained on them (0 = on-policy).
         staleness = [trained_version - s["weight_version"] for s in trained_samples]

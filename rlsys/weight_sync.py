@@ -361,12 +361,14 @@ class WeightSender:
 
     A full sync casts each tensor to its wire dtype straight into a reused bucket buffer and
     broadcasts it asynchronously, so the next bucket is cast while the last one is on the wire
-    (two buffers rotate). With `keep_held`, the sender also keeps what the receivers hold (the
-    wire-dtype values last sent: one bucket buffer per bucket, the model's size in the wire
-    dtype), which a delta sync needs: it sends per tensor only the values whose bits differ,
-    as the smallest of full values, int32 indices + values, or a bitmask + values (nothing for an
-    unchanged tensor). A small header of (encoding, count) per tensor goes first, from which the
-    receivers derive the same bucket layout.
+    (two buffers rotate). `stage` does the cast ahead of time instead, into one kept buffer per
+    bucket (the model's size in the wire dtype), after which `send_full` only sends: the cast
+    then leaves the window in which the engines wait. With `keep_held`, the sender also keeps
+    what the receivers hold (the wire-dtype values last sent: one bucket buffer per bucket, the
+    model's size in the wire dtype), which a delta sync needs: it sends per tensor only the
+    values whose bits differ, as the smallest of full values, int32 indices + values, or a
+    bitmask + values (nothing for an unchanged tensor). A small header of (encoding, count) per
+    tensor goes first, from which the receivers derive the same bucket layout.
     """
 
     def __init__(self, manifest: WeightManifest, bucket_bytes: int, device: torch.device,
@@ -377,6 +379,7 @@ class WeightSender:
         self.layout = full_layout(manifest, bucket_bytes)
         self.keep_held = keep_held
         self.holds = False  # receivers hold exactly `held` (a full sync went out since)
+        self.staged = False  # the bucket buffers hold the values `stage` was given
         self._full = _Buffers(len(self.layout) if keep_held else 2, device)
         self._delta = _Buffers(2, device)
         self._views: dict[int, torch.Tensor] = {}
@@ -397,24 +400,55 @@ class WeightSender:
         _, shape, dtype = self.manifest[index]
         return typed(buffer[offset:], dtype_from_name(dtype), math.prod(shape)).view(shape)
 
-    def send_full(self, group: ProcessGroup, named_tensors: Iterable[tuple[str, torch.Tensor]],
+    def send_full(self, group: ProcessGroup,
+                  named_tensors: Iterable[tuple[str, torch.Tensor]] | None,
                   src: int = 0) -> dict[str, float]:
-        """Every tensor, cast to its wire dtype, to every other rank (`receive_full`)."""
+        """Every tensor, cast to its wire dtype, to every other rank (`receive_full`); with
+        `named_tensors=None`, the values of the last `stage`, already cast."""
+        if named_tensors is None:
+            if not self.staged:
+                raise RuntimeError("send_full(None) before stage: nothing is staged")
+            with single_threaded(self.device):
+                timer = PhaseTimer()
+                sent = self._stream(group, self.layout, self._full, lambda *_: None, timer, src)
+            return _sync_stats(timer, sent, buckets=len(self.layout), changed_frac=1.0)
+        self.staged = False  # the buffers are about to hold other values
         with single_threaded(self.device):
             return self._send_full(group, iter(named_tensors), src)
+
+    def stage(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Cast every tensor to its wire dtype into its bucket now, for a `send_full(None)`
+        later; returns the seconds it took. The caller must stage again whenever the tensors
+        change (the sender cannot tell). Uses torch's threads: it runs while no sync does."""
+        if self.keep_held:
+            raise RuntimeError("stage with keep_held: a delta sync diffs against the buffers")
+        t0 = time.perf_counter()
+        if len(self._full.slots) < len(self.layout):
+            self._full = _Buffers(len(self.layout), self.device)
+        self.staged = False
+        tensors = iter(named_tensors)
+        for number, (segments, total) in enumerate(self.layout):
+            self._fill(self._full.get(number, total), segments, tensors)
+        if next(tensors, None) is not None:
+            raise ValueError("named_tensors has more entries than the manifest")
+        _synchronize(self.device)
+        self.staged = True
+        return time.perf_counter() - t0
+
+    def _fill(self, buffer: torch.Tensor, segments: list[Segment],
+              tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        for index, offset, _ in segments:
+            view = self._wire_view(buffer, index, offset)
+            view.copy_(self._check(tensors, index))  # casts and moves in one pass
+            if self.keep_held:
+                self._views[index] = view
 
     def _send_full(self, group: ProcessGroup, tensors: Iterator[tuple[str, torch.Tensor]],
                    src: int) -> dict[str, float]:
         timer = PhaseTimer()
-
-        def fill(buffer: torch.Tensor, segments: list[Segment]) -> None:
-            for index, offset, _ in segments:
-                view = self._wire_view(buffer, index, offset)
-                view.copy_(self._check(tensors, index))  # casts and moves in one pass
-                if self.keep_held:
-                    self._views[index] = view
-
-        sent = self._stream(group, self.layout, self._full, fill, timer, src)
+        sent = self._stream(group, self.layout, self._full,
+                            lambda buffer, segments: self._fill(buffer, segments, tensors),
+                            timer, src)
         if next(tensors, None) is not None:
             raise ValueError("named_tensors has more entries than the manifest")
         self.holds = self.keep_held

@@ -55,6 +55,8 @@ def test_r1_zero_has_the_papers_settings():
     (["algorithm.rollout_is=seq"], "bad value for 'algorithm.rollout_is': 'seq' (one of none, "
                                    "token, sequence)"),
     (["algorithm.rollout_is_cap=1.0"], "bad value for 'algorithm.rollout_is_cap': 1.0 (must be"),
+    (["learner.stage_weights=true", "learner.sync_mode=delta"],
+     "bad value for 'learner.stage_weights': True (needs learner.sync_mode=full"),
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0"],
      "bad value for 'algorithm.kl_in_reward': True (needs algorithm.kl_coef > 0"),
     (["reward.weights.acc=1"], "unknown reward part 'acc'"),

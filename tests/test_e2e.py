@@ -253,20 +253,14 @@ def test_tiny_inflight_run_starts_on_policy(ray_cluster, tmp_path):
     assert [r["weight_version"] for r in steps] == [1, 2, 3]
 
 
-@pytest.mark.timeout(300)
-def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
-    """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
-    values, and after every step the engine holds exactly the learner's weights (bitwise, in
-    the wire dtype), as a full sync would have left it."""
+def _compare_engines_after_each_sync(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """From now on, after each weight sync, compare every engine's weights with the learner's
+    (bitwise, in the wire dtype); returns the list that collects (version, tensor index) of
+    each mismatch."""
     import ray
 
     from rlsys.fleet import EngineFleet
 
-    out = tmp_path / "run"
-    # bfloat16 engines, as on real runs: an fp32 wire would see every value change each step.
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.sync_mode=delta",
-                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
-                       "trainer.save_final=false"])
     publish = EngineFleet.publish
     mismatches: list[tuple[int, int]] = []
 
@@ -280,6 +274,20 @@ def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
         return stats
 
     monkeypatch.setattr(EngineFleet, "publish", checked_publish)
+    return mismatches
+
+
+@pytest.mark.timeout(300)
+def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
+    """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
+    values, and after every step the engine holds exactly the learner's weights (bitwise, in
+    the wire dtype), as a full sync would have left it."""
+    out = tmp_path / "run"
+    # bfloat16 engines, as on real runs: an fp32 wire would see every value change each step.
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.sync_mode=delta",
+                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
+                       "trainer.save_final=false"])
+    mismatches = _compare_engines_after_each_sync(monkeypatch)
     train(cfg)
     assert mismatches == []
     steps = read_metrics(out / "metrics.jsonl")[1:]
@@ -293,3 +301,25 @@ def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
     for r in steps:
         for key in ("sync/convert_s", "sync/transfer_s", "sync/load_s", "sync/gen_blocked_s"):
             assert r[key] > 0, key
+
+
+@pytest.mark.timeout(600)
+def test_tiny_run_with_staged_weights(ray_cluster, tmp_path, monkeypatch):
+    """learner.stage_weights: each update casts the weights for the next sync, which then only
+    sends them (from the second sync on: the first tells the learner the manifest), and the
+    engine holds exactly the learner's weights after every step. Two data-parallel ranks: all
+    must agree on when a sync gathers (a rank that gathered alone would wait forever)."""
+    out = tmp_path / "run"
+    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.stage_weights=true",
+                       "learner.dp=2",
+                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
+                       "trainer.save_final=false"])
+    mismatches = _compare_engines_after_each_sync(monkeypatch)
+    train(cfg)
+    assert mismatches == []
+    steps = read_metrics(out / "metrics.jsonl")[1:]
+    assert [r["sync/staged"] for r in steps] == [0.0, 1.0, 1.0]
+    assert steps[0]["train/stage_weights_s"] == 0.0
+    for r in steps[1:]:
+        assert r["train/stage_weights_s"] > 0 and r["sync/convert_s"] < 1e-3  # nothing cast
+        assert r["sync/bytes"] == steps[0]["sync/bytes"]

@@ -247,9 +247,10 @@ def test_estimate_matches_measured_peaks(tmp_path: Path) -> None:
     assert rows[1]["measured_transient_gib"] < 0.7 * rows[0]["measured_transient_gib"]
 
 
-def test_delta_sync_plans_the_engines_weights_on_rank_0() -> None:
+@pytest.mark.parametrize("option", ["learner.sync_mode=delta", "learner.stage_weights=true"])
+def test_delta_sync_and_staging_plan_a_wire_copy_of_the_model_on_rank_0(option: str) -> None:
     full = load_config(["conf=r1_zero"])
-    delta = load_config(["conf=r1_zero", "learner.sync_mode=delta"])
+    kept = load_config(["conf=r1_zero", option])
     shape = mp.model_shape(full.model.path)
-    extra = mp.memory_plan(delta, shape).learner.peak - mp.memory_plan(full, shape).learner.peak
+    extra = mp.memory_plan(kept, shape).learner.peak - mp.memory_plan(full, shape).learner.peak
     assert extra == pytest.approx(shape.params() * 2 / 2**30, rel=0.01)  # bf16 on the wire

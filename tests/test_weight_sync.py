@@ -300,3 +300,47 @@ def test_delta_sync_is_bit_exact_across_encodings() -> None:
         for got, want in zip(got_step, want_step, strict=True):
             assert torch.equal(got.reshape(-1).view(torch.uint8),
                                want.reshape(-1).view(torch.uint8))
+
+
+def test_a_staged_send_carries_the_values_of_the_stage_not_later_ones() -> None:
+    """`stage` casts ahead (learner.stage_weights); `send_full(None)` then sends exactly the
+    staged values, bitwise, even after the tensors changed, as often as asked; a send of
+    tensors replaces what is staged. Sending nothing staged, or staging for a delta sender,
+    fails with its reason."""
+    state = _state_dict()
+    manifest = build_manifest(state.items(), torch.bfloat16)
+    port = find_free_port()
+    got: list[list[torch.Tensor]] = []
+
+    def receive() -> None:
+        group = init_weight_sync_group("gloo", "127.0.0.1", port, 1, 2, timeout_s=60)
+        receiver = WeightReceiver(manifest, 256)
+        for _ in range(3):
+            got.append([t.clone() for _, t in receiver.receive_full(group)])
+
+    def wire(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(dtype_from_name(d)) for t, (_, _, d) in
+                zip(tensors.values(), manifest, strict=True)]
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
+    sender = WeightSender(manifest, 256, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="nothing is staged"):
+        sender.send_full(group, None)
+    assert sender.stage(state.items()) > 0 and sender.staged
+    staged = wire(state)
+    with torch.no_grad():
+        state["embed"] += 1.0  # the learner's next step; the staged values must not follow
+    sender.send_full(group, None)
+    stats = sender.send_full(group, None)
+    assert stats["buckets"] == len(plan_buckets(manifest, 256))
+    sender.send_full(group, state.items())
+    assert not sender.staged
+    thread.join(timeout=60)
+    assert not thread.is_alive() and len(got) == 3
+    for received, want in zip(got, [staged, staged, wire(state)], strict=True):
+        for a, b in zip(received, want, strict=True):
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    with pytest.raises(RuntimeError, match="keep_held"):
+        WeightSender(manifest, 256, torch.device("cpu"), keep_held=True).stage(state.items())
