@@ -112,8 +112,10 @@ def trl_rows(d: dict) -> list[Row]:
 
 
 def weight_sync_rows(d: dict) -> list[Row]:
-    t, rows = get(d, "target_ratio"), []
+    rows = []
     for x in get(d, "rows") or []:
+        t = get(d, "target_ratio") if get(x, "engines") == 1 else first(
+            get(d, "target_ratio_multi"), get(d, "target_ratio"))
         r = first(get(x, "ratio"), ratio(get(x, "gb_per_s"), get(x, "raw_gloo_gb_per_s")))
         where = f"{get(x, 'model')}, {get(x, 'engines')} engine(s)"
         rows.append(Row(f"weight sync GB/s into vLLM, {where}", get(x, "gb_per_s"),
