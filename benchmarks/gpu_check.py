@@ -14,7 +14,9 @@ torch (learners/packing.py, learners/parallel.py, rlsys/algo) and the memory pla
    (allocator statistics) against rlsys.memory_plan's estimate, and the memory checkpointing
    saves;
 2. varlen against SDPA parity of the packed attention (`learners.packing.packed_attention_parity`);
-3. a DCP (torch.distributed.checkpoint) save/load round trip of model and optimizer state.
+3. a DCP (torch.distributed.checkpoint) save/load round trip of model and optimizer state;
+4. the learner's end of a full weight sync on the GPU over NCCL (one rank): casting in the sync
+   against weights staged in the update (`learner.stage_weights`).
 
 Writes benchmarks/results/gpu_check.json. `--device cpu` runs the same code on the tiny model's
 shape in well under a minute (CI runs it) and writes results/quick/gpu_check.json, so that it
@@ -45,6 +47,7 @@ from benchmarks.memory_plan import allocator_peak
 BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GB200", 2500.0),
                     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0))
 GPU_MODELS = ("smollm2-135m-instruct", "Qwen2.5-1.5B")
+SYNC_BUCKET_BYTES = 64 << 20  # learner.sync_bucket_mb's default (the config needs omegaconf)
 GPU_TOKENS = 16384  # per micro-batch
 CPU_MODELS = ("tiny-random",)
 CPU_TOKENS = 1024
@@ -140,7 +143,7 @@ def plan_namespace(device: str, tokens: int, mode: str, row_width: int, backend:
     learner = SimpleNamespace(tp=1, dp=1, max_tokens_per_microbatch=tokens,
                               param_dtype="float32", compute_dtype="bfloat16",
                               device=plan_device, activation_checkpointing=mode,
-                              device_memory_gb=1e9, sync_mode="full")
+                              device_memory_gb=1e9, sync_mode="full", stage_weights=False)
     return SimpleNamespace(learner=learner,
                            algorithm=SimpleNamespace(kl_coef=0.0, entropy_coef=0.0,
                                                      entropy_target=0.0),
@@ -337,6 +340,55 @@ def check_dcp(name: str, device: str) -> dict:
             "max_abs_diff": diff, "ok": diff == 0.0}
 
 
+def check_weight_staging(name: str, device: str, reps: int = 3) -> dict:
+    """The learner's end of a full weight sync on the wire device a learner there uses (CUDA
+    with NCCL, host memory with gloo), over a one-rank group of that backend: casting in the
+    sync (`WeightSender.send_full` of the fp32 parameters) against staging
+    (learner.stage_weights: `stage` at the end of the update, then `send_full(None)`), in bf16
+    buckets of the learner's default size. Medians of `reps`; any error is reported, not
+    raised, so the other checks' figures are kept."""
+    import torch
+
+    from rlsys.memory_plan import model_shape
+    from rlsys.weight_sync import (
+        WeightSender,
+        build_manifest,
+        close_weight_sync_group,
+        find_free_port,
+        init_weight_sync_group,
+    )
+
+    shape = model_shape(name)
+    assert shape is not None
+    backend = "nccl" if device == "cuda" else "gloo"
+    try:
+        params = list(Update(shape, device, "none").model.named_parameters())
+        manifest = build_manifest(params, torch.bfloat16)
+        group = init_weight_sync_group(backend, "127.0.0.1", find_free_port(), 0, 1,
+                                       timeout_s=120)
+        try:
+            sender = WeightSender(manifest, SYNC_BUCKET_BYTES, torch.device(device))
+            cast, stage, staged = [], [], []
+            for _ in range(reps + 1):  # the first one warms up
+                t0 = time.perf_counter()
+                sender.send_full(group, params)
+                cast.append(time.perf_counter() - t0)
+                stage.append(sender.stage(params))
+                t0 = time.perf_counter()
+                sender.send_full(group, None)
+                staged.append(time.perf_counter() - t0)
+        finally:
+            close_weight_sync_group(group)
+    except Exception as exc:  # a check's failure is one of its results
+        return {"model": name, "backend": backend, "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"}
+    return {"model": name, "backend": backend,
+            "bytes": sum(math.prod(dims) * 2 for _, dims, _ in manifest),
+            "cast_in_sync_s": statistics.median(cast[1:]),
+            "stage_s": statistics.median(stage[1:]),
+            "staged_sync_s": statistics.median(staged[1:]), "ok": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -375,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [check_model(m, device, budget, steps, peaks) for m in models]
     parity = check_parity(device)
     dcp = check_dcp(models[0], device)
+    staging = check_weight_staging(models[0], device)
+    print(f"weight staging ({staging['backend']}): {staging}", flush=True)
     print(f"parity: {parity.get('ok')} ({parity.get('backend', 'n/a')}); DCP round trip: "
           f"{dcp['ok']} ({dcp['bytes'] / 2**20:.0f} MiB, save {dcp['save_s']:.1f} s, load "
           f"{dcp['load_s']:.1f} s)", flush=True)
@@ -384,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine(), "platform": platform.platform()},
         "versions": versions("torch", "transformers", "flash-attn"),
         "device": gpu, "micro_batches": MICRO_BATCHES, "models": results,
-        "parity": parity, "dcp": dcp, "plan_tolerance": TOLERANCE,
+        "parity": parity, "dcp": dcp, "weight_staging": staging, "plan_tolerance": TOLERANCE,
         "checks": {"plan_within_tolerance": plans_ok, "parity": parity.get("ok"),
-                   "dcp_round_trip": dcp["ok"],
+                   "dcp_round_trip": dcp["ok"], "weight_staging": staging["ok"],
                    "checkpointing_saves_memory": all(r["checkpointing_saved_gib"] > 0
                                                      for r in results)},
         "minutes": (time.time() - started) / 60,

@@ -405,6 +405,14 @@ def gpu_check_rows(d: dict) -> list[Row]:
                     get(d, "parity", "ok"), met=get(d, "parity", "ok")))
     rows.append(Row(f"DCP save/load round trip, {where}", get(d, "dcp", "ok"),
                     met=get(d, "dcp", "ok")))
+    staging = get(d, "weight_staging")
+    if staging:
+        rows.append(Row(f"learner's full weight sync s, weights staged in the update "
+                        f"({get(staging, 'backend')}, {get(staging, 'model')}), {where}",
+                        get(staging, "staged_sync_s"), "cast in the sync",
+                        get(staging, "cast_in_sync_s"),
+                        ratio(get(staging, "cast_in_sync_s"), get(staging, "staged_sync_s")),
+                        met=get(staging, "ok")))
     return rows
 
 

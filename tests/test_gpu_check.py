@@ -33,7 +33,11 @@ def test_cpu_smoke_run_without_ray_vllm_omegaconf(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["device"]["kind"] == "cpu" and result["ok"] is True
     assert result["checks"] == {"plan_within_tolerance": True, "parity": True,
-                                "dcp_round_trip": True, "checkpointing_saves_memory": True}
+                                "dcp_round_trip": True, "weight_staging": True,
+                                "checkpointing_saves_memory": True}
+    staging = result["weight_staging"]
+    assert staging["backend"] == "gloo" and staging["bytes"] > 0
+    assert staging["stage_s"] > 0 and staging["staged_sync_s"] > 0
     (model,) = result["models"]
     assert model["model"] == "tiny-random" and model["micro_batches"] == 2
     assert model["attention_backend"] == "sdpa"
