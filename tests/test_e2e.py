@@ -4,6 +4,7 @@ gloo weight broadcast, on the tiny random model (conf/tiny.yaml)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,16 +254,17 @@ def test_tiny_inflight_run_starts_on_policy(ray_cluster, tmp_path):
     assert [r["weight_version"] for r in steps] == [1, 2, 3]
 
 
-def _compare_engines_after_each_sync(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """From now on, after each weight sync, compare every engine's weights with the learner's
-    (bitwise, in the wire dtype); returns the list that collects (version, tensor index) of
-    each mismatch."""
+def _tiny_run_checking_each_sync(out: Path, monkeypatch: pytest.MonkeyPatch,
+                                 *overrides: str) -> list[dict]:
+    """Three steps of conf=tiny with bfloat16 engines (as on real runs: an fp32 wire would see
+    every value change each step) and `overrides`; after each weight sync every engine's weights
+    must equal the learner's, bitwise in the wire dtype. Returns the steps' metrics."""
     import ray
 
     from rlsys.fleet import EngineFleet
 
     publish = EngineFleet.publish
-    mismatches: list[tuple[int, int]] = []
+    mismatches: list[tuple[int, int]] = []  # (version, tensor index)
 
     def checked_publish(self: EngineFleet, in_flight: list) -> dict[str, float]:
         stats = publish(self, in_flight)
@@ -274,7 +276,11 @@ def _compare_engines_after_each_sync(monkeypatch: pytest.MonkeyPatch) -> list[tu
         return stats
 
     monkeypatch.setattr(EngineFleet, "publish", checked_publish)
-    return mismatches
+    train(load_config(["conf=tiny", f"trainer.output_dir={out}", "rollout.dtype=bfloat16",
+                       "trainer.steps=3", "trainer.eval_size=0", "trainer.save_final=false",
+                       *overrides]))
+    assert mismatches == []
+    return read_metrics(out / "metrics.jsonl")[1:]
 
 
 @pytest.mark.timeout(300)
@@ -282,15 +288,8 @@ def test_tiny_run_with_delta_weight_sync(ray_cluster, tmp_path, monkeypatch):
     """learner.sync_mode=delta: the first sync is full, the next ones send only the changed
     values, and after every step the engine holds exactly the learner's weights (bitwise, in
     the wire dtype), as a full sync would have left it."""
-    out = tmp_path / "run"
-    # bfloat16 engines, as on real runs: an fp32 wire would see every value change each step.
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.sync_mode=delta",
-                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
-                       "trainer.save_final=false"])
-    mismatches = _compare_engines_after_each_sync(monkeypatch)
-    train(cfg)
-    assert mismatches == []
-    steps = read_metrics(out / "metrics.jsonl")[1:]
+    steps = _tiny_run_checking_each_sync(tmp_path / "run", monkeypatch,
+                                         "learner.sync_mode=delta")
     assert [r["weight_version"] for r in steps] == [1, 2, 3]
     # The engines start from the checkpoint on disk, which the learner has not sent: the first
     # sync is full, the later ones are deltas.
@@ -309,15 +308,8 @@ def test_tiny_run_with_staged_weights(ray_cluster, tmp_path, monkeypatch):
     sends them (from the second sync on: the first tells the learner the manifest), and the
     engine holds exactly the learner's weights after every step. Two data-parallel ranks: all
     must agree on when a sync gathers (a rank that gathered alone would wait forever)."""
-    out = tmp_path / "run"
-    cfg = load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.stage_weights=true",
-                       "learner.dp=2",
-                       "rollout.dtype=bfloat16", "trainer.steps=3", "trainer.eval_size=0",
-                       "trainer.save_final=false"])
-    mismatches = _compare_engines_after_each_sync(monkeypatch)
-    train(cfg)
-    assert mismatches == []
-    steps = read_metrics(out / "metrics.jsonl")[1:]
+    steps = _tiny_run_checking_each_sync(tmp_path / "run", monkeypatch,
+                                         "learner.stage_weights=true", "learner.dp=2")
     assert [r["sync/staged"] for r in steps] == [0.0, 1.0, 1.0]
     assert steps[0]["train/stage_weights_s"] == 0.0
     for r in steps[1:]:

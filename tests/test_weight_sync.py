@@ -80,6 +80,19 @@ def _state_dict() -> dict[str, torch.Tensor]:
 BUCKET_SIZES = (0, 256, 4096, 1 << 20)
 
 
+def _wire(state: dict[str, torch.Tensor], manifest: list) -> list[torch.Tensor]:
+    """The tensors of `state` as the wire carries them (each in its manifest dtype)."""
+    return [t.to(dtype_from_name(d)) for t, (_, _, d) in
+            zip(state.values(), manifest, strict=True)]
+
+
+def _assert_bitwise_equal(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]
+                          ) -> None:
+    for got_step, want_step in zip(got, want, strict=True):
+        for a, b in zip(got_step, want_step, strict=True):
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
 def test_two_process_broadcast_is_bit_exact(ray_cluster) -> None:
     ray = ray_cluster
 
@@ -292,14 +305,10 @@ def test_delta_sync_is_bit_exact_across_encodings() -> None:
             state["norm"][0] = [-0.0, float("nan"), 0.0][step]  # bit-level changes
             stats = sender.send_delta(group, state.items())
             assert 0 < stats["changed_frac"] < 1 and stats["bytes"] < full["bytes"]
-            sent.append([t.to(dtype_from_name(d)) for t, (_, _, d) in
-                         zip(state.values(), manifest, strict=True)])
+            sent.append(_wire(state, manifest))
     thread.join(timeout=60)
     assert not thread.is_alive() and len(held) == 3
-    for got_step, want_step in zip(held, sent, strict=True):
-        for got, want in zip(got_step, want_step, strict=True):
-            assert torch.equal(got.reshape(-1).view(torch.uint8),
-                               want.reshape(-1).view(torch.uint8))
+    _assert_bitwise_equal(held, sent)
 
 
 def test_a_staged_send_carries_the_values_of_the_stage_not_later_ones() -> None:
@@ -318,10 +327,6 @@ def test_a_staged_send_carries_the_values_of_the_stage_not_later_ones() -> None:
         for _ in range(3):
             got.append([t.clone() for _, t in receiver.receive_full(group)])
 
-    def wire(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [t.to(dtype_from_name(d)) for t, (_, _, d) in
-                zip(tensors.values(), manifest, strict=True)]
-
     thread = threading.Thread(target=receive)
     thread.start()
     group = init_weight_sync_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
@@ -329,7 +334,7 @@ def test_a_staged_send_carries_the_values_of_the_stage_not_later_ones() -> None:
     with pytest.raises(RuntimeError, match="nothing is staged"):
         sender.send_full(group, None)
     assert sender.stage(state.items()) > 0 and sender.staged
-    staged = wire(state)
+    staged = _wire(state, manifest)
     with torch.no_grad():
         state["embed"] += 1.0  # the learner's next step; the staged values must not follow
     sender.send_full(group, None)
@@ -339,8 +344,6 @@ def test_a_staged_send_carries_the_values_of_the_stage_not_later_ones() -> None:
     assert not sender.staged
     thread.join(timeout=60)
     assert not thread.is_alive() and len(got) == 3
-    for received, want in zip(got, [staged, staged, wire(state)], strict=True):
-        for a, b in zip(received, want, strict=True):
-            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    _assert_bitwise_equal(got, [staged, staged, _wire(state, manifest)])
     with pytest.raises(RuntimeError, match="keep_held"):
         WeightSender(manifest, 256, torch.device("cpu"), keep_held=True).stage(state.items())
