@@ -187,7 +187,8 @@ def test_engine_killed_mid_run_is_replaced_and_no_sample_is_lost(ray_cluster, tm
             pings = [ping for _, ping in self.rollout.starting]
             ray.wait(pings, num_returns=len(pings), timeout=240)
         apply_scaling(self, step)
-        versions_after[step] = (self.rollout.weight_versions(), self.version)
+        if step == 5:  # asked only here: at steps 2-3 the pool may still list the killed engine
+            versions_after[step] = (self.rollout.weight_versions(), self.version)
 
     monkeypatch.setattr(EngineFleet, "apply_scaling", apply_scaling_waiting_at_step_5)
     out = tmp_path / "run"
