@@ -188,6 +188,21 @@ def sandbox_rows(d: dict) -> list[Row]:
             Row("sandbox launch ms (median)", get(f, "launch_overhead_ms_median"))]
 
 
+def cpu_precision_rows(d: dict) -> list[Row]:
+    """Engine tokens/s and learner seconds per update in float32, bfloat16 the baseline."""
+    res, cpu = get(d, "results"), get(d, "machine", "cpu_model")
+    native = "native" if get(d, "native_bf16") else "emulated"
+    fp32_tok, bf16_tok = get(res, "engine", "float32", "tokens_per_s"), get(
+        res, "engine", "bfloat16", "tokens_per_s")
+    fp32_s, bf16_s = get(res, "learner", "float32", "median_s"), get(
+        res, "learner", "bfloat16", "median_s")
+    return [Row(f"engine tokens/s, float32 ({cpu}, bf16 {native})", fp32_tok, "bfloat16",
+                bf16_tok, ratio(fp32_tok, bf16_tok)),
+            Row(f"learner s/update, float32 ({cpu}, bf16 {native})", fp32_s, "bfloat16",
+                bf16_s, ratio(fp32_s, bf16_s)),
+            Row("dtype `auto` picks on this CPU", get(d, "auto_picks"))]
+
+
 def smol_rows(d: dict) -> list[Row]:
     """Per seed: the final held-out accuracy, its steadiness from step 30, the format reward and
     the minutes, each against the issue's target (the JSON's `targets`)."""
@@ -663,6 +678,11 @@ BENCHMARKS = (
           "the padded batch.", learner_packing_rows, learner_packing_plots),
     Bench("sandbox_throughput", "HumanEval-sized checks per second through the bubblewrap code "
           "sandbox.", sandbox_rows, sandbox_plots),
+    Bench("cpu_precision", "bfloat16 against float32 on this CPU (`python -m "
+          "benchmarks.cpu_precision`): the demo's sampling in a raw vLLM engine, and the demo "
+          "learner's GRPO update, in each dtype. `rollout.dtype` and `learner.compute_dtype` "
+          "default to `auto`, which picks bfloat16 only where the CPU computes in it natively.",
+          cpu_precision_rows, _none_plots, optional=True),
     Bench("smol_learning", "The CPU demo (conf/smol.yaml) end to end: held-out accuracy and "
           "format reward against wall-clock minutes.", smol_rows, smol_plots),
     Bench("memory_plan", "The per-GPU memory plan (`rlsys/memory_plan.py`, printed by "

@@ -43,7 +43,7 @@ from learners.packing import (
 )
 from rlsys import weight_sync
 from rlsys.algo import grpo_loss, rollout_is_weights
-from rlsys.config import AlgorithmConfig, LearnerConfig, worker_threads
+from rlsys.config import AlgorithmConfig, LearnerConfig, learner_compute_dtype, worker_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss
@@ -186,7 +186,7 @@ class Learner:
 
         self.temperature = temperature
         self.max_response_len = max_response_len
-        self.compute_dtype = DTYPES[learner.compute_dtype]
+        self.compute_dtype = DTYPES[learner_compute_dtype(learner)]
         self.model_path = model_path
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

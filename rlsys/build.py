@@ -26,6 +26,7 @@ from rlsys.config import (
     AlgorithmConfig,
     Config,
     ConfigError,
+    engine_dtype,
     to_dict,
     to_yaml,
     worker_threads,
@@ -83,7 +84,7 @@ def make_rollout_pool(cfg: Config, model_path: str, scratch_dir: Path) -> Rollou
     threads = worker_threads(r.num_threads, r.cpu_cores, r.num_workers)
     return RolloutPool(
         model_path, r.num_workers,
-        worker_kwargs=dict(dtype=r.dtype, seed=cfg.trainer.seed,
+        worker_kwargs=dict(dtype=engine_dtype(r), seed=cfg.trainer.seed,
                            max_model_len=r.max_model_len, enforce_eager=r.enforce_eager,
                            tensor_parallel_size=r.tensor_parallel_size,
                            max_num_batched_tokens=r.max_num_batched_tokens,

@@ -95,6 +95,13 @@ RESOURCES_DOC = ("Ray custom resources {{name: amount}} {what} asks for, on top 
                  "a cluster whose nodes advertise them (ray start --resources='{{\"{node}\": "
                  "1}}') places {who} on those nodes only, e.g. {{{node}: 1}}")
 _DTYPES = ("bfloat16", "float16", "float32")
+# rollout.dtype and learner.compute_dtype may also be "auto", which load_config resolves.
+_AUTO_DTYPES = (*_DTYPES, "auto")
+AUTO_DTYPE_DOC = ("auto = bfloat16 on GPUs and on CPUs with native bfloat16 arithmetic "
+                  "(AVX-512 BF16 or AMX on x86, BF16 on Arm), float32 on other CPUs, where "
+                  "bfloat16 is emulated: on a 2-core AVX2 EPYC, vLLM sampled 5x and a learner "
+                  "forward/backward ran 25x slower in bfloat16 than in float32 "
+                  "(benchmarks/results/cpu_precision.json)")
 # learner.activation_checkpointing; the learner itself only ever sees "none" or "full".
 ACTIVATION_CHECKPOINTING = ("none", "full", "auto")
 
@@ -189,7 +196,8 @@ class RolloutConfig:
     top_p: float = doc("nucleus sampling threshold", 1.0)
     max_new_tokens: int = doc("maximum response length in tokens", 128)
     max_model_len: int = doc("engine context length (prompt + response)", 1024)
-    dtype: str = doc("engine weight dtype: bfloat16 | float16 | float32", "bfloat16")
+    dtype: str = doc("engine weight dtype: bfloat16 | float16 | float32 | " + AUTO_DTYPE_DOC,
+                     "auto")
     tensor_parallel_size: int = doc("tensor parallel size of each engine", 1)
     enforce_eager: bool = doc("skip graph capture/compile (fast start on CPU)", True)
     kv_cache_gb: float = doc("CPU KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE)", 1.0)
@@ -243,7 +251,7 @@ class RolloutConfig:
         _require(self.max_model_len > self.max_new_tokens, "rollout.max_model_len",
                  self.max_model_len, "must exceed rollout.max_new_tokens to leave room for the "
                  "prompt")
-        _one_of(self, "rollout", "dtype", _DTYPES)
+        _one_of(self, "rollout", "dtype", _AUTO_DTYPES)
         _require(self.device_memory_gb > 0, "rollout.device_memory_gb", self.device_memory_gb,
                  "must be > 0")
 
@@ -368,7 +376,7 @@ class LearnerConfig:
     grad_clip: float = doc("max global gradient norm; 0 disables clipping", 1.0)
     param_dtype: str = doc("master weight dtype", "float32")
     compute_dtype: str = doc("forward/backward dtype (FSDP casts the masters): bfloat16 | "
-                             "float32", "bfloat16")
+                             "float32 | " + AUTO_DTYPE_DOC, "auto")
     max_tokens_per_microbatch: int = doc("token budget of one forward/backward", 4096)
     activation_checkpointing: str = doc(
         "recompute activations in backward instead of keeping them: none | full (every "
@@ -420,7 +428,7 @@ class LearnerConfig:
         _resources(self, "learner")
         _cpu_cores(self, "learner")
         _one_of(self, "learner", "param_dtype", _DTYPES)
-        _one_of(self, "learner", "compute_dtype", _DTYPES)
+        _one_of(self, "learner", "compute_dtype", _AUTO_DTYPES)
         _one_of(self, "learner", "device", ("cpu", "cuda"), "cpu or cuda")
         _one_of(self, "learner", "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         _one_of(self, "learner", "sync_mode", ("full", "delta"))
@@ -704,14 +712,56 @@ class Config:
 
 
 def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
-    """Build the validated config from `conf=NAME` and `key.sub=value` arguments.
+    """Build the validated config from `conf=NAME` and `key.sub=value` arguments, with
+    rollout.dtype and learner.compute_dtype "auto" resolved for this machine (`resolve_dtype`).
 
     Raises ConfigError (one line) for an unknown config name, unknown key, wrong type or an
     out-of-range value.
     """
     config = load_structured(Config, args, conf_dir)
     config.validate()
+    config.rollout.dtype = engine_dtype(config.rollout)
+    config.learner.compute_dtype = learner_compute_dtype(config.learner)
     return config
+
+
+def engine_dtype(rollout: RolloutConfig) -> str:
+    """The engines' weight dtype: rollout.dtype, "auto" resolved (on GPU engines: bfloat16)."""
+    return resolve_dtype(rollout.dtype, gpu=rollout.num_gpus > 0)
+
+
+def learner_compute_dtype(learner: LearnerConfig) -> str:
+    """The learner's forward/backward dtype: learner.compute_dtype, "auto" resolved."""
+    return resolve_dtype(learner.compute_dtype, gpu=learner.device == "cuda")
+
+
+def resolve_dtype(dtype: str, *, gpu: bool) -> str:
+    """`dtype` itself, or for "auto": bfloat16 on a GPU or a CPU with native bfloat16
+    arithmetic (`cpu_has_native_bf16`), else float32 (see AUTO_DTYPE_DOC).
+
+    It is decided where the config is loaded (the driver), for every engine and learner of the
+    run: on a cluster whose CPU-only nodes differ, name the dtype.
+    """
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if gpu or cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively: the x86 flags avx512_bf16 or amx_bf16,
+    or Arm's bf16 feature, in /proc/cpuinfo (`cpuinfo`: its text, for tests). Elsewhere
+    (no /proc, e.g. macOS) this says no, and "auto" picks float32, which is never slow."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            features = set(value.split())
+            return bool(features & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
 
 
 def run_tasks(cfg: Config) -> list[str]:

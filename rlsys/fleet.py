@@ -19,6 +19,7 @@ from actors.rollout import EnginesLost
 from learners.group import LearnerFailed
 from rlsys import weight_sync
 from rlsys.build import make_rollout_pool
+from rlsys.config import engine_dtype
 from rlsys.ray_errors import ACTOR_LOST
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class EngineFleet:
             self.rollout.forget(dead)
         if self.rollout.lost:
             self.count_lost_engines()
-        self.manifest = self.learner.weight_manifest(self.cfg.rollout.dtype)
+        self.manifest = self.learner.weight_manifest(engine_dtype(self.cfg.rollout))
         # What the engines of a new group hold is unknown to the learner's new sender (new or
         # replaced engines, scaling, resume): the next sync is full, deltas follow it.
         self.engines_hold_last_send = False

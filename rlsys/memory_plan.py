@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rlsys.config import engine_dtype, learner_compute_dtype
 from rlsys.models import ModelError, parse_dropped_layers
 
 if TYPE_CHECKING:  # imported lazily: benchmarks/gpu_check.py plans on machines without omegaconf
@@ -347,9 +348,10 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
     full = checkpointing == "full"
     pb = DTYPE_BYTES[lc.param_dtype]
     fsdp = dp > 1
-    autocast = lc.compute_dtype != "float32"
+    compute = learner_compute_dtype(lc)
+    autocast = compute != "float32"
     # Without autocast everything runs in the master dtype; FSDP gathers in the compute dtype.
-    cb = DTYPE_BYTES[lc.compute_dtype] if autocast else pb
+    cb = DTYPE_BYTES[compute] if autocast else pb
     rb = cb if (fsdp or not autocast) else pb
     norms = layers * 2 * shape.hidden + shape.hidden  # replicated over tp
     shard = ((shape.params() - norms) / tp + norms) / dp  # parameters on one rank
@@ -371,12 +373,12 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
     if lc.sync_mode == "delta":
         # Rank 0 keeps what the engines hold, the whole model in the wire dtype, to diff against.
         terms.append(Term("engines' weights for delta sync (rank 0)",
-                          _gib(shape.params() * DTYPE_BYTES[cfg.rollout.dtype]),
+                          _gib(shape.params() * DTYPE_BYTES[engine_dtype(cfg.rollout)]),
                           fix="learner.sync_mode=full"))
     if lc.stage_weights:
         # Rank 0 casts the whole model into the sync's buckets after each step.
         terms.append(Term("staged weights for the sync (rank 0)",
-                          _gib(shape.params() * DTYPE_BYTES[cfg.rollout.dtype]),
+                          _gib(shape.params() * DTYPE_BYTES[engine_dtype(cfg.rollout)]),
                           fix="learner.stage_weights=false"))
     layer = shape.layer_params() / tp
     if fsdp:
@@ -429,7 +431,7 @@ def learner_plan(cfg: Config, shape: ModelShape, checkpointing: str) -> DevicePl
     if lc.activation_checkpointing == "auto":
         ckpt += " (auto)"
     title = (f"learner rank (tp {tp} x dp {dp}, {lc.param_dtype} masters, "
-             f"{lc.compute_dtype if autocast else lc.param_dtype} compute, {tokens:,} tokens per "
+             f"{compute if autocast else lc.param_dtype} compute, {tokens:,} tokens per "
              f"micro-batch, {ckpt})")
     return DevicePlan(title, terms, float(lc.device_memory_gb), "learner.device_memory_gb",
                       enforced=lc.device == "cuda")
@@ -439,7 +441,8 @@ def engine_plan(cfg: Config, shape: ModelShape) -> DevicePlan:
     """One rollout engine's GPU: weights, runtime, and the KV cache left."""
     r = cfg.rollout
     tp = r.tensor_parallel_size
-    eb = DTYPE_BYTES[r.dtype]
+    dtype = engine_dtype(r)
+    eb = DTYPE_BYTES[dtype]
     weights = shape.params() * eb / tp
     kv_heads = math.ceil(shape.kv_heads / tp)  # vLLM replicates kv heads when tp > kv_heads
     kv_per_token = 2 * shape.layers * kv_heads * shape.dim * eb
@@ -463,7 +466,7 @@ def engine_plan(cfg: Config, shape: ModelShape) -> DevicePlan:
     seqs = kv_tokens / r.max_model_len
     more = ("raise rollout.tensor_parallel_size or rollout.gpu_memory_utilization, or lower "
             "rollout.max_model_len")
-    terms = [Term("weights", _gib(weights), fix=more, note=f"{r.dtype}, / tensor_parallel {tp}")]
+    terms = [Term("weights", _gib(weights), fix=more, note=f"{dtype}, / tensor_parallel {tp}")]
     if gpu:
         terms.append(Term("runtime + activations", runtime, fix=more,
                           note="CUDA context, graphs, vLLM's profiled peak"))
@@ -477,7 +480,7 @@ def engine_plan(cfg: Config, shape: ModelShape) -> DevicePlan:
                    f"fewer than one sequence of rollout.max_model_len={r.max_model_len}, after "
                    f"{_gib(weights):.1f} GiB of weights in {where} GiB: {more}")
     title = (f"rollout engine ({'GPU' if gpu else 'CPU'}, tensor_parallel_size {tp}, "
-             f"{r.dtype}; budget {budget:.1f} GiB = {where})")
+             f"{dtype}; budget {budget:.1f} GiB = {where})")
     return DevicePlan(title, terms, float(r.device_memory_gb if gpu else budget),
                       "rollout.device_memory_gb", enforced=gpu, extra=extra, failure=failure)
 

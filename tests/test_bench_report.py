@@ -254,3 +254,18 @@ def test_async_keep_adds_other_seeds_and_refuses_other_overrides(tmp_path: Path)
         (1, "on_policy", True), (1, "inflight", True)]
     with pytest.raises(SystemExit, match=r"differ in overrides"):
         recorded_runs(path, args, ["learner.lr=1e-5"])
+
+
+def test_cpu_precision_rows_compare_float32_with_bfloat16() -> None:
+    rows = report.cpu_precision_rows({
+        "machine": {"cpu_model": "AMD EPYC"}, "native_bf16": False, "auto_picks": "float32",
+        "results": {"engine": {"float32": {"tokens_per_s": 106.5},
+                               "bfloat16": {"tokens_per_s": 28.2}},
+                    "learner": {"float32": {"median_s": 5.0}, "bfloat16": {"median_s": 100.0}}}})
+    engine, learner, auto = rows
+    assert "bf16 emulated" in engine.figure and "AMD EPYC" in engine.figure
+    assert (engine.value, engine.baseline_value) == (106.5, 28.2)
+    assert engine.ratio == pytest.approx(106.5 / 28.2)
+    assert (learner.value, learner.baseline_value, learner.ratio) == (5.0, 100.0, 0.05)
+    assert auto.value == "float32"
+    assert report.cpu_precision_rows({})[0].value is None  # not run: dashes, not a crash

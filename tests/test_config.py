@@ -11,6 +11,7 @@ from rlsys.config import (
     Config,
     ConfigError,
     available_configs,
+    cpu_has_native_bf16,
     load_config,
     to_yaml,
     worker_threads,
@@ -44,6 +45,37 @@ def test_r1_zero_has_the_papers_settings():
     assert cfg.algorithm.ref_update_every == 400
 
 
+# /proc/cpuinfo lines of the CPUs the rule tells apart (flags shortened).
+AVX2_EPYC = "processor\t: 0\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n"
+ZEN4_EPYC = "processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_vnni avx512_bf16\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+ICE_LAKE = "processor\t: 0\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16 sve2\n"
+
+
+@pytest.mark.parametrize(("cpuinfo", "native"), [
+    (AVX2_EPYC, False), (ZEN4_EPYC, True), (SAPPHIRE_RAPIDS, True), (ICE_LAKE, False),
+    (GRAVITON3, True), ("", False)])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert cpu_has_native_bf16(cpuinfo) is native
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtypes_are_bf16_on_gpus_and_native_cpus_else_fp32(monkeypatch, native):
+    import rlsys.config
+
+    monkeypatch.setattr(rlsys.config, "cpu_has_native_bf16", lambda: native)
+    cpu = "bfloat16" if native else "float32"
+    cfg = load_config(["conf=smol"])  # leaves both dtypes at their default, auto
+    assert (cfg.rollout.dtype, cfg.learner.compute_dtype) == (cpu, cpu)
+    cfg = load_config(["rollout.num_gpus=1", "learner.device=cuda"])
+    assert (cfg.rollout.dtype, cfg.learner.compute_dtype) == ("bfloat16", "bfloat16")
+    cfg = load_config(["rollout.dtype=float16", "learner.compute_dtype=float32"])
+    assert (cfg.rollout.dtype, cfg.learner.compute_dtype) == ("float16", "float32")  # as named
+    # What the run writes to its output folder is the resolved dtype, which reloads as is.
+    assert f"dtype: {cpu}" in to_yaml(load_config([]))
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["conf=nope"], "conf=nope: no such config; available: "),
     (["rollout.grup_size=3"], "unknown config key 'rollout.grup_size' (command line); "
@@ -60,6 +92,8 @@ def test_r1_zero_has_the_papers_settings():
     (["algorithm.kl_in_reward=true", "algorithm.kl_coef=0"],
      "bad value for 'algorithm.kl_in_reward': True (needs algorithm.kl_coef > 0"),
     (["reward.weights.acc=1"], "unknown reward part 'acc'"),
+    (["rollout.dtype=fp8"], "bad value for 'rollout.dtype': 'fp8' (one of bfloat16, float16, "
+                            "float32, auto)"),
     (["data.task=file"], "bad value for 'data.path'"),
     (["data.task=mix"], "bad value for 'data.mix': {} (data.task=mix needs the tasks"),
     (["data.task=mix", "data.mix={arithmetic: 1, gsm8k: 1}"], "bad value for 'data.mix.gsm8k'"),

@@ -28,6 +28,7 @@ PARAMS = 1448
 def _toy_config(tokens: int = 10, mode: str = "none", device: str = "cuda") -> Config:
     cfg = Config()
     cfg.learner.device = device
+    cfg.learner.compute_dtype = "bfloat16"  # on CPU too ("auto" follows the machine's CPU)
     cfg.learner.max_tokens_per_microbatch = tokens
     cfg.learner.activation_checkpointing = mode
     cfg.algorithm.kl_coef = 0.0
