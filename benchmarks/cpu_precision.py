@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps((engine if part == "engine" else learner)(
             dtype, json.loads(spec))), flush=True)
         return
-    from rlsys.config import cpu_has_native_bf16, resolve_dtype
+    from rlsys.precision import cpu_has_native_bf16, resolve_dtype
 
     spec = dict(QUICK if args.quick else FULL)
     if args.reps:

@@ -43,7 +43,8 @@ from learners.packing import (
 )
 from rlsys import weight_sync
 from rlsys.algo import grpo_loss, rollout_is_weights
-from rlsys.config import AlgorithmConfig, LearnerConfig, learner_compute_dtype, worker_threads
+from rlsys.config import AlgorithmConfig, LearnerConfig, worker_threads
+from rlsys.precision import learner_compute_dtype
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How metrics combine over micro-batches and dp ranks: maxima stay maxima; a micro-batch's loss

@@ -26,7 +26,6 @@ from rlsys.config import (
     AlgorithmConfig,
     Config,
     ConfigError,
-    engine_dtype,
     to_dict,
     to_yaml,
     worker_threads,
@@ -35,6 +34,7 @@ from rlsys.data import TASKS, DataError, Problem, Task, render_prompt
 from rlsys.memory_plan import model_shape, resolve_checkpointing
 from rlsys.metrics import MetricsLogger
 from rlsys.models import resolve_model
+from rlsys.precision import engine_dtype
 from rlsys.rewards import make_language_reward
 
 

@@ -21,6 +21,7 @@ from omegaconf import MISSING, OmegaConf
 
 from rlsys.config_loading import CONF_DIR, ConfigError, load_structured
 from rlsys.config_loading import available_configs as available_configs  # re-exported
+from rlsys.precision import engine_dtype, learner_compute_dtype
 
 
 def doc(text: str, default: Any = MISSING, factory: Any = None, replace: bool = False) -> Any:
@@ -723,45 +724,6 @@ def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
     config.rollout.dtype = engine_dtype(config.rollout)
     config.learner.compute_dtype = learner_compute_dtype(config.learner)
     return config
-
-
-def engine_dtype(rollout: RolloutConfig) -> str:
-    """The engines' weight dtype: rollout.dtype, "auto" resolved (on GPU engines: bfloat16)."""
-    return resolve_dtype(rollout.dtype, gpu=rollout.num_gpus > 0)
-
-
-def learner_compute_dtype(learner: LearnerConfig) -> str:
-    """The learner's forward/backward dtype: learner.compute_dtype, "auto" resolved."""
-    return resolve_dtype(learner.compute_dtype, gpu=learner.device == "cuda")
-
-
-def resolve_dtype(dtype: str, *, gpu: bool) -> str:
-    """`dtype` itself, or for "auto": bfloat16 on a GPU or a CPU with native bfloat16
-    arithmetic (`cpu_has_native_bf16`), else float32 (see AUTO_DTYPE_DOC).
-
-    It is decided where the config is loaded (the driver), for every engine and learner of the
-    run: on a cluster whose CPU-only nodes differ, name the dtype.
-    """
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if gpu or cpu_has_native_bf16() else "float32"
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes in bfloat16 natively: the x86 flags avx512_bf16 or amx_bf16,
-    or Arm's bf16 feature, in /proc/cpuinfo (`cpuinfo`: its text, for tests). Elsewhere
-    (no /proc, e.g. macOS) this says no, and "auto" picks float32, which is never slow."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            features = set(value.split())
-            return bool(features & {"avx512_bf16", "amx_bf16", "bf16"})
-    return False
 
 
 def run_tasks(cfg: Config) -> list[str]:

@@ -19,7 +19,7 @@ from actors.rollout import EnginesLost
 from learners.group import LearnerFailed
 from rlsys import weight_sync
 from rlsys.build import make_rollout_pool
-from rlsys.config import engine_dtype
+from rlsys.precision import engine_dtype
 from rlsys.ray_errors import ACTOR_LOST
 
 if TYPE_CHECKING:

@@ -78,8 +78,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlsys.config import engine_dtype, learner_compute_dtype
 from rlsys.models import ModelError, parse_dropped_layers
+from rlsys.precision import engine_dtype, learner_compute_dtype
 
 if TYPE_CHECKING:  # imported lazily: benchmarks/gpu_check.py plans on machines without omegaconf
     from rlsys.config import Config

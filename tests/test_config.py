@@ -11,7 +11,6 @@ from rlsys.config import (
     Config,
     ConfigError,
     available_configs,
-    cpu_has_native_bf16,
     load_config,
     to_yaml,
     worker_threads,
@@ -57,14 +56,16 @@ GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve i8mm bf16 sve2\n"
     (AVX2_EPYC, False), (ZEN4_EPYC, True), (SAPPHIRE_RAPIDS, True), (ICE_LAKE, False),
     (GRAVITON3, True), ("", False)])
 def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    from rlsys.precision import cpu_has_native_bf16
+
     assert cpu_has_native_bf16(cpuinfo) is native
 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_dtypes_are_bf16_on_gpus_and_native_cpus_else_fp32(monkeypatch, native):
-    import rlsys.config
+    import rlsys.precision
 
-    monkeypatch.setattr(rlsys.config, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(rlsys.precision, "cpu_has_native_bf16", lambda: native)
     cpu = "bfloat16" if native else "float32"
     cfg = load_config(["conf=smol"])  # leaves both dtypes at their default, auto
     assert (cfg.rollout.dtype, cfg.learner.compute_dtype) == (cpu, cpu)
