@@ -100,8 +100,8 @@ _DTYPES = ("bfloat16", "float16", "float32")
 _AUTO_DTYPES = (*_DTYPES, "auto")
 AUTO_DTYPE_DOC = ("auto = bfloat16 on GPUs and on CPUs with native bfloat16 arithmetic "
                   "(AVX-512 BF16 or AMX on x86, BF16 on Arm), float32 on other CPUs, where "
-                  "bfloat16 is emulated: on a 2-core AVX2 EPYC, vLLM sampled 5x and a learner "
-                  "forward/backward ran 25x slower in bfloat16 than in float32 "
+                  "bfloat16 is emulated: on a 2-core AVX2 EPYC, vLLM sampled 3.8x and the demo's "
+                  "learner updated 19.7x slower in bfloat16 than in float32 "
                   "(benchmarks/results/cpu_precision.json)")
 # learner.activation_checkpointing; the learner itself only ever sees "none" or "full".
 ACTIVATION_CHECKPOINTING = ("none", "full", "auto")
