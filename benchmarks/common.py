@@ -6,9 +6,11 @@ import contextlib
 import os
 import platform
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Where --quick runs write: apart, so that a smoke run never replaces the recorded figures.
@@ -84,3 +86,22 @@ def merge_seeds(recorded: list[dict], runs: list[dict]) -> list[dict]:
     seeds = {r.get("seed", 0) for r in runs}
     return sorted([*(r for r in recorded if r.get("seed", 0) not in seeds), *runs],
                   key=lambda r: r.get("seed", 0))
+
+
+def timed_call(call: Callable[[int], Any], tokens_of: Callable[[Any], int], rep: int,
+               label: str = "") -> dict:
+    """Time one generation call, `call(rep)`: its seconds, the tokens it produced
+    (`tokens_of(result)`) and their rate; the rep is printed as it ends."""
+    t0 = time.perf_counter()
+    result = call(rep)
+    seconds = time.perf_counter() - t0
+    tokens = tokens_of(result)
+    print(f"  {label}rep {rep + 1}: {tokens} tokens in {seconds:.1f} s", flush=True)
+    return {"seconds": round(seconds, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def timed_reps(call: Callable[[int], Any], tokens_of: Callable[[Any], int], reps: int,
+               label: str = "") -> list[dict]:
+    """`timed_call` for reps 0 .. reps-1, one after the other."""
+    return [timed_call(call, tokens_of, rep, label) for rep in range(reps)]

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import machine, result_path, versions
+from benchmarks.common import machine, result_path, timed_reps, versions
 
 DTYPES = ("float32", "bfloat16")
 FULL = {"prompts": 4, "group": 8, "max_new_tokens": 48, "learner_prompts": 1, "reps": 2}
@@ -66,13 +66,13 @@ def _engine(dtype: str, spec: dict, scratch: str) -> dict:
     sampling = SamplingParams(n=spec["group"], temperature=r.temperature,
                               max_tokens=spec["max_new_tokens"], seed=0)
     llm.generate(prompts[:1], SamplingParams(n=2, max_tokens=4), use_tqdm=False)  # warm-up
-    times, tokens = [], 0
-    for _ in range(spec["reps"]):
-        t0 = time.perf_counter()
-        out = llm.generate(prompts, sampling, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
-        tokens = sum(len(c.token_ids) for o in out for c in o.outputs)
-    return {"seconds": [round(t, 2) for t in times], "tokens": tokens,
+    # The same seed every rep: each call samples the same tokens, so the reps differ in time only.
+    runs = timed_reps(lambda rep: llm.generate(prompts, sampling, use_tqdm=False),
+                      lambda out: sum(len(c.token_ids) for o in out for c in o.outputs),
+                      spec["reps"], f"{dtype} ")
+    times = [run["seconds"] for run in runs]
+    tokens = runs[-1]["tokens"]
+    return {"seconds": times, "tokens": tokens,
             "tokens_per_s": round(tokens / statistics.median(times), 1)}
 
 

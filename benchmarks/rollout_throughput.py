@@ -34,12 +34,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from benchmarks.common import machine, result_path, versions
+from benchmarks.common import machine, result_path, timed_call, timed_reps, versions
 
 if TYPE_CHECKING:
     from rlsys.config import Config
@@ -73,22 +71,6 @@ def prompts_and_model(spec: dict) -> tuple[list[str], str, float]:
     return prompts, model, statistics.mean(lengths)
 
 
-def _timed(call: Callable[[int], Any], tokens_of: Callable[[Any], int],
-           reps: int) -> list[dict]:
-    return [_timed_once(call, tokens_of, rep) for rep in range(reps)]
-
-
-def _timed_once(call: Callable[[int], Any], tokens_of: Callable[[Any], int], rep: int,
-                label: str = "") -> dict:
-    t0 = time.perf_counter()
-    result = call(rep)
-    seconds = time.perf_counter() - t0
-    tokens = tokens_of(result)
-    print(f"  {label}rep {rep + 1}: {tokens} tokens in {seconds:.1f} s", flush=True)
-    return {"seconds": round(seconds, 2), "tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1)}
-
-
 def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
     from rlsys.build import make_rollout_pool, ray_session
 
@@ -98,7 +80,7 @@ def rlsys_rollout(model: str, prompts: list[str], spec: dict) -> list[dict]:
         pool = make_rollout_pool(cfg, model, Path(scratch))
         try:
             pool.generate(prompts[:1], n=1, seed=0, **{**sampling, "max_tokens": 8})
-            return _timed(lambda rep: pool.generate(prompts, n=spec["group"], seed=1000 * rep,
+            return timed_reps(lambda rep: pool.generate(prompts, n=spec["group"], seed=1000 * rep,
                                                     **sampling),
                           lambda samples: sum(len(s["token_ids"]) for s in samples),
                           spec["reps"])
@@ -135,7 +117,7 @@ def stream_vs_raw(model: str, prompts: list[str], spec: dict) -> dict[str, list[
 
             stream(-1, prompts[:1], 1, 8)
             turns = {"vllm_raw": lambda rep: raw.run(rep),
-                     "rlsys_stream": lambda rep: _timed_once(
+                     "rlsys_stream": lambda rep: timed_call(
                          stream, lambda samples: sum(len(s["token_ids"]) for s in samples), rep,
                          "rlsys_stream ")}
             for rep in range(spec["reps"]):
@@ -210,7 +192,7 @@ def _raw_child(payload: dict) -> None:
     generate(-1, prompts[:1], 1, 8)
     print("READY", flush=True)
     for line in sys.stdin:
-        run = _timed_once(generate, lambda outs: sum(len(c.token_ids) for o in outs
+        run = timed_call(generate, lambda outs: sum(len(c.token_ids) for o in outs
                                                      for c in o.outputs), int(line), "vllm_raw ")
         print("RESULT " + json.dumps(run), flush=True)
 
@@ -240,7 +222,7 @@ def hf_generate(model_path: str, prompts: list[str], spec: dict) -> list[dict]:
         return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
 
     generate(0, 8, {k: v[:1] for k, v in batch.items()})
-    return _timed(generate, tokens_of, spec["reps"])
+    return timed_reps(generate, tokens_of, spec["reps"])
 
 
 SYSTEMS = {"rlsys_vllm": rlsys_rollout, "hf_generate": hf_generate}
