@@ -714,7 +714,8 @@ class Config:
 
 def load_config(args: list[str], conf_dir: Path = CONF_DIR) -> Config:
     """Build the validated config from `conf=NAME` and `key.sub=value` arguments, with
-    rollout.dtype and learner.compute_dtype "auto" resolved for this machine (`resolve_dtype`).
+    rollout.dtype and learner.compute_dtype "auto" resolved for this machine
+    (`rlsys.precision.resolve_dtype`).
 
     Raises ConfigError (one line) for an unknown config name, unknown key, wrong type or an
     out-of-range value.
