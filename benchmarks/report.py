@@ -349,6 +349,22 @@ def distill_plots(d: dict, out: Path) -> list[Path | None]:
                  "and the teacher", lambda ax: _bars(ax, groups, "greedy accuracy"))]
 
 
+def transfer_rows(d: dict) -> list[Row]:
+    """Each later model's held-out greedy accuracy per variant (other phrasings, other operand
+    ranges) against the first model's, the base; the issue sets no number, only that the gain
+    carries over."""
+    rows = []
+    models = [m for m in get(d, "models") or [] if isinstance(m, dict)]
+    base = get(models[0] if models else None, "figures") or {}
+    for m in models[1:] or models:
+        for name, fig in (get(m, "figures") or {}).items():
+            rows.append(Row(f"{name}: {get(m, 'model')} greedy accuracy",
+                            get(fig, "greedy_accuracy"),
+                            f"{get(models[0], 'model')}" if m is not models[0] else DASH,
+                            get(base, name, "greedy_accuracy") if m is not models[0] else None))
+    return rows
+
+
 def memory_plan_rows(d: dict) -> list[Row]:
     rows, tol = get(d, "rows") or [], get(d, "tolerance")
     bound = f"within +-{tol:.0%}" if _num(tol) else DASH
@@ -708,6 +724,11 @@ BENCHMARKS = (
           "tokens' likelihood (`distill.loss=sft`) or the KL to the teacher's next-token "
           "distributions (`kd`); held-out greedy accuracy before and after, the teacher's as "
           "the line.", distill_rows, distill_plots, optional=True),
+    Bench("arithmetic_transfer", "Does the demo's gain carry over (`python -m "
+          "benchmarks.arithmetic_transfer --models BASE TRAINED`)? Held-out greedy accuracy of "
+          "the base model and a trained one on the training run's own held-out sums, on the "
+          "same sums asked in six other phrasings, and on operands wider than training's "
+          "1..50 (51..99, 100..999).", transfer_rows, _none_plots, optional=True),
 )
 
 

@@ -115,20 +115,37 @@ class ModelConfig:
                                 "None = $RLSYS_CACHE_DIR or ~/.cache/rlsys", None)
 
 
+def _default_phrasings() -> list[str]:
+    from rlsys.data.arithmetic import DEFAULT_PHRASINGS  # the task's own default
+
+    return list(DEFAULT_PHRASINGS)
+
+
 @dataclass
 class ArithmeticConfig:
     ops: list[str] = doc("operators drawn from, any of + - *", factory=lambda: ["+"])
     min_value: int = doc("smallest operand", 1)
     max_value: int = doc("largest operand", 50)
     num_terms: int = doc("operands per problem", 2)
+    phrasings: list[str] = doc("question templates over {expr} (23 + 17), {words} (23 plus 17), "
+                               "{a} and {b} (two operands, one op); a training draw takes one at "
+                               "random, held-out problem i the (i mod n)-th",
+                               factory=_default_phrasings)
 
     def validate(self) -> None:
+        from rlsys.data import DataError
+        from rlsys.data.arithmetic import check_phrasings
+
         _require(self.num_terms >= 2, "data.arithmetic.num_terms", self.num_terms,
                  "a problem needs >= 2 operands")
         _require(set(self.ops) <= {"+", "-", "*"} and bool(self.ops), "data.arithmetic.ops",
                  self.ops, "a non-empty list of + - *")
         _require(self.min_value <= self.max_value, "data.arithmetic.max_value", self.max_value,
                  "must be >= data.arithmetic.min_value")
+        try:
+            check_phrasings(self.phrasings, self.ops, self.num_terms)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 @dataclass

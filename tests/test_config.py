@@ -107,6 +107,10 @@ def test_auto_dtypes_are_bf16_on_gpus_and_native_cpus_else_fp32(monkeypatch, nat
       "reward.per_task={humaneval: {acc: 1}}"], "bad value for 'reward.per_task.humaneval': "
                                                 "unknown reward part 'acc'"),
     (["trainer.steps"], "expected key=value"),
+    (["data.arithmetic.phrasings=[Compute it.]"],
+     "data.arithmetic.phrasings[0]: 'Compute it.' has no placeholder; use {expr}"),
+    (["data.arithmetic.ops=[+, -]", "data.arithmetic.phrasings=['What is {expr}?', "
+      "'Add {a} and {b}.']"], "data.arithmetic.phrasings[1]: 'Add {a} and {b}.' names {a}/{b}"),
     (["rollout.max_staleness=-1"], "bad value for 'rollout.max_staleness': -1 (must be >= 0)"),
     (["rollout.on_policy_steps=-2"],
      "bad value for 'rollout.on_policy_steps': -2 (must be >= 0)"),

@@ -106,9 +106,48 @@ def test_sample_distinct_draws_each_question_once_and_stops_at_the_tasks_size() 
     assert len(ArithmeticTask(seed=3, max_value=20, eval_size=50).sample_distinct(1000)) == 350
 
 
+def test_arithmetic_phrasings_ask_the_same_held_out_sums_in_other_words() -> None:
+    """Held-out problem i is asked in phrasing i mod n; the expressions held out, their ids and
+    answers do not depend on the wording, so a model is tested on its own held-out sums."""
+    phrasings = ("Compute {expr}.", "What is {words}?", "What is the sum of {a} and {b}?")
+    plain, worded = ArithmeticTask(seed=0), ArithmeticTask(seed=0, phrasings=phrasings)
+    assert ids(worded.eval_problems()) == ids(plain.eval_problems())
+    for i, (p, q) in enumerate(zip(plain.eval_problems(), worded.eval_problems(), strict=True)):
+        a, b = p.meta["expression"].split(" + ")
+        assert q.answer == p.answer
+        assert q.question == [f"Compute {a} + {b}.", f"What is {a} plus {b}?",
+                              f"What is the sum of {a} and {b}?"][i % 3]
+    # Training draws take a phrasing at random, and never a held-out sum.
+    drawn = worded.sample(300)
+    assert {p.question.split()[0] for p in drawn} == {"Compute", "What"}
+    assert {p.question.startswith("What is the sum") for p in drawn} == {True, False}
+    assert not set(ids(drawn)) & set(ids(worded.eval_problems()))
+    # One phrasing consumes no draws: the stream is the one recorded runs sampled.
+    assert [p.question for p in ArithmeticTask(seed=0, phrasings=["What is {expr}?"]).sample(50)
+            ] == [p.question for p in ArithmeticTask(seed=0).sample(50)]
+
+
+def test_arithmetic_words_name_operators_and_negatives() -> None:
+    task = ArithmeticTask(seed=1, ops=("+", "-", "*"), min_value=-5, max_value=5, num_terms=3,
+                          eval_size=10, phrasings=["{words}"])
+    words = {"+": "plus", "-": "minus", "*": "times"}
+    for p in task.sample(100):
+        tokens = p.meta["expression"].replace("(", "").replace(")", "").split()
+        expected = [words.get(t, f"negative {t[1:]}" if t.startswith("-") else t)
+                    for t in tokens]
+        assert p.question == " ".join(expected)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"phrasings": []}, r"^data.arithmetic.phrasings: is empty"),
+        ({"phrasings": ["Compute {x}."]},
+         r"^data.arithmetic.phrasings\[0\]: 'Compute \{x\}.' has unknown placeholder"),
+        ({"phrasings": ["What is {expr}?", "Sum {a} {b}", 3]},
+         r"^data.arithmetic.phrasings\[2\]: must be a str"),
+        ({"phrasings": ["What is {expr"]}, r"^data.arithmetic.phrasings\[0\]: .* not a valid"),
+        ({"num_terms": 3, "phrasings": ["Add {a} and {b}."]}, r"need data.arithmetic.num_terms=2"),
         ({"ops": ("/",)}, r"^data.arithmetic.ops: unsupported op"),
         ({"ops": ()}, r"^data.arithmetic.ops: is empty"),
         ({"min_value": 5, "max_value": 1}, "greater than data.arithmetic.max_value=1"),

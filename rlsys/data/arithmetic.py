@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import string
 from collections.abc import Iterator
 
 from rlsys.data.tasks import DataError, IndexedTask, Problem, RunConfig, register_task
@@ -17,6 +18,17 @@ _ENUMERATE_LIMIT = 100_000
 # eval_size held-out expressions by random draws takes a bounded number of draws (~1/fraction
 # each); the training stream loses the same small fraction of its space.
 _MIN_HELD_OUT_FRACTION = 0.02
+#: How a problem is asked: a str.format template over the placeholders below. The default is
+#: the demo's one phrasing; other phrasings ask the same held-out expressions in other words,
+#: which tests whether what a model learned is the arithmetic or the wording.
+DEFAULT_PHRASINGS = ("What is {expr}?",)
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+PLACEHOLDERS = {
+    "expr": "the expression in symbols, 23 + 17",
+    "words": "the expression in words, 23 plus 17",
+    "a": "the first operand; two operands, one operator",
+    "b": "the second operand; two operands, one operator",
+}
 
 
 def worked_steps(terms: list[int], ops: list[str]) -> tuple[list[str], int]:
@@ -46,6 +58,38 @@ def worked_steps(terms: list[int], ops: list[str]) -> tuple[list[str], int]:
     return steps, total
 
 
+def check_phrasings(phrasings: object, ops: tuple[str, ...] | list[str],
+                    num_terms: int) -> tuple[str, ...]:
+    """`phrasings` as a tuple of templates, or a DataError naming the first bad one
+    (data.arithmetic.phrasings[i]). A template is a str naming at least one placeholder of
+    PLACEHOLDERS and no other field; {a} and {b} only where every problem is one `a op b`
+    (else "the sum of {a} and {b}" would silently ask another question than the gold answers)."""
+    key = "data.arithmetic.phrasings"
+    templates = (phrasings,) if isinstance(phrasings, str) else tuple(phrasings)  # type: ignore[arg-type]
+    if not templates:
+        raise DataError(f"{key}: is empty; give at least one template, "
+                        f"e.g. {DEFAULT_PHRASINGS[0]!r}")
+    for i, phrasing in enumerate(templates):
+        if not isinstance(phrasing, str):
+            raise DataError(f"{key}[{i}]: must be a str template, got {type(phrasing).__name__}")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(phrasing)
+                      if name is not None}
+        except ValueError as exc:
+            raise DataError(f"{key}[{i}]: {phrasing!r} is not a valid template ({exc}); write "
+                            "a literal brace as {{ or }}") from None
+        unknown = sorted(fields - PLACEHOLDERS.keys())
+        if unknown or not fields:
+            what = f"unknown placeholder(s) {unknown}" if unknown else "no placeholder"
+            raise DataError(f"{key}[{i}]: {phrasing!r} has {what}; use "
+                            + ", ".join(f"{{{n}}} ({d})" for n, d in PLACEHOLDERS.items()))
+        if fields & {"a", "b"} and (num_terms != 2 or len(set(ops)) != 1):
+            raise DataError(f"{key}[{i}]: {phrasing!r} names {{a}}/{{b}}, which need "
+                            "data.arithmetic.num_terms=2 and one operator in "
+                            f"data.arithmetic.ops (got {num_terms} terms, ops {list(ops)})")
+    return templates
+
+
 @register_task
 class ArithmeticTask(IndexedTask):
     """Procedurally generated integer arithmetic, e.g. "What is 23 + 17?" -> "40".
@@ -61,6 +105,12 @@ class ArithmeticTask(IndexedTask):
     below a hash threshold is held out and the eval set is the first `eval_size` of them in a
     fixed pseudo-random order. Training sampling rejects every held-out expression.
 
+    `phrasings` are the templates a question is asked in ("Compute {expr}.", "What is the
+    sum of {a} and {b}?"; placeholders in PLACEHOLDERS). A training draw takes one at random;
+    held-out problem i is asked in phrasing i mod len(phrasings). The phrasings do not change
+    which expressions are held out, so a model can be evaluated on its own held-out
+    expressions asked in words it was not trained on.
+
     Training problems are drawn with replacement; the i-th draw is a pure function of
     (seed, i), so the sampler state is the single integer i.
     """
@@ -75,6 +125,7 @@ class ArithmeticTask(IndexedTask):
         max_value: int = 50,
         num_terms: int = 2,
         eval_size: int = 100,
+        phrasings: tuple[str, ...] | list[str] = DEFAULT_PHRASINGS,
     ) -> None:
         self._check_ints(seed=seed, min_value=min_value, max_value=max_value,
                          num_terms=num_terms, eval_size=eval_size)
@@ -94,6 +145,7 @@ class ArithmeticTask(IndexedTask):
             raise DataError(f"{self._key('num_terms')}: must be >= 2, got {num_terms}")
         if eval_size < 0:
             raise DataError(f"{self._key('eval_size')}: must be >= 0, got {eval_size}")
+        phrasings = check_phrasings(phrasings, ops, num_terms)
 
         self.seed = seed
         self.ops = ops
@@ -101,6 +153,7 @@ class ArithmeticTask(IndexedTask):
         self.max_value = max_value
         self.num_terms = num_terms
         self.eval_size = eval_size
+        self.phrasings = phrasings
         self.num_expressions = ((max_value - min_value + 1) ** num_terms
                                 * len(ops) ** (num_terms - 1))
         # Keep at least three quarters of the space for training so held-out rejection stays
@@ -121,10 +174,11 @@ class ArithmeticTask(IndexedTask):
     def from_config(cls, cfg: RunConfig) -> ArithmeticTask:
         a = cfg.data.arithmetic
         return cls(seed=cfg.trainer.seed, ops=tuple(a.ops), min_value=a.min_value,
-                   max_value=a.max_value, num_terms=a.num_terms, eval_size=cfg.data.eval_size)
+                   max_value=a.max_value, num_terms=a.num_terms, eval_size=cfg.data.eval_size,
+                   phrasings=tuple(a.phrasings))
 
     def _key(self, key: str) -> str:
-        if key in ("ops", "min_value", "max_value", "num_terms"):
+        if key in ("ops", "min_value", "max_value", "num_terms", "phrasings"):
             key = f"arithmetic.{key}"
         return key if key == "seed" else super()._key(key)
 
@@ -142,11 +196,24 @@ class ArithmeticTask(IndexedTask):
         ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
         return terms, ops
 
-    def _problem(self, terms: list[int], ops: list[str]) -> Problem:
+    def _in_words(self, terms: list[int], ops: list[str]) -> str:
+        def word(v: int) -> str:
+            return f"negative {-v}" if v < 0 else str(v)
+
+        parts = [word(terms[0])]
+        for op, term in zip(ops, terms[1:], strict=True):
+            parts += [_OP_WORDS[op], word(term)]
+        return " ".join(parts)
+
+    def _problem(self, terms: list[int], ops: list[str], phrasing: str) -> Problem:
+        """The problem `terms` joined by `ops`, asked in `phrasing`. Its id names the
+        expression, not the wording: the same sum asked two ways is the same problem."""
         expr = self._render(terms, ops)
+        question = phrasing.format(expr=expr, words=self._in_words(terms, ops),
+                                   a=terms[0], b=terms[-1])
         return Problem(
             id=f"arith:{expr}",
-            question=f"What is {expr}?",
+            question=question,
             answer=str(worked_steps(terms, ops)[1]),
             meta={"expression": expr},
             task=self.name,
@@ -168,6 +235,9 @@ class ArithmeticTask(IndexedTask):
             for ops in itertools.product(self.ops, repeat=self.num_terms - 1):
                 yield list(terms), list(ops)
 
+    def _eval_phrasing(self, i: int) -> str:
+        return self.phrasings[i % len(self.phrasings)]
+
     def _build_eval(self) -> list[Problem]:
         if self.eval_size == 0:
             self._held_out_exact = set()
@@ -176,7 +246,8 @@ class ArithmeticTask(IndexedTask):
             ranked = sorted(
                 (self._hash(self._render(t, o)), t, o) for t, o in self._enumerate()
             )[: self.eval_size]
-            problems = [self._problem(t, o) for _, t, o in ranked]
+            problems = [self._problem(t, o, self._eval_phrasing(i))
+                        for i, (_, t, o) in enumerate(ranked)]
             self._held_out_exact = {p.meta["expression"] for p in problems}
             return problems
         fraction = min(0.5, max(_MIN_HELD_OUT_FRACTION, 2 * self.eval_size / self.num_expressions))
@@ -189,7 +260,7 @@ class ArithmeticTask(IndexedTask):
             terms, ops = self._draw(rng)
             expr = self._render(terms, ops)
             if expr not in found and self._is_held_out(expr):
-                found[expr] = self._problem(terms, ops)
+                found[expr] = self._problem(terms, ops, self._eval_phrasing(len(found)))
                 if len(found) == self.eval_size:
                     return list(found.values())
         raise RuntimeError(  # pragma: no cover - statistically unreachable
@@ -208,5 +279,8 @@ class ArithmeticTask(IndexedTask):
                 terms, ops = self._draw(rng)
                 if not self._is_held_out(self._render(terms, ops)):
                     break
-            out.append(self._problem(terms, ops))
+            # One phrasing draws nothing, so single-phrasing streams are as they always were.
+            phrasing = (rng.choice(self.phrasings) if len(self.phrasings) > 1
+                        else self.phrasings[0])
+            out.append(self._problem(terms, ops, phrasing))
         return out
