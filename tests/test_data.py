@@ -114,7 +114,7 @@ def test_arithmetic_phrasings_ask_the_same_held_out_sums_in_other_words() -> Non
     assert ids(worded.eval_problems()) == ids(plain.eval_problems())
     for i, (p, q) in enumerate(zip(plain.eval_problems(), worded.eval_problems(), strict=True)):
         a, b = p.meta["expression"].split(" + ")
-        assert q.answer == p.answer
+        assert q.answer == p.answer and q.meta["phrasing"] == phrasings[i % 3]
         assert q.question == [f"Compute {a} + {b}.", f"What is {a} plus {b}?",
                               f"What is the sum of {a} and {b}?"][i % 3]
     # Training draws take a phrasing at random, and never a held-out sum.

@@ -215,7 +215,7 @@ class ArithmeticTask(IndexedTask):
             id=f"arith:{expr}",
             question=question,
             answer=str(worked_steps(terms, ops)[1]),
-            meta={"expression": expr},
+            meta={"expression": expr, "phrasing": phrasing},
             task=self.name,
         )
 
