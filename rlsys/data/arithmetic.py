@@ -178,7 +178,7 @@ class ArithmeticTask(IndexedTask):
                    phrasings=tuple(a.phrasings))
 
     def _key(self, key: str) -> str:
-        if key in ("ops", "min_value", "max_value", "num_terms", "phrasings"):
+        if key in ("ops", "min_value", "max_value", "num_terms"):
             key = f"arithmetic.{key}"
         return key if key == "seed" else super()._key(key)
 
