@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import machine, result_path, versions
-from rlsys.build import prepare_model_and_task, ray_session, sampling_pools
+from rlsys.build import build_task, prepare_model_and_task, ray_session, sampling_pools
 from rlsys.config import load_config
 from rlsys.eval.evaluator import evaluate_problems, held_out
 
@@ -55,13 +55,14 @@ def evaluate_variants(args: list[str], model: str, variants: dict[str, list[str]
     """Greedy figures of `model` on each variant's first `size` held-out problems, with one
     set of engines and reward workers for all of them."""
     base = load_config([*args, f"model.path={model}"])
-    model_path, _, _ = prepare_model_and_task(base)
+    # The variants change only data.arithmetic: one model check and tokenizer serve them all.
+    model_path, _, tokenizer = prepare_model_and_task(base)
     figures: dict[str, dict] = {}
     with (ray_session(base), tempfile.TemporaryDirectory(prefix="transfer-") as scratch,
           sampling_pools(base, model_path, Path(scratch)) as (rollout, rewards)):
         for name, overrides in variants.items():
             cfg = load_config([*args, f"model.path={model}", *overrides])
-            _, task, tokenizer = prepare_model_and_task(cfg)
+            task = build_task(cfg)
             problems, prompts, skipped = held_out(cfg, tokenizer, task, size)
             t0 = time.perf_counter()
             result = evaluate_problems(cfg, rollout, rewards, problems, prompts, skipped)

@@ -352,16 +352,18 @@ def distill_plots(d: dict, out: Path) -> list[Path | None]:
 def transfer_rows(d: dict) -> list[Row]:
     """Each later model's held-out greedy accuracy per variant (other phrasings, other operand
     ranges) against the first model's, the base; the issue sets no number, only that the gain
-    carries over."""
-    rows = []
+    carries over. A run of the base alone shows its own figures."""
     models = [m for m in get(d, "models") or [] if isinstance(m, dict)]
-    base = get(models[0] if models else None, "figures") or {}
-    for m in models[1:] or models:
+    if not models:
+        return []
+    base, trained = models[0], models[1:]
+    rows = []
+    for m in trained or [base]:
         for name, fig in (get(m, "figures") or {}).items():
+            against = ((get(base, "model"), get(base, "figures", name, "greedy_accuracy"))
+                       if trained else (DASH, None))
             rows.append(Row(f"{name}: {get(m, 'model')} greedy accuracy",
-                            get(fig, "greedy_accuracy"),
-                            f"{get(models[0], 'model')}" if m is not models[0] else DASH,
-                            get(base, name, "greedy_accuracy") if m is not models[0] else None))
+                            get(fig, "greedy_accuracy"), *against))
     return rows
 
 
