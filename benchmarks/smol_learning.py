@@ -42,7 +42,9 @@ QUICK_OVERRIDES = ["trainer.steps=6", "trainer.eval_every=3", "trainer.eval_size
 TARGET_ACCURACY, TARGET_DROP, TARGET_FORMAT, TARGET_MINUTES = 0.85, 0.06, 0.95, 30
 STABLE_AFTER_STEP = 30  # evaluations after this step must stay within TARGET_DROP of the best
 PER_STEP = {"entropy": "train/entropy", "response_length": "response/length_mean",
-            "no_signal_frac": "groups/no_signal_frac", "reward_accuracy": "reward/accuracy"}
+            "no_signal_frac": "groups/no_signal_frac", "reward_accuracy": "reward/accuracy",
+            "all_correct_frac": "groups/all_correct_frac",
+            "none_correct_frac": "groups/none_correct_frac"}
 
 
 def main(argv: list[str]) -> dict:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rlsys.rewards import is_correct
+
 
 class MetricsLogger:
     """Appends `{"step": s, "time": t, **metrics}` lines and mirrors scalars to the sinks."""
@@ -176,6 +178,22 @@ def mean_parts(scores: list[dict[str, float]]) -> dict[str, float]:
     return {part: sum(v) / len(v) for part, v in values.items()}
 
 
+def solved_fractions(groups: Sequence[Any]) -> dict[str, float]:
+    """The fractions of `groups` with every completion correct ("groups/all_correct_frac")
+    and with none correct ("groups/none_correct_frac"), by the one rule for correct
+    (rlsys.rewards.is_correct).
+
+    Both kinds carry no signal, for opposite reasons: the first are problems the policy has
+    learned (dynamic sampling only pays to find the others), the second problems it cannot yet
+    solve once in G samples, which only more exploration (a hotter temperature, larger groups)
+    brings into reach."""
+    correct = [[is_correct(s) for s in g.scores] for g in groups if g.scores]
+    if not correct:
+        return {}
+    return {"groups/all_correct_frac": statistics.fmean(all(c) for c in correct),
+            "groups/none_correct_frac": statistics.fmean(not any(c) for c in correct)}
+
+
 def reflection_count(text: str, phrases: Sequence[str]) -> int:
     """How often `text` uses any of the reflection phrases ("wait", "let me check", ...), as
     whole words, ignoring case: the "aha moment" signal R1-Zero reports rising during RL."""
@@ -223,6 +241,7 @@ def step_metrics(batch: Any, learner: dict[str, float], sync: dict[str, float],
     stats |= {f"train/{k}": v for k, v in learner.items() if not k.startswith("time/")}
     stats |= {
         "groups/no_signal_frac": statistics.fmean(not g.has_signal for g in batch.drawn),
+        **solved_fractions(batch.drawn),
         "groups/trained": len(batch.groups),
         "rollout/rounds": batch.rounds, "data/skipped_overlong": batch.skipped,
         "rollout/prompts": len(batch.drawn), "rollout/samples": len(drawn_samples),

@@ -18,7 +18,8 @@ STEP_KEYS = [
     "train/loss", "train/pg_loss", "train/kl", "train/clip_frac", "train/entropy",
     "train/grad_norm", "train/logprob_gap", "response/length_mean", "response/reflections",
     "time/gen", "time/reward",
-    "groups/no_signal_frac", "groups/trained", "rollout/rounds",
+    "groups/no_signal_frac", "groups/all_correct_frac", "groups/none_correct_frac",
+    "groups/trained", "rollout/rounds",
     "time/update", "time/sync", "throughput/gen_tokens_per_s", "sync/bytes", "weight_version",
 ]
 

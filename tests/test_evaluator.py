@@ -87,6 +87,8 @@ def test_step_metrics_describe_every_group_drawn_and_the_trained_ones() -> None:
                          advantages=torch.tensor([1.0, -1.0]))
     assert stats["reward/total"] == 0.25 and stats["reward/accuracy"] == 0.25
     assert stats["groups/no_signal_frac"] == 0.5 and stats["groups/trained"] == 1
+    # The flat group is flat because no completion is right: none correct, none all correct.
+    assert (stats["groups/none_correct_frac"], stats["groups/all_correct_frac"]) == (0.5, 0.0)
     assert (stats["rollout/rounds"], stats["data/skipped_overlong"]) == (2, 1)
     assert (stats["rollout/prompts"], stats["rollout/samples"]) == (2, 4)
     assert stats["response/length_mean"] == 5.0 and stats["response/length_max"] == 8
