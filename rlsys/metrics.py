@@ -183,10 +183,10 @@ def solved_fractions(groups: Sequence[Any]) -> dict[str, float]:
     and with none correct ("groups/none_correct_frac"), by the one rule for correct
     (rlsys.rewards.is_correct).
 
-    Both kinds carry no signal, for opposite reasons: the first are problems the policy has
-    learned (dynamic sampling only pays to find the others), the second problems it cannot yet
-    solve once in G samples, which only more exploration (a hotter temperature, larger groups)
-    brings into reach."""
+    Once the other reward parts (format) agree within a group, both kinds carry no signal, for
+    opposite reasons: the first are problems the policy has learned (dynamic sampling only pays
+    to find the others), the second problems it cannot yet solve once in G samples, which only
+    more exploration (a hotter temperature, larger groups) brings into reach."""
     correct = [[is_correct(s) for s in g.scores] for g in groups if g.scores]
     if not correct:
         return {}
