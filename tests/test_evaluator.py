@@ -10,7 +10,7 @@ import pytest
 
 from rlsys.config import load_config
 from rlsys.data import Problem
-from rlsys.metrics import PhaseTimer, read_metrics, step_metrics
+from rlsys.metrics import PhaseTimer, read_metrics, solved_fractions, step_metrics
 from rlsys.sampling import sample_and_score, score_samples
 from rlsys.scheduler import Batch, Group
 
@@ -62,6 +62,21 @@ def test_sample_and_score_pairs_each_completion_with_its_problem_and_shapes_leng
     assert len(samples) == 6 and set(timings) == {"gen_s", "reward_s"}
     # Scoring alone (generation started elsewhere, as in training) gives the same rewards.
     assert score_samples(cfg, RecordingRewards(), problems, samples, 3) == scores
+
+
+def test_solved_fractions_count_groups_by_the_one_rule_for_correct() -> None:
+    p = Problem(id="x", question="q", answer="1")
+
+    def group(*scores: dict) -> Group:
+        return Group(p, [{}] * len(scores), list(scores))
+
+    right, wrong = {"total": 1.1, "accuracy": 1.0}, {"total": 0.1, "accuracy": 0.0}
+    partial = {"total": 0.5, "code_accuracy": 0.5}  # half the tests pass: not correct
+    groups = [group(right, right), group(wrong, wrong), group(right, wrong),
+              group(partial, partial), group({"total": 1.0}, {"total": 1.0})]  # no accuracy part
+    assert solved_fractions(groups) == {"groups/all_correct_frac": 0.4,
+                                        "groups/none_correct_frac": 0.4}
+    assert solved_fractions([]) == {}
 
 
 def test_step_metrics_describe_every_group_drawn_and_the_trained_ones() -> None:
