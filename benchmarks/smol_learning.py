@@ -44,7 +44,8 @@ STABLE_AFTER_STEP = 30  # evaluations after this step must stay within TARGET_DR
 PER_STEP = {"entropy": "train/entropy", "response_length": "response/length_mean",
             "no_signal_frac": "groups/no_signal_frac", "reward_accuracy": "reward/accuracy",
             "all_correct_frac": "groups/all_correct_frac",
-            "none_correct_frac": "groups/none_correct_frac"}
+            "none_correct_frac": "groups/none_correct_frac",
+            "temperature": "rollout/temperature"}
 
 
 def main(argv: list[str]) -> dict:

@@ -138,11 +138,12 @@ class LearnerGroup:
                 raise LearnerFailed(rank, self.names[rank], exc) from None
         return [results[ref] for ref in refs]
 
-    def train_step(self, batch: dict[str, list], entropy_coef: float | None = None
-                   ) -> dict[str, float]:
+    def train_step(self, batch: dict[str, list], entropy_coef: float | None = None,
+                   temperature: float | None = None) -> dict[str, float]:
         """One GRPO update of the whole batch; returns the batch's metrics. `entropy_coef`
-        overrides algorithm.entropy_coef (the trainer's adaptive weight)."""
-        return self._update("train_step", batch, entropy_coef)
+        overrides algorithm.entropy_coef (the trainer's adaptive weight), `temperature` the
+        learner's sampling temperature (the batch's, under rollout.temperature_warmup_steps)."""
+        return self._update("train_step", batch, entropy_coef, temperature)
 
     def sft_step(self, batch: dict[str, list]) -> dict[str, float]:
         """One supervised (next-token) update on prompt/response pairs; the batch's metrics."""
@@ -162,16 +163,18 @@ class LearnerGroup:
         return metrics
 
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                         reference: bool = False) -> list[list[float]]:
+                         reference: bool = False, temperature: float | None = None
+                         ) -> list[list[float]]:
         """Per-token log-probs of each response under the policy (or the reference model),
-        in the order given: sharded over the dp ranks like `train_step`, merged back."""
+        at `temperature` (None: the learner's), in the order given: sharded over the dp ranks
+        like `train_step`, merged back."""
         shards = shard_for_data_parallel(prompt_ids, response_ids, self.dp)
         refs = []
         for rank, worker in enumerate(self.workers):
             shard = shards[rank // self.tp]
             refs.append(worker.compute_logprobs.remote([prompt_ids[i] for i in shard],
                                                        [response_ids[i] for i in shard],
-                                                       reference))
+                                                       reference, temperature))
         per_rank = self.gather(refs)
         result: list[list[float]] = [[] for _ in response_ids]
         for shard, logprobs in zip(shards, per_rank[:: self.tp], strict=True):

@@ -292,8 +292,11 @@ class Learner:
 
     @torch.no_grad()
     def compute_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                         reference: bool = False) -> list[list[float]]:
-        """Per-token log-probs of each response under the policy (or the reference model)."""
+                         reference: bool = False, temperature: float | None = None
+                         ) -> list[list[float]]:
+        """Per-token log-probs of each response under the policy (or the reference model),
+        at `temperature` when given (see `_at_temperature`)."""
+        self._at_temperature(temperature)
         model = self.ref_model if reference else self.model
         if model is None:
             raise ValueError("no reference model: algorithm.kl_coef is 0")
@@ -327,8 +330,17 @@ class Learner:
             dist.all_reduce(t, group=self.dp_group)
         return t.tolist()
 
-    def train_step(self, batch: dict, entropy_coef: float | None = None) -> dict[str, float]:
-        """One GRPO update on this rank's shard of a rollout batch.
+    def _at_temperature(self, temperature: float | None) -> None:
+        """Score from now on at `temperature`, the one the engines sampled the batch at
+        (rollout.temperature_at: it changes during rollout.temperature_warmup_steps); None
+        keeps the current one."""
+        if temperature is not None:
+            self.temperature = temperature
+
+    def train_step(self, batch: dict, entropy_coef: float | None = None,
+                   temperature: float | None = None) -> dict[str, float]:
+        """One GRPO update on this rank's shard of a rollout batch, sampled at `temperature`
+        (None: the temperature the learner scores at already).
 
         `batch` holds, per completion: "prompt_ids", "response_ids", "rollout_logprobs" (lists)
         and "advantages" (floats), optionally "loss_mask" (bools) and "ref_logprobs" (lists:
@@ -345,6 +357,7 @@ class Learner:
         later ones (`algorithm.updates_per_batch` > 1).
         """
         t0 = time.perf_counter()
+        self._at_temperature(temperature)
         prompts, responses = batch["prompt_ids"], batch["response_ids"]
         n = len(responses)
         advantages = torch.tensor(batch["advantages"], dtype=torch.float32).reshape(n)

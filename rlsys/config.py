@@ -211,6 +211,12 @@ class RolloutConfig:
     prompts_per_step: int = doc("prompts per GRPO step (B)", 8)
     group_size: int = doc("completions per prompt (G); GRPO needs G >= 2", 8)
     temperature: float = doc("sampling temperature", 1.0)
+    temperature_start: float = doc("with rollout.temperature_warmup_steps > 0: the temperature "
+                                   "of step 1, raised linearly to rollout.temperature", 1.0)
+    temperature_warmup_steps: int = doc("steps over which the sampling temperature rises from "
+                                        "rollout.temperature_start to rollout.temperature "
+                                        "(POLARIS-style); 0 = rollout.temperature throughout",
+                                        0)
     top_p: float = doc("nucleus sampling threshold", 1.0)
     max_new_tokens: int = doc("maximum response length in tokens", 128)
     max_model_len: int = doc("engine context length (prompt + response)", 1024)
@@ -257,7 +263,8 @@ class RolloutConfig:
                  "GRPO compares completions within a group: needs >= 2")
         _at_least(self, "rollout", 1, "num_workers", "prompts_per_step", "max_new_tokens",
                   "tensor_parallel_size", "max_sampling_rounds")
-        _at_least(self, "rollout", 0, "max_staleness", "on_policy_steps")
+        _at_least(self, "rollout", 0, "max_staleness", "on_policy_steps",
+                  "temperature_warmup_steps")
         _resources(self, "rollout")
         _cpu_cores(self, "rollout")
         _require(not self.inflight or self.max_staleness >= 1, "rollout.max_staleness",
@@ -265,6 +272,12 @@ class RolloutConfig:
                  "overtakes is one version old when it is trained on")
         _require(self.temperature > 0, "rollout.temperature", self.temperature,
                  "sampling needs temperature > 0")
+        _require(self.temperature_start > 0, "rollout.temperature_start",
+                 self.temperature_start, "sampling needs temperature > 0")
+        _require(not (self.inflight and self.temperature_warmup_steps),
+                 "rollout.temperature_warmup_steps", self.temperature_warmup_steps,
+                 "rollout.inflight samples groups before it knows the step that trains on them, "
+                 "so their temperature cannot follow a per-step schedule: needs 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
         _require(self.max_model_len > self.max_new_tokens, "rollout.max_model_len",
                  self.max_model_len, "must exceed rollout.max_new_tokens to leave room for the "
@@ -272,6 +285,20 @@ class RolloutConfig:
         _one_of(self, "rollout", "dtype", _AUTO_DTYPES)
         _require(self.device_memory_gb > 0, "rollout.device_memory_gb", self.device_memory_gb,
                  "must be > 0")
+
+    def temperature_at(self, step: int) -> float:
+        """The sampling temperature of training step `step` (1-based):
+
+            T(s) = T_start + (T - T_start) * min(1, (s - 1) / warmup_steps)
+
+        so step 1 samples at `temperature_start` and step warmup_steps + 1 on at `temperature`;
+        `temperature` throughout when warmup_steps = 0. The learner scores a batch's tokens
+        at the temperature they were sampled at, so the ratio compares like with like.
+        """
+        if not self.temperature_warmup_steps:
+            return self.temperature
+        frac = min(1.0, max(step - 1, 0) / self.temperature_warmup_steps)
+        return self.temperature_start + (self.temperature - self.temperature_start) * frac
 
 
 @dataclass

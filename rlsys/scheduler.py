@@ -142,7 +142,8 @@ class RolloutScheduler:
         task_state = self.task.state_dict()
         problems, prompts, skipped = fitting_prompts(self.cfg, self.tokenizer,
                                                      self.task.sample(count))
-        chunks = self.fleet.rollout.submit(prompts, n=r.group_size, temperature=r.temperature,
+        chunks = self.fleet.rollout.submit(prompts, n=r.group_size,
+                                           temperature=r.temperature_at(step),
                                            top_p=r.top_p, max_tokens=r.max_new_tokens,
                                            seed=self.request_seed(step, round_))
         return SubmittedRound(step, problems, chunks, skipped, task_state)

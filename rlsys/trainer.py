@@ -165,7 +165,9 @@ class GRPOTrainer:
         stats = step_metrics(batch, learner_stats, sync, timer, trained_version=trained_version,
                              reflection_words=self.cfg.trainer.reflection_words,
                              advantages=advantages)
-        stats |= extra | self.fleet.stats() | {"rollout/queue_depth": len(self.scheduler.pending)}
+        stats |= extra | self.fleet.stats() | {"rollout/queue_depth": len(self.scheduler.pending),
+                                               "rollout/temperature":
+                                                   self.cfg.rollout.temperature_at(step)}
         stats |= scheduled
         return stats | {f"reward_pool/{k}": v for k, v in self.rewards.pool_stats().items()}
 
@@ -183,13 +185,15 @@ class GRPOTrainer:
                          "loss_mask": [not (mask_truncated and s["finish_reason"] == "length")
                                        for s in samples]}
         extra: dict[str, float] = {}
+        # The temperature the batch was sampled at: the learner scores its tokens at it.
+        temperature = self.cfg.rollout.temperature_at(step)
         if a.kl_in_reward:
-            rewards, learner_batch["ref_logprobs"], extra = self.kl_in_reward(learner_batch,
-                                                                              rewards)
+            rewards, learner_batch["ref_logprobs"], extra = self.kl_in_reward(
+                learner_batch, rewards, temperature)
         advantages = group_advantages(rewards, self.cfg.rollout.group_size,
                                       normalize_std=a.normalize_std)
         learner_batch["advantages"] = advantages.tolist()
-        learner_stats = self.learner.train_step(learner_batch, self.entropy_coef)
+        learner_stats = self.learner.train_step(learner_batch, self.entropy_coef, temperature)
         if a.entropy_target:
             extra["train/entropy_coef"] = self.entropy_coef
             self.entropy_coef = adapt_entropy_coef(self.entropy_coef, learner_stats["entropy"],
@@ -201,7 +205,7 @@ class GRPOTrainer:
 
     # --- the parts ----------------------------------------------------------------------------
 
-    def kl_in_reward(self, batch: dict[str, list], rewards: torch.Tensor
+    def kl_in_reward(self, batch: dict[str, list], rewards: torch.Tensor, temperature: float
                      ) -> tuple[torch.Tensor, list[list[float]], dict[str, float]]:
         """`algorithm.kl_in_reward`: each reward minus kl_coef * sum_t k1_t (see
         `rlsys.algo.kl_shaped_rewards`), k1_t = log pi - log pi_ref of each sampled token.
@@ -212,7 +216,7 @@ class GRPOTrainer:
         and `reward/kl_penalty`, the mean penalty of the batch.
         """
         ref = self.learner.compute_logprobs(batch["prompt_ids"], batch["response_ids"],
-                                            reference=True)
+                                            reference=True, temperature=temperature)
         lens = torch.tensor([len(lp) for lp in ref])
         mask = torch.arange(int(lens.max()))[None, :] < lens[:, None]
         shaped, penalty = kl_shaped_rewards(rewards, _padded(batch["rollout_logprobs"]),

@@ -114,6 +114,10 @@ def test_auto_dtypes_are_bf16_on_gpus_and_native_cpus_else_fp32(monkeypatch, nat
     (["rollout.max_staleness=-1"], "bad value for 'rollout.max_staleness': -1 (must be >= 0)"),
     (["rollout.on_policy_steps=-2"],
      "bad value for 'rollout.on_policy_steps': -2 (must be >= 0)"),
+    (["rollout.temperature_warmup_steps=5", "rollout.inflight=true",
+      "rollout.max_staleness=1"], "bad value for 'rollout.temperature_warmup_steps': 5 "
+                                  "(rollout.inflight samples groups before it knows the step"),
+    (["rollout.temperature_start=0"], "bad value for 'rollout.temperature_start': 0.0"),
     (["learner.lr_schedule=step"], "bad value for 'learner.lr_schedule': 'step'"),
     (["learner.min_lr_ratio=2"], "bad value for 'learner.min_lr_ratio': 2.0 (must be in [0, 1])"),
     (["trainer.wandb_mode=cloud"], "bad value for 'trainer.wandb_mode': 'cloud' (online, "
@@ -223,3 +227,13 @@ def test_processes_sharing_a_node_divide_its_cores_between_them(monkeypatch):
     assert worker_threads(0, [], 16) == 1  # at least one
     assert worker_threads(0, [2, 3], 2) == 1  # pinned: the pinned cores are what is shared
     assert worker_threads(3, [], 2) == 3  # set explicitly: as set
+
+
+def test_temperature_warms_up_linearly_from_the_start_value():
+    """Step 1 samples at rollout.temperature_start, step warmup + 1 on at rollout.temperature."""
+    ramp = load_config(["rollout.temperature=1.5", "rollout.temperature_start=1.0",
+                        "rollout.temperature_warmup_steps=10"]).rollout
+    assert [ramp.temperature_at(s) for s in (1, 6, 11, 50)] == pytest.approx(
+        [1.0, 1.25, 1.5, 1.5])
+    fixed = load_config(["rollout.temperature=1.5"]).rollout
+    assert {fixed.temperature_at(s) for s in (1, 2, 80)} == {1.5}

@@ -142,14 +142,22 @@ def test_learner_processes_run_the_configured_allocator(ray_cluster, cache_dir, 
 @pytest.mark.timeout(300)
 def test_tiny_run_with_kl_in_reward_and_rollout_is(ray_cluster, tmp_path):
     """algorithm.kl_in_reward with a dp=2 learner group (the reference log-probs come back
-    from two shards, merged in order) and sequence-level truncated IS."""
+    from two shards, merged in order) and sequence-level truncated IS; the sampling
+    temperature warms up from 0.7 (step 1) to 1.0 (step 2)."""
     out = tmp_path / "run"
     train(load_config(["conf=tiny", f"trainer.output_dir={out}", "learner.dp=2",
                        "algorithm.kl_in_reward=true", "algorithm.kl_coef=0.05",
-                       "algorithm.rollout_is=sequence", "trainer.steps=1",
+                       "algorithm.rollout_is=sequence", "trainer.steps=2",
+                       "rollout.temperature_start=0.7", "rollout.temperature_warmup_steps=1",
                        "trainer.eval_size=0", "trainer.save_final=false"]))
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["rollout/temperature"] for r in records[1:]] == pytest.approx([0.7, 1.0])
+    # On-policy in fp32, each step's learner scores its batch at the temperature the engine
+    # sampled it at (0.7, then 1.0): the IS ratios are 1, as they would not be at another.
+    for record in records[1:]:
+        assert record["train/logprob_gap"] < 1e-3, record["train/logprob_gap"]
+        assert record["train/rollout_is/mean"] == pytest.approx(1.0, abs=1e-2)
     step = records[1]
     assert step["groups/trained"] >= 1 and step["weight_version"] == 1
     for key in ("reward/kl_penalty", "train/kl", "train/loss", "train/pg_loss",

@@ -79,6 +79,27 @@ def test_logprobs_match_a_plain_forward_pass(tiny_path):
             torch.testing.assert_close(torch.tensor(lp), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_batch_is_scored_at_the_temperature_it_was_sampled_at(tiny_path):
+    """Under a temperature schedule each call names the batch's temperature: log-probs are
+    those of logits / T, and the update's ratio starts at 1 against samples drawn at T."""
+    from transformers import AutoModelForCausalLM
+
+    learner = make_learner(tiny_path, kl_coef=0.0)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]]
+    hot = learner.compute_logprobs(prompts, responses, temperature=2.0)
+    with torch.no_grad():
+        for p, r, lp in zip(prompts, responses, hot, strict=True):
+            logits = plain(torch.tensor([p + r])).logits[0].float() / 2.0
+            want = torch.log_softmax(logits, -1)[len(p) - 1: -1].gather(
+                -1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(lp), want, atol=1e-5, rtol=1e-5)
+    metrics = learner.train_step({"prompt_ids": prompts, "response_ids": responses,
+                                  "rollout_logprobs": hot, "advantages": [1.0, -1.0]},
+                                 temperature=2.0)
+    assert metrics["logprob_gap"] < 1e-5  # scored at 2.0, as sampled
+
+
 def test_update_moves_probability_towards_positive_advantages(tiny_path):
     learner = make_learner(tiny_path, kl_coef=0.01)
     prompts, responses = [[5, 6, 7]] * 2, [[10, 11, 12], [20, 21, 22]]
