@@ -32,6 +32,15 @@ def make_learner(path: str, **overrides) -> Learner:
     return Learner(path, lc, algo, max_response_len=8, seed=0)
 
 
+@torch.no_grad()
+def plain_logprobs(model, prompt: list[int], response: list[int],
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log-probs of `response`'s tokens under a plain (unpacked) forward pass, at `temperature`."""
+    logits = model(torch.tensor([prompt + response])).logits[0].float() / temperature
+    return torch.log_softmax(logits, -1)[len(prompt) - 1: -1].gather(
+        -1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
 def full_state(learner: Learner) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in learner.model.state_dict().items()}
@@ -71,12 +80,9 @@ def test_logprobs_match_a_plain_forward_pass(tiny_path):
     responses = [[10, 11, 12, 13], [14], [15, 16], [17, 18, 19], [20, 21]]
     got = learner.compute_logprobs(prompts, responses)
     assert len(pack_microbatches(prompts, responses, 12)) > 1
-    with torch.no_grad():
-        for p, r, lp in zip(prompts, responses, got, strict=True):
-            logits = plain(torch.tensor([p + r])).logits[0].float()
-            want = torch.log_softmax(logits, -1)[len(p) - 1: -1].gather(
-                -1, torch.tensor(r)[:, None]).squeeze(-1)
-            torch.testing.assert_close(torch.tensor(lp), want, atol=1e-5, rtol=1e-5)
+    for p, r, lp in zip(prompts, responses, got, strict=True):
+        torch.testing.assert_close(torch.tensor(lp), plain_logprobs(plain, p, r),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_a_batch_is_scored_at_the_temperature_it_was_sampled_at(tiny_path):
@@ -88,12 +94,9 @@ def test_a_batch_is_scored_at_the_temperature_it_was_sampled_at(tiny_path):
     plain = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14]]
     hot = learner.compute_logprobs(prompts, responses, temperature=2.0)
-    with torch.no_grad():
-        for p, r, lp in zip(prompts, responses, hot, strict=True):
-            logits = plain(torch.tensor([p + r])).logits[0].float() / 2.0
-            want = torch.log_softmax(logits, -1)[len(p) - 1: -1].gather(
-                -1, torch.tensor(r)[:, None]).squeeze(-1)
-            torch.testing.assert_close(torch.tensor(lp), want, atol=1e-5, rtol=1e-5)
+    for p, r, lp in zip(prompts, responses, hot, strict=True):
+        torch.testing.assert_close(torch.tensor(lp), plain_logprobs(plain, p, r, 2.0),
+                                   atol=1e-5, rtol=1e-5)
     metrics = learner.train_step({"prompt_ids": prompts, "response_ids": responses,
                                   "rollout_logprobs": hot, "advantages": [1.0, -1.0]},
                                  temperature=2.0)
