@@ -5,8 +5,8 @@ Each benchmark runs as its own `python -m benchmarks.NAME` process, as a person 
 so that one's memory (models, a Ray cluster) is gone before the next starts and its timings are
 its own. A failing benchmark does not stop the others: the failures are listed at the end and
 the exit status is 1. --quick passes --quick to every benchmark (smaller runs written to
-benchmarks/results/quick/) and to the report. async_rollouts, r1_smol, distill, memory_plan
-and cpu_precision are long, gpu_check needs a GPU (its --quick is the CPU smoke run) and
+benchmarks/results/quick/) and to the report. async_rollouts, r1_smol, distill, memory_plan,
+cpu_precision and core_contention are long, gpu_check needs a GPU (its --quick is the CPU smoke run) and
 arithmetic_transfer wants a trained model: none is in the default set; name them with --only.
 """
 
@@ -23,9 +23,10 @@ DEFAULT = ("rollout_throughput", "trl_grpo", "weight_sync", "learner_packing",
            "sandbox_throughput", "smol_learning")
 # memory_plan: ~10 min of profiled learner updates; gpu_check: needs a GPU (--quick: its CPU
 # smoke run); cpu_precision: ~10 min where bfloat16 is emulated; arithmetic_transfer: the base
-# model alone unless given --models (a trained one is a run's final/).
+# model alone unless given --models (a trained one is a run's final/); core_contention: ~5 min,
+# and only telling on a box whose cores are otherwise idle.
 EXTRA = ("async_rollouts", "r1_smol", "distill", "memory_plan", "gpu_check", "cpu_precision",
-         "arithmetic_transfer")
+         "arithmetic_transfer", "core_contention")
 #: Benchmarks whose script has no --quick (a quick run of them would overwrite the full figures).
 NO_QUICK = frozenset({"async_rollouts", "r1_smol", "distill"})
 

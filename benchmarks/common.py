@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -37,6 +40,19 @@ def cpu_model() -> str:
 def machine() -> dict[str, object]:
     return {"cores": os.cpu_count(), "cpu_model": cpu_model(),
             "python": platform.python_version()}
+
+
+def child_result(argv: list[str], what: str, env: Mapping[str, str] | None = None) -> dict:
+    """Run `python -m ARGV` in a fresh process (its own memory, threads and allocator) and
+    return the JSON of the last line it printed as `RESULT {...}`; if it failed, stop with one
+    line naming `what` and the child's last line of output."""
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          env=None if env is None else dict(env))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"{argv[0].rsplit('.', 1)[-1]}: {what} failed: {tail[0]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def versions(*names: str) -> dict[str, str]:

@@ -27,12 +27,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-from benchmarks.common import machine, result_path, timed_reps, versions
+from benchmarks.common import child_result, machine, result_path, timed_reps, versions
 
 DTYPES = ("float32", "bfloat16")
 FULL = {"prompts": 4, "group": 8, "max_new_tokens": 48, "learner_prompts": 1, "reps": 2}
@@ -108,13 +106,8 @@ def learner(dtype: str, spec: dict) -> dict:
 
 def child(part: str, dtype: str, spec: dict) -> dict:
     """Run one measurement in a fresh process (its own engine or learner, its own memory)."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_precision", "--child", part,
-                           dtype, json.dumps(spec)], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"cpu_precision: the {part} child ({dtype}) failed: {tail[0]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result(["benchmarks.cpu_precision", "--child", part, dtype, json.dumps(spec)],
+                        f"the {part} child ({dtype})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,6 +203,17 @@ def cpu_precision_rows(d: dict) -> list[Row]:
             Row("dtype `auto` picks on this CPU", get(d, "auto_picks"))]
 
 
+def core_contention_rows(d: dict) -> list[Row]:
+    """The learner's seconds per update on one core beside each load on the other, alone the
+    baseline."""
+    res, cpu = get(d, "results"), get(d, "machine", "cpu_model")
+    alone = get(res, "none", "median_s")
+    return [Row(f"learner s/update beside {load} on the other core ({cpu})",
+                get(res, load, "median_s"), "alone", alone, ratio(get(res, load, "median_s"),
+                                                                    alone))
+            for load in ("compute", "memory", "engine")]
+
+
 def smol_rows(d: dict) -> list[Row]:
     """Per seed: the final held-out accuracy, its steadiness from step 30, the format reward and
     the minutes, each against the issue's target (the JSON's `targets`)."""
@@ -701,6 +712,12 @@ BENCHMARKS = (
           "learner's GRPO update, in each dtype. `rollout.dtype` and `learner.compute_dtype` "
           "default to `auto`, which picks bfloat16 only where the CPU computes in it natively.",
           cpu_precision_rows, _none_plots, optional=True),
+    Bench("core_contention", "What the two cores of the split layout share (`python -m "
+          "benchmarks.core_contention`): the demo learner's update pinned to one core, alone "
+          "and beside a load pinned to the other: an in-cache bf16 matmul loop (slows it only "
+          "if the cores share execution units, as hyperthreads do), a 256 MiB memory copy loop "
+          "(L3 cache, memory bandwidth), and a vLLM engine sampling the demo's prompts.",
+          core_contention_rows, _none_plots, optional=True),
     Bench("smol_learning", "The CPU demo (conf/smol.yaml) end to end: held-out accuracy and "
           "format reward against wall-clock minutes.", smol_rows, smol_plots),
     Bench("memory_plan", "The per-GPU memory plan (`rlsys/memory_plan.py`, printed by "

@@ -88,6 +88,16 @@ def test_report_table_sections_and_plots(results: Path) -> None:
         assert f"](plots/{name}.png)" in text
 
 
+def test_core_contention_rows_are_slowdowns_against_the_update_alone(tmp_path: Path) -> None:
+    _write(tmp_path, "core_contention", {"machine": MACHINE, "results": {
+        "none": {"median_s": 4.0}, "compute": {"median_s": 4.2}, "memory": {"median_s": 5.0}}})
+    rows = _rows(report.build(tmp_path, tmp_path / "README.md"), "core_contention")
+    assert [(r[1], r[2], r[4], r[5]) for r in rows] == [
+        ("learner s/update beside compute on the other core (Test CPU)", "4.20", "4.00", "1.05x"),
+        ("learner s/update beside memory on the other core (Test CPU)", "5.00", "4.00", "1.25x"),
+        ("learner s/update beside engine on the other core (Test CPU)", "–", "4.00", "–")]
+
+
 def test_report_quick_and_bad_json(tmp_path: Path) -> None:
     (tmp_path / "r1_smol.json").write_text("{not json")
     text = report.build(tmp_path, tmp_path / "README.md", quick=True)
