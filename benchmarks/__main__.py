@@ -6,8 +6,9 @@ so that one's memory (models, a Ray cluster) is gone before the next starts and 
 its own. A failing benchmark does not stop the others: the failures are listed at the end and
 the exit status is 1. --quick passes --quick to every benchmark (smaller runs written to
 benchmarks/results/quick/) and to the report. async_rollouts, r1_smol, distill, memory_plan,
-cpu_precision and core_contention are long, gpu_check needs a GPU (its --quick is the CPU smoke run) and
-arithmetic_transfer wants a trained model: none is in the default set; name them with --only.
+cpu_precision and core_contention are long, gpu_check needs a GPU (its --quick is the CPU
+smoke run) and arithmetic_transfer wants a trained model: none is in the default set; name
+them with --only.
 """
 
 from __future__ import annotations

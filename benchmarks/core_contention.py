@@ -18,10 +18,11 @@ and beside one load pinned to core 0:
 * engine:  a vLLM engine sampling the demo's prompts (conf/smol.yaml: few-shot prompts, G
   completions at temperature 1.5, 48 tokens), call after call: the load the split layout has.
 
-Each runs in its own process; the update's process is started after the load reports it is
-running, warms up with one update, then times --reps updates (median). Writes
-benchmarks/results/core_contention.json (--quick: results/quick/) with each load's slowdown
-(median seconds beside it / alone).
+The learner and each load run in processes of their own, started once: the learner warms up
+with WARMUP updates, then each of --reps rounds times one update per load, the load under test
+resumed (SIGCONT) and the others stopped (SIGSTOP), so the box's drift falls on every load
+alike. Writes benchmarks/results/core_contention.json (--quick: results/quick/) with each
+load's slowdown: the median over rounds of its update's seconds over the round's alone.
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
-from benchmarks.common import child_result, machine, result_path, versions
+from benchmarks.common import machine, result_path, versions
 from benchmarks.cpu_precision import LEARNER_SHAPE
 
 LOADS = ("none", "compute", "memory", "engine")
 LOAD_CORE, UPDATE_CORE = 0, 1
+WARMUP = 3  # untimed updates first: on an AMD EPYC VM the 2nd to 4th still ran 10-20% slower
 
 
 def load(kind: str) -> None:
@@ -91,9 +95,10 @@ def _engine_loop(scratch: str) -> None:
         llm.generate(prompts, sampling, use_tqdm=False)
 
 
-def update(prompts: int, reps: int) -> dict:
-    """Seconds per demo-shaped update of the demo's learner (conf/smol.yaml's, its compute
-    dtype resolved for this CPU) on core UPDATE_CORE, one thread (one warm-up first)."""
+def serve_updates(prompts: int) -> None:
+    """The demo's learner (conf/smol.yaml's, its compute dtype resolved for this CPU) on core
+    UPDATE_CORE, one thread: after WARMUP updates it prints READY, then times one update of a
+    demo-shaped batch per line read from stdin and prints `TIME seconds`."""
     import torch
     from transformers import AutoConfig
 
@@ -110,72 +115,103 @@ def update(prompts: int, reps: int) -> dict:
     batch = make_batch(shape, AutoConfig.from_pretrained(path).vocab_size)
     model = Learner(path, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
                     max_response_len=shape["response_len"][1])
-    model.train_step(batch)  # warm-up: AdamW's state, the allocator's pages
-    times = []
-    for _ in range(reps):
+    for _ in range(WARMUP):  # AdamW's state, the allocator's pages: the first ones run slower
+        model.train_step(batch)
+    print(f"READY {len(batch['response_ids'])} {cfg.learner.compute_dtype}", flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         model.train_step(batch)
-        times.append(round(time.perf_counter() - t0, 2))
-    return {"seconds": times, "median_s": statistics.median(times),
-            "sequences": len(batch["response_ids"]), "dtype": cfg.learner.compute_dtype}
+        print(f"TIME {time.perf_counter() - t0:.3f}", flush=True)
 
 
-def measure(kind: str, prompts: int, reps: int) -> dict:
-    """The update's times beside load `kind` (none: alone), each in a process of its own."""
+def start(argv: list[str], what: str, env: dict[str, str] | None = None,
+          stdin: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m benchmarks.core_contention ARGV` once it prints READY (and what follows it
+    on that line); stops with one line naming `what` if it exits first."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.core_contention", *argv],
+                            stdin=stdin, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # vLLM prints to stdout too
+        if line.startswith("READY"):
+            return proc, line[len("READY"):].strip()
+    raise SystemExit(f"core_contention: {what} did not start (exit {proc.wait()})")
+
+
+def measure(prompts: int, reps: int) -> dict:
+    """Seconds per update beside each load, interleaved: every load runs in a process of its
+    own, stopped (SIGSTOP) but for the one under test (SIGCONT), and each round times one
+    update per load, so that the box's drift between rounds (10% on an AMD EPYC VM) falls on
+    every load alike. Each load's slowdown is the median over rounds of its time over the
+    round's time alone."""
     from rlsys.build import learner_env
 
-    loader = None
-    if kind != "none":
-        loader = subprocess.Popen([sys.executable, "-m", "benchmarks.core_contention",
-                                   "--load", kind], stdout=subprocess.PIPE, text=True)
-        line = loader.stdout.readline() if loader.stdout else ""
-        if not line.startswith("READY"):
-            loader.kill()
-            raise SystemExit(f"core_contention: the {kind} load did not start "
-                             f"(exit {loader.wait()})")
+    loads: dict[str, subprocess.Popen] = {}
+    learner = None
     try:
-        return child_result(["benchmarks.core_contention", "--update", str(prompts), str(reps)],
-                            f"the update beside {kind}",
-                            env=os.environ | learner_env(1, "jemalloc")["env_vars"])
+        for kind in LOADS[1:]:
+            loads[kind], _ = start(["--load", kind], f"the {kind} load")
+            loads[kind].send_signal(signal.SIGSTOP)
+            # Keep draining its output, so that a full pipe never stops it.
+            threading.Thread(target=loads[kind].stdout.read, daemon=True).start()
+        learner, about = start(["--serve-updates", str(prompts)], "the learner",
+                               env=os.environ | learner_env(1, "jemalloc")["env_vars"],
+                               stdin=subprocess.PIPE)
+        times: dict[str, list[float]] = {kind: [] for kind in LOADS}
+        for _ in range(reps):
+            for kind in LOADS:
+                if kind != "none":
+                    loads[kind].send_signal(signal.SIGCONT)
+                    time.sleep(1.0)  # the load back at full speed before the update starts
+                learner.stdin.write("go\n")
+                learner.stdin.flush()
+                line = next((x for x in learner.stdout if x.startswith("TIME ")), None)
+                if kind != "none":
+                    loads[kind].send_signal(signal.SIGSTOP)
+                if line is None:
+                    raise SystemExit(f"core_contention: the learner exited beside {kind} "
+                                     f"(exit {learner.wait()})")
+                times[kind].append(round(float(line.split()[1]), 2))
+            print("round:", {k: v[-1] for k, v in times.items()}, flush=True)
     finally:
-        if loader is not None:
-            loader.kill()
-            loader.wait()
+        for proc in [*loads.values(), *([learner] if learner else [])]:
+            proc.kill()
+            proc.wait()
+    sequences, dtype = about.split()
+    return {"sequences": int(sequences), "dtype": dtype, "seconds": times,
+            "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "slowdown": {k: round(statistics.median([t / alone for t, alone in
+                                                     zip(times[k], times["none"], strict=True)]),
+                                  3) for k in LOADS[1:]}}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 prompt, 2 reps")
-    parser.add_argument("--reps", type=int, default=5, help="timed updates per load")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts (x 8) per update")
+    parser.add_argument("--quick", action="store_true", help="1 prompt, 2 rounds")
+    parser.add_argument("--reps", type=int, default=7, help="rounds (one update per load each)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts (x G) per update")
     parser.add_argument("--load", help=argparse.SUPPRESS)
-    parser.add_argument("--update", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-updates", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load:
         load(args.load)
         return
-    if args.update:
-        print("RESULT " + json.dumps(update(*args.update)), flush=True)
+    if args.serve_updates:
+        serve_updates(args.serve_updates)
         return
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("core_contention: needs two cores (the load on 0, the update on 1)")
     prompts, reps = (1, 2) if args.quick else (args.prompts, args.reps)
-    results = {}
-    for kind in LOADS:
-        t0 = time.perf_counter()
-        results[kind] = measure(kind, prompts, reps)
-        print(f"update beside {kind}: {results[kind]} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
-    alone = results["none"]["median_s"]
-    slowdown = {k: round(results[k]["median_s"] / alone, 3) for k in LOADS[1:]}
+    t0 = time.perf_counter()
+    results = measure(prompts, reps)
     record = {"benchmark": "core_contention", "machine": machine(),
               "versions": versions("torch", "vllm", "numpy"),
-              "prompts": prompts, "reps": reps, "cores": {"load": LOAD_CORE,
-                                                          "update": UPDATE_CORE},
-              "results": results, "slowdown": slowdown}
+              "prompts": prompts, "reps": reps, "warmup": WARMUP,
+              "cores": {"load": LOAD_CORE, "update": UPDATE_CORE},
+              "minutes": round((time.perf_counter() - t0) / 60, 1), **results}
     path = result_path("core_contention", args.quick)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"update slowdown beside each load: {slowdown}; wrote {path}")
+    print(f"update seconds (median): {results['median_s']}; slowdown beside each load "
+          f"(median of per-round ratios): {results['slowdown']}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -204,13 +204,12 @@ def cpu_precision_rows(d: dict) -> list[Row]:
 
 
 def core_contention_rows(d: dict) -> list[Row]:
-    """The learner's seconds per update on one core beside each load on the other, alone the
-    baseline."""
-    res, cpu = get(d, "results"), get(d, "machine", "cpu_model")
-    alone = get(res, "none", "median_s")
+    """The learner's median seconds per update on one core beside each load on the other,
+    alone the baseline; the ratio is the median of the rounds' own ratios (the script's)."""
+    seconds, cpu = get(d, "median_s"), get(d, "machine", "cpu_model")
     return [Row(f"learner s/update beside {load} on the other core ({cpu})",
-                get(res, load, "median_s"), "alone", alone, ratio(get(res, load, "median_s"),
-                                                                    alone))
+                get(seconds, load), "alone", get(seconds, "none"),
+                first(get(d, "slowdown", load), ratio(get(seconds, load), get(seconds, "none"))))
             for load in ("compute", "memory", "engine")]
 
 
