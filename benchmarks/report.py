@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.__main__ import EXTRA
 from benchmarks.common import QUICK_RESULTS, RESULTS
 
 REPO = RESULTS.parent.parent
@@ -772,6 +773,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _listed(names: tuple[str, ...]) -> str:
+    """`a`, `b` and `c`."""
+    quoted = [f"`{n}`" for n in names]
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+
+
 def build(results_dir: Path, readme: Path, quick: bool = False) -> str:
     """Write `readme` and its plots (`results_dir`/plots/) from the JSON files in `results_dir`;
     returns the Markdown."""
@@ -820,8 +827,8 @@ def build(results_dir: Path, readme: Path, quick: bool = False) -> str:
         "Re-run everything with `make bench` (installs TRL, the baseline of trl_grpo, then runs "
         "the six default benchmarks and this report); `make bench ARGS=\"--quick\"` for smoke "
         "runs into `benchmarks/results/quick/`, `ARGS=\"--only NAME ...\"` or "
-        "`ARGS=\"--skip NAME ...\"` for some. `async_rollouts`, `r1_smol`, `distill`, "
-        "`memory_plan` and `gpu_check` run only when named with `--only`.", "",
+        f"`ARGS=\"--skip NAME ...\"` for some. {_listed(EXTRA)} run only when named with "
+        "`--only`.", "",
         "Ratio: rlsys / baseline. Met: the issue's target (– where there is none or a figure is "
         "missing).", "",
         "| benchmark | figure | rlsys | baseline | baseline value | ratio | target | met |",
