@@ -140,7 +140,7 @@ def start(argv: list[str], what: str, env: dict[str, str] | None = None,
 def measure(prompts: int, reps: int) -> dict:
     """Seconds per update beside each load, interleaved: every load runs in a process of its
     own, stopped (SIGSTOP) but for the one under test (SIGCONT), and each round times one
-    update per load, so that the box's drift between rounds (10% on an AMD EPYC VM) falls on
+    update per load, so that the drift between rounds (up to 30% on an AMD EPYC VM) falls on
     every load alike. Each load's slowdown is the median over rounds of its time over the
     round's time alone."""
     from rlsys.build import learner_env
